@@ -1,0 +1,400 @@
+//! Agent configuration: a TOML file, and command-line flags that override it.
+//!
+//! ```toml
+//! name = "a"
+//! listen = "0.0.0.0:7401"
+//! certs = "/etc/pagewire/certs"   # ca.pem, a.pem, a.key (or give ca/cert/key one by one)
+//! control = "/run/pagewire.sock"
+//! chunk_size = "64KiB"
+//! bulk_window = "8MiB"
+//! idle_timeout = "10s"
+//!
+//! [peers]          # name = "host:port"; every peer must list us too
+//! b = "10.0.0.2:7401"
+//!
+//! [regions]        # name = "path"
+//! demo = "/dev/shm/demo"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::proto::valid_name;
+use crate::region::DEFAULT_CHUNK_SIZE;
+use crate::transport::Tuning;
+
+/// The configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for an agent.
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A required setting is missing.
+    #[error("missing setting: {0}")]
+    Missing(&'static str),
+    /// A setting has a bad value.
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+fn invalid(what: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        what,
+        value: value.into(),
+        why: why.into(),
+    }
+}
+
+/// A number of bytes: an integer or a string like `64KiB`, `8MiB`, `1GiB`, `4k`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A duration: `250ms`, `10s`, `2m`, `500us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    Ok(match unit {
+        "us" => Duration::from_micros(n),
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        u => return Err(format!("unknown duration unit {u:?}")),
+    })
+}
+
+/// `NAME=VALUE` (for `--peer` and `--region`).
+pub fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    if !valid_name(k) {
+        return Err(format!("{k:?} is not a valid name (letters, digits, '.', '_', '-')"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Int(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn get(&self, what: &'static str) -> Result<u64, ConfigError> {
+        match self {
+            SizeValue::Int(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s).map_err(|e| invalid(what, s, e)),
+        }
+    }
+}
+
+/// The TOML file, every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    listen: Option<String>,
+    certs: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    control: Option<PathBuf>,
+    chunk_size: Option<SizeValue>,
+    bulk_window: Option<SizeValue>,
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    peers: BTreeMap<String, String>,
+    #[serde(default)]
+    regions: BTreeMap<String, PathBuf>,
+}
+
+/// Command-line overrides (each `Some`/non-empty value wins over the file).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub name: Option<String>,
+    pub listen: Option<String>,
+    pub certs: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+    pub chunk_size: Option<u64>,
+    pub bulk_window: Option<u64>,
+    pub idle_timeout: Option<Duration>,
+    /// `NAME=HOST:PORT`; a name already in the file gets the new address.
+    pub peers: Vec<(String, String)>,
+    /// `NAME=PATH`.
+    pub regions: Vec<(String, PathBuf)>,
+}
+
+/// A peer we expect, and where to dial it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub name: String,
+    /// `HOST:PORT`; resolved at each dial, so DNS changes are followed.
+    pub addr: String,
+}
+
+/// A resolved agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    /// `HOST:PORT` to bind (port 0 picks one; see `Agent::local_addr`).
+    pub listen: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub peers: Vec<PeerSpec>,
+    pub regions: Vec<(String, PathBuf)>,
+    /// Unix control socket; `None` runs without one (library use).
+    pub control: Option<PathBuf>,
+    pub chunk_size: u32,
+    /// Most bulk bytes a pull lets a peer have queued (credit window).
+    pub bulk_window: u64,
+    pub tuning: Tuning,
+    /// Reconnect backoff: first and longest wait.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// How long a new pull waits for its peer to be connected.
+    pub peer_wait: Duration,
+}
+
+/// Default bulk credit window: 8 MiB, below quinn's send window so an urgent reply never
+/// waits for buffer space, and above the bandwidth-delay product of a LAN.
+pub const DEFAULT_BULK_WINDOW: u64 = 8 << 20;
+
+impl AgentConfig {
+    /// A configuration with defaults for everything but identity and address.
+    pub fn new(name: &str, listen: &str, ca: &Path, cert: &Path, key: &Path) -> AgentConfig {
+        AgentConfig {
+            name: name.into(),
+            listen: listen.into(),
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+            peers: Vec::new(),
+            regions: Vec::new(),
+            control: None,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            bulk_window: DEFAULT_BULK_WINDOW,
+            tuning: Tuning::default(),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            peer_wait: Duration::from_secs(30),
+        }
+    }
+
+    /// Reads `file` (if any) and applies `o` on top.
+    pub fn load(file: Option<&Path>, o: &Overrides) -> Result<AgentConfig, ConfigError> {
+        let fc: FileConfig = match file {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.into(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        let name = o
+            .name
+            .clone()
+            .or(fc.name)
+            .ok_or(ConfigError::Missing("name (--name or `name =` in the config)"))?;
+        if !valid_name(&name) || name.contains('_') {
+            return Err(invalid("name", &name, "use letters, digits, '.', '-'"));
+        }
+        let listen = o
+            .listen
+            .clone()
+            .or(fc.listen)
+            .ok_or(ConfigError::Missing("listen address (--listen HOST:PORT)"))?;
+        let certs = o.certs.clone().or(fc.certs);
+        let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>, default: &str, what| {
+            flag.clone()
+                .or(file)
+                .or_else(|| certs.as_ref().map(|d| d.join(default)))
+                .ok_or(ConfigError::Missing(what))
+        };
+        let ca = pick(&o.ca, fc.ca, "ca.pem", "CA certificate (--ca FILE or --certs DIR)")?;
+        let cert = pick(
+            &o.cert,
+            fc.cert,
+            &format!("{name}.pem"),
+            "node certificate (--cert FILE or --certs DIR)",
+        )?;
+        let key = pick(
+            &o.key,
+            fc.key,
+            &format!("{name}.key"),
+            "node key (--key FILE or --certs DIR)",
+        )?;
+        let mut cfg = AgentConfig::new(&name, &listen, &ca, &cert, &key);
+        cfg.control = o.control.clone().or(fc.control);
+        if let Some(v) = o.chunk_size.map(Ok).or(fc.chunk_size.map(|v| v.get("chunk_size"))) {
+            let v = v?;
+            crate::region::Geometry::new(0, v)
+                .map_err(|e| invalid("chunk_size", &v.to_string(), e.to_string()))?;
+            cfg.chunk_size = v as u32;
+        }
+        if let Some(v) = o
+            .bulk_window
+            .map(Ok)
+            .or(fc.bulk_window.map(|v| v.get("bulk_window")))
+        {
+            let v = v?;
+            if !(64 << 10..=1 << 30).contains(&v) {
+                return Err(invalid("bulk_window", &v.to_string(), "must be 64KiB..1GiB"));
+            }
+            cfg.bulk_window = v;
+        }
+        let idle = match (o.idle_timeout, fc.idle_timeout) {
+            (Some(d), _) => Some(d),
+            (None, Some(s)) => Some(parse_duration(&s).map_err(|e| invalid("idle_timeout", &s, e))?),
+            _ => None,
+        };
+        if let Some(d) = idle {
+            cfg.tuning.idle_timeout = d.max(Duration::from_millis(500));
+            cfg.tuning.keep_alive = (d / 4).max(Duration::from_millis(100));
+        }
+        let mut peers: BTreeMap<String, String> = fc.peers;
+        for (k, v) in &o.peers {
+            peers.insert(k.clone(), v.clone());
+        }
+        for (k, v) in peers {
+            if !valid_name(&k) {
+                return Err(invalid("peer name", &k, "use letters, digits, '.', '-'"));
+            }
+            if k == name {
+                return Err(invalid("peer", &k, "an agent cannot be its own peer"));
+            }
+            if !v.contains(':') {
+                return Err(invalid("peer address", &v, "expected HOST:PORT"));
+            }
+            cfg.peers.push(PeerSpec { name: k, addr: v });
+        }
+        let mut regions: BTreeMap<String, PathBuf> = fc.regions;
+        for (k, v) in &o.regions {
+            regions.insert(k.clone(), v.clone());
+        }
+        for (k, v) in regions {
+            if !valid_name(&k) {
+                return Err(invalid("region name", &k, "use letters, digits, '.', '_', '-'"));
+            }
+            cfg.regions.push((k, v));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("8m"), Ok(8 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("1zb").is_err());
+        assert!(parse_size("99999999999999999999t").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3h").is_err());
+        assert_eq!(parse_pair("a=1:2"), Ok(("a".into(), "1:2".into())));
+        assert!(parse_pair("a").is_err());
+        assert!(parse_pair("a b=c").is_err());
+    }
+
+    #[test]
+    fn file_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(
+            &p,
+            r#"
+name = "a"
+listen = "127.0.0.1:7000"
+certs = "/c"
+chunk_size = "16KiB"
+[peers]
+b = "127.0.0.1:7001"
+c = "127.0.0.1:7002"
+[regions]
+r = "/dev/shm/r"
+"#,
+        )
+        .unwrap();
+        let o = Overrides {
+            listen: Some("127.0.0.1:9000".into()),
+            peers: vec![("b".into(), "10.1.1.1:1".into())],
+            ..Default::default()
+        };
+        let c = AgentConfig::load(Some(&p), &o).unwrap();
+        assert_eq!(c.name, "a");
+        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.ca, PathBuf::from("/c/ca.pem"));
+        assert_eq!(c.cert, PathBuf::from("/c/a.pem"));
+        assert_eq!(c.key, PathBuf::from("/c/a.key"));
+        assert_eq!(c.chunk_size, 16384);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[0].addr, "10.1.1.1:1");
+        assert_eq!(c.regions, vec![("r".into(), PathBuf::from("/dev/shm/r"))]);
+
+        std::fs::write(&p, "name = \"a\"\nbogus = 1\n").unwrap();
+        assert!(matches!(
+            AgentConfig::load(Some(&p), &Overrides::default()),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            AgentConfig::load(None, &Overrides::default()),
+            Err(ConfigError::Missing(_))
+        ));
+        let o = Overrides {
+            name: Some("a".into()),
+            listen: Some("x:1".into()),
+            certs: Some("/c".into()),
+            chunk_size: Some(5000),
+            ..Default::default()
+        };
+        assert!(matches!(
+            AgentConfig::load(None, &o),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+}

@@ -1,0 +1,285 @@
+//! The agent: a long-running daemon on every host. It keeps one QUIC connection to each
+//! peer (dialing, re-dialing with backoff, accepting), serves its regions to them, runs
+//! pulls for its local users, and answers on a Unix control socket.
+
+pub mod config;
+mod control_server;
+mod peers;
+mod pull;
+mod serve;
+
+pub use config::{AgentConfig, ConfigError, Overrides, PeerSpec};
+pub use pull::{Fetched, FetchError, PullError, PullHandle};
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control::{PeerStatus, RegionStatus, StatusReport};
+use crate::proto::WireCode;
+use crate::region::{FileRegion, RegionError};
+use crate::transport::{self, EndpointError, Identity, IdentityError};
+
+/// Starting the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address does not resolve.
+    #[error("cannot resolve listen address {addr:?}: {why}")]
+    Listen { addr: String, why: String },
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The UDP endpoint could not be bound.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// A region could not be opened.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// The control socket could not be created.
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A running agent. Dropping it does not stop it: call [`Agent::shutdown`].
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    name: String,
+    config: AgentConfig,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    peers: peers::PeerTable,
+    regions: RwLock<BTreeMap<String, Arc<FileRegion>>>,
+    transfers: Mutex<BTreeMap<u64, Arc<pull::PullInner>>>,
+    next_transfer: AtomicU64,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Agent {
+    /// Loads certificates, opens regions, binds the endpoint and the control socket,
+    /// and starts dialing peers. Returns as soon as it is listening.
+    pub async fn start(config: AgentConfig) -> Result<Agent, StartError> {
+        let id = Identity::load(&config.name, &config.ca, &config.cert, &config.key)?;
+        let listen = resolve(&config.listen)
+            .await
+            .map_err(|why| StartError::Listen {
+                addr: config.listen.clone(),
+                why,
+            })?;
+        let mut regions = BTreeMap::new();
+        for (name, path) in &config.regions {
+            let r = FileRegion::open(name, path, config.chunk_size)?;
+            regions.insert(name.clone(), Arc::new(r));
+        }
+        let endpoint = transport::endpoint(listen, &id, &config.tuning)?;
+        let local_addr = endpoint.local_addr().map_err(|e| {
+            StartError::Endpoint(EndpointError::Bind {
+                addr: listen,
+                source: e,
+            })
+        })?;
+        let inner = Arc::new(Inner {
+            name: config.name.clone(),
+            peers: peers::PeerTable::new(&config.peers),
+            config,
+            endpoint,
+            local_addr,
+            regions: RwLock::new(regions),
+            transfers: Mutex::new(BTreeMap::new()),
+            next_transfer: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        if let Some(path) = inner.config.control.clone() {
+            let listener = control_server::bind(&path)
+                .map_err(|source| StartError::Control { path, source })?;
+            inner
+                .tasks
+                .spawn(control_server::run(inner.clone(), listener));
+        }
+        inner.tasks.spawn(peers::accept_loop(inner.clone()));
+        for p in &inner.config.peers {
+            inner
+                .tasks
+                .spawn(peers::dial_loop(inner.clone(), p.clone()));
+        }
+        tracing::info!(
+            name = %inner.name,
+            listen = %local_addr,
+            peers = inner.config.peers.len(),
+            regions = inner.regions.read().map(|r| r.len()).unwrap_or(0),
+            "agent started"
+        );
+        Ok(Agent { inner })
+    }
+
+    /// This agent's node name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The UDP address the agent listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Serves `path` as region `name` (replacing a region of that name).
+    pub fn add_region(&self, name: &str, path: &std::path::Path) -> Result<(), RegionError> {
+        let r = FileRegion::open(name, path, self.inner.config.chunk_size)?;
+        if let Ok(mut regions) = self.inner.regions.write() {
+            regions.insert(name.into(), Arc::new(r));
+        }
+        Ok(())
+    }
+
+    /// True when a live connection to `peer` exists.
+    pub fn is_connected(&self, peer: &str) -> bool {
+        self.inner.peers.current(peer).is_some()
+    }
+
+    /// Waits until `peer` is connected, up to `timeout`.
+    pub async fn wait_connected(&self, peer: &str, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.inner.peers.wait(peer, &self.inner.shutdown))
+            .await
+            .map(|c| c.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Starts pulling `region` from `peer` into `to`.
+    pub async fn pull(
+        &self,
+        peer: &str,
+        region: &str,
+        to: &std::path::Path,
+    ) -> Result<PullHandle, PullError> {
+        pull::start(self.inner.clone(), peer, region, to).await
+    }
+
+    /// Fetches one chunk of `region` from `peer` on the urgent lane, outside any pull.
+    pub async fn fetch(&self, peer: &str, region: &str, chunk: u64) -> Result<Fetched, FetchError> {
+        let conn = self
+            .inner
+            .peers
+            .wait(peer, &self.inner.shutdown)
+            .await
+            .ok_or(FetchError::Shutdown)?;
+        pull::fetch_chunk(&conn, region, chunk).await
+    }
+
+    /// A snapshot of peers, regions and transfers.
+    pub fn status(&self) -> StatusReport {
+        self.inner.status()
+    }
+
+    /// Stops everything: closes peer connections (peers see SHUTDOWN), cancels transfers,
+    /// removes the control socket, and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        let inner = self.inner;
+        tracing::info!(name = %inner.name, "agent shutting down");
+        inner.shutdown.cancel();
+        inner
+            .endpoint
+            .close(WireCode::Shutdown.varint(), b"agent shutting down");
+        inner.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), inner.tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+        if let Some(path) = &inner.config.control {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Inner {
+    fn region(&self, name: &str) -> Option<Arc<FileRegion>> {
+        self.regions.read().ok()?.get(name).cloned()
+    }
+
+    fn status(&self) -> StatusReport {
+        let peers = self
+            .config
+            .peers
+            .iter()
+            .map(|p| {
+                let s = self.peers.snapshot(&p.name);
+                PeerStatus {
+                    name: p.name.clone(),
+                    addr: p.addr.clone(),
+                    connected: s.conn.is_some(),
+                    rtt_us: s.conn.as_ref().map(|c| c.rtt().as_micros() as u64),
+                    connected_for_s: s.since.map(|t| t.elapsed().as_secs_f64()),
+                    last_error: s.last_error,
+                }
+            })
+            .collect();
+        let regions = self
+            .regions
+            .read()
+            .map(|r| {
+                r.values()
+                    .map(|r| RegionStatus {
+                        name: r.name().into(),
+                        path: r.path().into(),
+                        size: r.geometry().size,
+                        chunk_size: r.geometry().chunk_size,
+                        chunks: r.geometry().chunks(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let transfers = self
+            .transfers
+            .lock()
+            .map(|t| t.values().map(|p| p.status()).collect())
+            .unwrap_or_default();
+        StatusReport {
+            name: self.name.clone(),
+            version: crate::VERSION.into(),
+            listen: self.local_addr.to_string(),
+            peers,
+            regions,
+            transfers,
+        }
+    }
+}
+
+/// Resolves `HOST:PORT` to one address.
+pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    it.next().ok_or_else(|| "no address".to_string())
+}
+
+/// Turns a quinn connection error into a short reason for logs and status, naming our
+/// application codes.
+pub(crate) fn reason(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let code = WireCode::from_u64(c.error_code.into_inner())
+                .map(|c| c.name().to_string())
+                .unwrap_or_else(|| format!("code {}", c.error_code));
+            format!(
+                "closed by peer: {code} ({})",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        quinn::ConnectionError::LocallyClosed => "closed locally".into(),
+        quinn::ConnectionError::TimedOut => "timed out (no answer from peer)".into(),
+        other => other.to_string(),
+    }
+}

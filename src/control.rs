@@ -1,0 +1,266 @@
+//! The local control socket: how `pagewire pull`, `pagewire status` (and later the client
+//! library) talk to their agent. One JSON object per line; a request is one line, the
+//! answer is one or more lines (a pull streams `progress` events, then `done` or `error`).
+//! The socket is created mode 0600: whoever can open it can drive the agent.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Longest line either side accepts.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// The control socket used when `--control` is not given: `$PAGEWIRE_CONTROL`, else
+/// `$XDG_RUNTIME_DIR/pagewire.sock`, else `/tmp/pagewire-UID.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("PAGEWIRE_CONTROL") {
+        return p.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&d).join("pagewire.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/pagewire-{uid}.sock"))
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    Status,
+    Pull(PullArgs),
+}
+
+/// `pagewire pull` arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullArgs {
+    /// The peer to pull from.
+    pub from: String,
+    /// The region's name on that peer.
+    pub region: String,
+    /// Where to write it (created or truncated).
+    pub to: PathBuf,
+}
+
+/// One line from the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ControlEvent {
+    Status(StatusReport),
+    Progress(TransferStatus),
+    Done(PullSummary),
+    Error { message: String },
+}
+
+/// `pagewire status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub name: String,
+    pub version: String,
+    pub listen: String,
+    pub peers: Vec<PeerStatus>,
+    pub regions: Vec<RegionStatus>,
+    pub transfers: Vec<TransferStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub addr: String,
+    pub connected: bool,
+    /// Smoothed round-trip time, when connected.
+    pub rtt_us: Option<u64>,
+    /// Seconds since the current connection was made.
+    pub connected_for_s: Option<f64>,
+    /// Why the last connection attempt or connection ended.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegionStatus {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TransferStatus {
+    pub id: u64,
+    pub kind: String,
+    pub peer: String,
+    pub region: String,
+    pub to: PathBuf,
+    /// `connecting`, `copying`, `waiting for peer`, `done`, `failed`.
+    pub state: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub chunks_done: u64,
+    pub chunks_total: u64,
+    /// Data bytes that crossed the wire (zero chunks are not counted).
+    pub wire_bytes: u64,
+    /// Average rate since the start, bytes of region per second.
+    pub rate_bps: f64,
+    pub elapsed_s: f64,
+    pub urgent_fetches: u64,
+    pub reconnects: u64,
+}
+
+/// The end of a pull.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullSummary {
+    pub peer: String,
+    pub region: String,
+    pub to: PathBuf,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks: u64,
+    pub data_chunks: u64,
+    pub zero_chunks: u64,
+    pub wire_bytes: u64,
+    pub duplicate_chunks: u64,
+    pub urgent_fetches: u64,
+    pub reconnects: u64,
+    pub elapsed_s: f64,
+    pub rate_bps: f64,
+}
+
+/// Talking to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be reached.
+    #[error("cannot reach the agent at {path}: {source} (is `pagewire agent` running with --control {path}?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The connection failed mid-way.
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent sent something that is not a control event.
+    #[error("bad answer from the agent: {0}")]
+    Protocol(String),
+    /// The agent reported an error.
+    #[error("{0}")]
+    Agent(String),
+}
+
+/// A connection to the local agent.
+pub struct ControlClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    /// Connects to the agent's control socket.
+    pub async fn connect(path: &Path) -> Result<ControlClient, ControlError> {
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: path.into(),
+                source,
+            })?;
+        let (r, w) = s.into_split();
+        Ok(ControlClient {
+            reader: BufReader::new(r),
+            writer: w,
+        })
+    }
+
+    async fn send(&mut self, req: &ControlRequest) -> Result<(), ControlError> {
+        let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        Ok(())
+    }
+
+    /// The next event; `None` when the agent closed the connection.
+    pub async fn next_event(&mut self) -> Result<Option<ControlEvent>, ControlError> {
+        match read_line(&mut self.reader).await? {
+            None => Ok(None),
+            Some(line) => serde_json::from_slice(&line)
+                .map(Some)
+                .map_err(|e| ControlError::Protocol(e.to_string())),
+        }
+    }
+
+    /// Asks for the agent's status.
+    pub async fn status(mut self) -> Result<StatusReport, ControlError> {
+        self.send(&ControlRequest::Status).await?;
+        match self.next_event().await? {
+            Some(ControlEvent::Status(s)) => Ok(s),
+            Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
+            other => Err(ControlError::Protocol(format!("expected status, got {other:?}"))),
+        }
+    }
+
+    /// Starts a pull; call [`next_event`](Self::next_event) for progress and the result.
+    pub async fn start_pull(&mut self, args: PullArgs) -> Result<(), ControlError> {
+        self.send(&ControlRequest::Pull(args)).await
+    }
+
+    /// Runs a pull to its end, calling `progress` on each progress event.
+    pub async fn pull(
+        mut self,
+        args: PullArgs,
+        mut progress: impl FnMut(&TransferStatus),
+    ) -> Result<PullSummary, ControlError> {
+        self.start_pull(args).await?;
+        loop {
+            match self.next_event().await? {
+                Some(ControlEvent::Progress(p)) => progress(&p),
+                Some(ControlEvent::Done(s)) => return Ok(s),
+                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
+                Some(other) => {
+                    return Err(ControlError::Protocol(format!("unexpected {other:?}")))
+                }
+                None => {
+                    return Err(ControlError::Protocol(
+                        "the agent closed the connection before the pull ended".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes.
+pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Vec<u8>>, std::io::Error> {
+    let mut line = Vec::new();
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return if line.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if line.len() > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "control line too long",
+            ));
+        }
+        if done {
+            line.pop();
+            return Ok(Some(line));
+        }
+    }
+}
+
+/// How often a pull reports progress on the control socket.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);

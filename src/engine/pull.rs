@@ -1,0 +1,513 @@
+//! The pull state machines: what the receiver has and wants ([`PullState`]) and what the
+//! sender may send next ([`BulkSender`]). Pure: no sockets, no clock, no files.
+//!
+//! Receiver and sender agree through [`BulkStart`] and [`BulkControl`] frames:
+//!
+//! * the receiver wants every chunk it has not verified; on reconnect it sends a new
+//!   `BulkStart` with exactly the still-missing chunks, so nothing verified is sent again;
+//! * the sender writes a data chunk only while it holds credit; the receiver grants credit
+//!   back as data arrives, so at most `window` (+ one chunk) bulk bytes are ever queued;
+//! * an urgent fetch of chunk `c` ends with `Have(c)` (skip it) and `Seek(c + 1)` (carry
+//!   on next to where the application is reading).
+
+use std::collections::HashSet;
+
+use crate::proto::{BulkControl, BulkStart, ChunkHeader};
+use crate::region::{Bitmap, BitmapError, Geometry};
+
+/// A peer sent something that does not fit the transfer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TransferError {
+    /// A chunk index past the end of the region.
+    #[error("chunk {chunk} is out of range (region has {chunks} chunks)")]
+    OutOfRange { chunk: u64, chunks: u64 },
+    /// A chunk of the wrong length.
+    #[error("chunk {chunk} has {got} bytes, expected {want}")]
+    BadLength { chunk: u64, got: u32, want: u32 },
+    /// The want bitmap does not fit the region.
+    #[error("bad want bitmap: {0}")]
+    Bitmap(#[from] BitmapError),
+    /// The request is for another geometry than the region's.
+    #[error("request for a region of {want_size} bytes in {want_chunk} byte chunks, region has {size} bytes in {chunk} byte chunks")]
+    Mismatch {
+        want_size: u64,
+        want_chunk: u32,
+        size: u64,
+        chunk: u32,
+    },
+}
+
+/// Most credit a receiver may hold out at once (caps a hostile `Credit(u64::MAX)`).
+pub const MAX_CREDIT: u64 = 1 << 40;
+
+/// Counters of a pull.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Data bytes verified and written.
+    pub data_bytes: u64,
+    /// Chunks verified and written.
+    pub data_chunks: u64,
+    /// Chunks that were zero (nothing sent but a marker).
+    pub zero_chunks: u64,
+    /// Verified chunks that arrived when already present (urgent/bulk race).
+    pub duplicate_chunks: u64,
+    /// Urgent fetches made through this pull.
+    pub urgent_fetches: u64,
+    /// Times the bulk stream was (re)started.
+    pub bulk_starts: u64,
+}
+
+/// What an urgent fetch must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrgentStart {
+    /// The chunk is already here.
+    Present,
+    /// Another fetch of it is in flight: wait for it.
+    InFlight,
+    /// Fetch it now.
+    Fetch,
+}
+
+/// Whether a verified chunk was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    New,
+    Duplicate,
+}
+
+/// The receiving side of a pull.
+#[derive(Debug)]
+pub struct PullState {
+    geometry: Geometry,
+    present: Bitmap,
+    urgent: HashSet<u64>,
+    cursor: u64,
+    window: u64,
+    ungranted: u64,
+    stats: PullStats,
+}
+
+impl PullState {
+    /// A pull of a region of this geometry, with `window` bytes of bulk credit.
+    pub fn new(geometry: Geometry, window: u64) -> PullState {
+        PullState {
+            geometry,
+            present: Bitmap::new(geometry.chunks()),
+            urgent: HashSet::new(),
+            cursor: 0,
+            window: window.max(geometry.chunk_size as u64),
+            ungranted: 0,
+            stats: PullStats::default(),
+        }
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub fn stats(&self) -> PullStats {
+        self.stats
+    }
+
+    /// Chunks present (verified).
+    pub fn present_chunks(&self) -> u64 {
+        self.present.count_ones()
+    }
+
+    /// Bytes of the region present (data and zero chunks).
+    pub fn present_bytes(&self) -> u64 {
+        let n = self.present.count_ones();
+        let g = self.geometry;
+        // Every present chunk is full-size except possibly the last one.
+        let last = g.chunks().saturating_sub(1);
+        if n > 0 && self.present.get(last) {
+            (n - 1) * g.chunk_size as u64 + g.chunk_len(last) as u64
+        } else {
+            n * g.chunk_size as u64
+        }
+    }
+
+    pub fn is_present(&self, chunk: u64) -> bool {
+        self.present.get(chunk)
+    }
+
+    /// Every chunk is here.
+    pub fn is_complete(&self) -> bool {
+        self.present.all()
+    }
+
+    /// The opening frame for a (new) bulk stream: exactly the missing chunks.
+    pub fn bulk_start(&mut self, region: &str) -> BulkStart {
+        self.ungranted = 0;
+        self.stats.bulk_starts += 1;
+        BulkStart {
+            region: region.into(),
+            chunk_size: self.geometry.chunk_size,
+            size: self.geometry.size,
+            want: self.present.inverted().to_bytes(),
+            start: self.cursor,
+            credit: self.window,
+        }
+    }
+
+    /// Checks a chunk header from the peer before its bytes are read.
+    pub fn check_header(&self, h: &ChunkHeader) -> Result<(), TransferError> {
+        check_chunk(&self.geometry, h.chunk)?;
+        let want = self.geometry.chunk_len(h.chunk);
+        if h.len != want {
+            return Err(TransferError::BadLength {
+                chunk: h.chunk,
+                got: h.len,
+                want,
+            });
+        }
+        Ok(())
+    }
+
+    /// A chunk's bytes were verified (and written, if new).
+    pub fn accept(&mut self, chunk: u64, len: u32) -> Accepted {
+        if self.present.set(chunk) {
+            self.stats.data_bytes += len as u64;
+            self.stats.data_chunks += 1;
+            self.cursor = chunk + 1;
+            Accepted::New
+        } else {
+            self.stats.duplicate_chunks += 1;
+            Accepted::Duplicate
+        }
+    }
+
+    /// Chunks `first .. first+count` are zero.
+    pub fn accept_zero(&mut self, first: u64, count: u64) -> Result<u64, TransferError> {
+        let chunks = self.geometry.chunks();
+        let end = first.checked_add(count).filter(|e| *e <= chunks);
+        let Some(end) = end else {
+            return Err(TransferError::OutOfRange {
+                chunk: first.saturating_add(count),
+                chunks,
+            });
+        };
+        let mut new = 0;
+        for c in first..end {
+            new += self.present.set(c) as u64;
+        }
+        self.stats.zero_chunks += new;
+        if count > 0 {
+            self.cursor = end;
+        }
+        Ok(new)
+    }
+
+    /// Bulk bytes received: returns credit to grant back, in batches of a quarter window.
+    pub fn grant(&mut self, received: u64) -> Option<u64> {
+        self.ungranted += received;
+        (self.ungranted >= self.window / 4).then(|| std::mem::take(&mut self.ungranted))
+    }
+
+    /// An urgent fetch of `chunk` is asked for.
+    pub fn urgent_begin(&mut self, chunk: u64) -> Result<UrgentStart, TransferError> {
+        check_chunk(&self.geometry, chunk)?;
+        Ok(if self.present.get(chunk) {
+            UrgentStart::Present
+        } else if !self.urgent.insert(chunk) {
+            UrgentStart::InFlight
+        } else {
+            self.stats.urgent_fetches += 1;
+            UrgentStart::Fetch
+        })
+    }
+
+    /// The urgent fetch of `chunk` ended (`got`: its bytes were verified and written).
+    /// Returns what to tell the bulk sender.
+    pub fn urgent_end(&mut self, chunk: u64, got: Option<u32>) -> Vec<BulkControl> {
+        self.urgent.remove(&chunk);
+        let Some(len) = got else {
+            return Vec::new();
+        };
+        if len == 0 {
+            self.accept_zero(chunk, 1).ok();
+        } else {
+            self.accept(chunk, len);
+        }
+        let next = chunk + 1;
+        self.cursor = next;
+        vec![BulkControl::Have(chunk), BulkControl::Seek(next)]
+    }
+}
+
+fn check_chunk(g: &Geometry, chunk: u64) -> Result<(), TransferError> {
+    if chunk >= g.chunks() {
+        Err(TransferError::OutOfRange {
+            chunk,
+            chunks: g.chunks(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// What the bulk sender does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Send this chunk (check for holes / zero first).
+    Chunk(u64),
+    /// Wait for credit.
+    WaitCredit,
+    /// Every wanted chunk has been sent.
+    Done,
+}
+
+/// The sending side of one bulk stream.
+#[derive(Debug)]
+pub struct BulkSender {
+    geometry: Geometry,
+    want: Bitmap,
+    cursor: u64,
+    credit: u64,
+}
+
+impl BulkSender {
+    /// Validates a peer's [`BulkStart`] against our region's geometry.
+    pub fn new(geometry: Geometry, start: &BulkStart) -> Result<BulkSender, TransferError> {
+        if start.size != geometry.size || start.chunk_size != geometry.chunk_size {
+            return Err(TransferError::Mismatch {
+                want_size: start.size,
+                want_chunk: start.chunk_size,
+                size: geometry.size,
+                chunk: geometry.chunk_size,
+            });
+        }
+        let want = Bitmap::from_bytes(&start.want, geometry.chunks())?;
+        Ok(BulkSender {
+            geometry,
+            want,
+            cursor: start.start.min(geometry.chunks()),
+            credit: start.credit.min(MAX_CREDIT),
+        })
+    }
+
+    /// Applies a control frame from the receiver.
+    pub fn on_control(&mut self, c: BulkControl) -> Result<(), TransferError> {
+        match c {
+            BulkControl::Credit(n) => self.credit = self.credit.saturating_add(n).min(MAX_CREDIT),
+            BulkControl::Seek(chunk) => {
+                // Seeking to one past the end is allowed (after fetching the last chunk).
+                if chunk > self.geometry.chunks() {
+                    check_chunk(&self.geometry, chunk)?;
+                }
+                self.cursor = chunk;
+            }
+            BulkControl::Have(chunk) => {
+                check_chunk(&self.geometry, chunk)?;
+                self.want.clear(chunk);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next step.
+    pub fn next(&self) -> Next {
+        match self.want.next_set_wrapping(self.cursor) {
+            None => Next::Done,
+            Some(_) if self.credit == 0 => Next::WaitCredit,
+            Some(c) => Next::Chunk(c),
+        }
+    }
+
+    /// Takes up to `max` consecutive wanted chunks from `first` on (a zero run); returns
+    /// how many were taken (at least 1 when `first` is wanted).
+    pub fn take_run(&mut self, first: u64, max: u64) -> u64 {
+        let mut n = 0;
+        while n < max && self.want.clear(first + n) {
+            n += 1;
+        }
+        self.cursor = first + n;
+        n
+    }
+
+    /// Data bytes sent for a chunk taken with [`take_run`](Self::take_run).
+    pub fn spend(&mut self, len: u32) {
+        self.credit = self.credit.saturating_sub(len as u64);
+    }
+
+    /// Chunks still to send.
+    pub fn remaining(&self) -> u64 {
+        self.want.count_ones()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(size: u64) -> Geometry {
+        Geometry::new(size, 4096).unwrap()
+    }
+
+    /// Runs a whole transfer between the two state machines with a fake region in which
+    /// chunks divisible by `zero_every` (if any) are zero, delivering at most `in_flight` chunks
+    /// before the receiver gets to answer. Returns the receiver and the data chunks sent.
+    fn simulate(
+        rx: &mut PullState,
+        zero_every: Option<u64>,
+        max_sends: u64,
+        urgent: &[(u64, u64)],
+    ) -> Vec<u64> {
+        let mut tx = BulkSender::new(rx.geometry(), &rx.bulk_start("r")).unwrap();
+        let mut sent = Vec::new();
+        let mut steps = 0;
+        loop {
+            for &(at, chunk) in urgent {
+                if at == steps {
+                    if rx.urgent_begin(chunk).unwrap() == UrgentStart::Fetch {
+                        let len = rx.geometry().chunk_len(chunk);
+                        for c in rx.urgent_end(chunk, Some(len)) {
+                            tx.on_control(c).unwrap();
+                        }
+                    }
+                }
+            }
+            steps += 1;
+            if steps > max_sends {
+                break;
+            }
+            match tx.next() {
+                Next::Done => break,
+                Next::WaitCredit => panic!("stalled on credit"),
+                Next::Chunk(c) => {
+                    if zero_every.is_some_and(|z| c % z == 0) {
+                        let n = tx.take_run(c, 1);
+                        rx.accept_zero(c, n).unwrap();
+                    } else {
+                        assert_eq!(tx.take_run(c, 1), 1);
+                        let len = rx.geometry().chunk_len(c);
+                        tx.spend(len);
+                        sent.push(c);
+                        rx.check_header(&ChunkHeader {
+                            chunk: c,
+                            len,
+                            hash: [0; 32],
+                        })
+                        .unwrap();
+                        assert_eq!(rx.accept(c, len), Accepted::New);
+                        if let Some(n) = rx.grant(len as u64) {
+                            tx.on_control(BulkControl::Credit(n)).unwrap();
+                        }
+                    }
+                }
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn whole_transfer_sends_every_chunk_once() {
+        for size in [0u64, 1, 4095, 4096, 4097, 100 * 4096 + 7] {
+            let mut rx = PullState::new(g(size), 16 * 4096);
+            let sent = simulate(&mut rx, Some(3), u64::MAX, &[]);
+            assert!(rx.is_complete(), "size {size}");
+            assert_eq!(rx.present_bytes(), size);
+            let mut s = sent.clone();
+            s.dedup();
+            assert_eq!(s.len(), sent.len());
+            assert_eq!(rx.stats().duplicate_chunks, 0);
+        }
+    }
+
+    #[test]
+    fn resume_sends_only_missing_chunks() {
+        let mut rx = PullState::new(g(1000 * 4096), 8 * 4096);
+        let first = simulate(&mut rx, None, 400, &[]);
+        assert_eq!(first.len(), 400);
+        assert!(!rx.is_complete());
+        // Connection lost; a new bulk stream resumes.
+        let second = simulate(&mut rx, None, u64::MAX, &[]);
+        assert!(rx.is_complete());
+        assert_eq!(first.len() + second.len(), 1000);
+        assert!(second.iter().all(|c| !first.contains(c)));
+        assert_eq!(rx.stats().bulk_starts, 2);
+    }
+
+    #[test]
+    fn urgent_fetch_moves_the_bulk_cursor_and_is_not_resent() {
+        let mut rx = PullState::new(g(1000 * 4096), 8 * 4096);
+        let sent = simulate(&mut rx, None, u64::MAX, &[(5, 700)]);
+        assert!(rx.is_complete());
+        assert!(!sent.contains(&700));
+        // After the urgent fetch at step 5, the next chunk sent is 701.
+        assert_eq!(sent[5], 701);
+        assert_eq!(rx.stats().urgent_fetches, 1);
+    }
+
+    #[test]
+    fn credit_bounds_what_is_in_flight() {
+        let mut rx = PullState::new(g(100 * 4096), 8 * 4096);
+        let mut tx = BulkSender::new(rx.geometry(), &rx.bulk_start("r")).unwrap();
+        let mut n = 0;
+        while let Next::Chunk(c) = tx.next() {
+            tx.take_run(c, 1);
+            tx.spend(4096);
+            n += 1;
+        }
+        assert_eq!(tx.next(), Next::WaitCredit);
+        assert_eq!(n, 8);
+    }
+
+    #[test]
+    fn urgent_states() {
+        let mut rx = PullState::new(g(10 * 4096), 4096);
+        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::Fetch));
+        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::InFlight));
+        assert!(rx.urgent_end(3, None).is_empty());
+        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::Fetch));
+        rx.urgent_end(3, Some(4096));
+        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::Present));
+        assert!(matches!(
+            rx.urgent_begin(10),
+            Err(TransferError::OutOfRange { .. })
+        ));
+        assert_eq!(rx.accept(3, 4096), Accepted::Duplicate);
+    }
+
+    #[test]
+    fn hostile_input_is_rejected() {
+        let geo = g(10 * 4096 + 1);
+        let mut rx = PullState::new(geo, 4096);
+        let start = rx.bulk_start("r");
+        let mut bad = start.clone();
+        bad.want.push(0);
+        assert!(matches!(
+            BulkSender::new(geo, &bad),
+            Err(TransferError::Bitmap(_))
+        ));
+        let mut bad = start.clone();
+        bad.size += 1;
+        assert!(matches!(
+            BulkSender::new(geo, &bad),
+            Err(TransferError::Mismatch { .. })
+        ));
+        let mut tx = BulkSender::new(geo, &start).unwrap();
+        assert!(tx.on_control(BulkControl::Have(u64::MAX)).is_err());
+        assert!(tx.on_control(BulkControl::Seek(u64::MAX)).is_err());
+        assert!(tx.on_control(BulkControl::Seek(11)).is_ok());
+        tx.on_control(BulkControl::Credit(u64::MAX)).unwrap();
+        tx.on_control(BulkControl::Credit(u64::MAX)).unwrap();
+        assert!(rx
+            .check_header(&ChunkHeader {
+                chunk: 10,
+                len: 2,
+                hash: [0; 32]
+            })
+            .is_err());
+        assert!(rx
+            .check_header(&ChunkHeader {
+                chunk: u64::MAX,
+                len: 1,
+                hash: [0; 32]
+            })
+            .is_err());
+        assert!(rx.accept_zero(u64::MAX, 2).is_err());
+        assert!(rx.accept_zero(5, 7).is_err());
+        assert_eq!(rx.accept_zero(5, 6), Ok(6));
+    }
+}

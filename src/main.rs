@@ -1,0 +1,373 @@
+//! The `pagewire` command line: certificates, the agent, and commands that drive a local
+//! agent through its control socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use pagewire::agent::config::{parse_duration, parse_pair, parse_size};
+use pagewire::agent::{Agent, AgentConfig, Overrides};
+use pagewire::control::{default_socket, ControlClient, PullArgs, StatusReport};
+use pagewire::progress::TransferBar;
+
+#[derive(Parser)]
+#[command(
+    name = "pagewire",
+    version,
+    about = "Replicate and live-migrate Linux memory regions between hosts over QUIC",
+    long_about = "Replicate and live-migrate Linux memory regions between hosts over QUIC.\n\n\
+Run one agent per host (`pagewire agent`), each started with its peers' names and addresses \
+and certificates from a shared CA (`pagewire certs`). Other commands talk to the local agent \
+over its Unix control socket (--control, default $PAGEWIRE_CONTROL, else \
+$XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).\n\n\
+Logs go to stderr (RUST_LOG=debug for more); --json output goes to stdout."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a development CA and node certificates (mutual TLS between agents).
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Run an agent until SIGINT/SIGTERM.
+    Agent(AgentArgs),
+    /// Copy a whole region from a peer into a local file, through the local agent.
+    Pull(PullCmd),
+    /// Show the local agent's peers, regions and transfers.
+    Status(StatusCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create DIR/ca.pem and DIR/ca.key (keep ca.key private; it only signs).
+    Init {
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create DIR/NAME.pem and DIR/NAME.key for node NAME, signed by DIR/ca.*.
+    Issue {
+        /// The node's name: its identity in the mesh (letters, digits, '-', '.').
+        name: String,
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Extra subject-alt-names (host names or IPs); repeatable. They do not change
+        /// the identity.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's name (must match its certificate).
+    #[arg(long)]
+    name: Option<String>,
+    /// UDP address to listen on, HOST:PORT.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory with ca.pem, NAME.pem, NAME.key.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// CA certificate (default CERTS/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Node certificate (default CERTS/NAME.pem).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Node private key (default CERTS/NAME.key).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// A peer, NAME=HOST:PORT; repeatable. Only listed peers may connect, and each peer
+    /// must list this agent too.
+    #[arg(long = "peer", value_parser = parse_pair)]
+    peers: Vec<(String, String)>,
+    /// Serve the file at PATH as region NAME, NAME=PATH; repeatable.
+    #[arg(long = "region", value_parser = parse_pair)]
+    regions: Vec<(String, String)>,
+    /// Control socket path.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Chunk size for served regions (power of two, 4KiB..16MiB; default 64KiB).
+    #[arg(long, value_parser = parse_size)]
+    chunk_size: Option<u64>,
+    /// Most bulk bytes a pull lets a peer have in flight (default 8MiB).
+    #[arg(long, value_parser = parse_size)]
+    bulk_window: Option<u64>,
+    /// A peer silent for this long is considered gone (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+}
+
+#[derive(Args)]
+struct PullCmd {
+    /// The peer that serves the region.
+    #[arg(long)]
+    from: String,
+    /// The region's name on that peer.
+    #[arg(long)]
+    region: String,
+    /// Local file to write (created or truncated; sparse where the region is zero).
+    #[arg(long)]
+    to: PathBuf,
+    /// Print one JSON summary on stdout instead of a progress bar.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusCmd {
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Certs(c) => {
+            init_logs("warn");
+            certs(c)
+        }
+        Command::Agent(a) => {
+            init_logs("info");
+            agent(a).await
+        }
+        Command::Pull(p) => {
+            init_logs("warn");
+            pull(p).await
+        }
+        Command::Status(s) => {
+            init_logs("warn");
+            status(s).await
+        }
+    }
+}
+
+fn certs(c: CertsCmd) -> Result<()> {
+    match c {
+        CertsCmd::Init { dir, days, force } => {
+            let (cert, key) = pagewire::certs::init_ca(&dir, days, force)?;
+            println!("CA certificate: {}", cert.display());
+            println!("CA key:         {} (keep private)", key.display());
+        }
+        CertsCmd::Issue {
+            name,
+            dir,
+            sans,
+            days,
+            force,
+        } => {
+            let (cert, key) = pagewire::certs::issue(&dir, &name, &sans, days, force)?;
+            println!("{name} certificate: {}", cert.display());
+            println!("{name} key:         {} (keep private)", key.display());
+        }
+    }
+    Ok(())
+}
+
+async fn agent(a: AgentArgs) -> Result<()> {
+    let o = Overrides {
+        name: a.name,
+        listen: a.listen,
+        certs: a.certs,
+        ca: a.ca,
+        cert: a.cert,
+        key: a.key,
+        control: a.control,
+        chunk_size: a.chunk_size,
+        bulk_window: a.bulk_window,
+        idle_timeout: a.idle_timeout,
+        peers: a.peers,
+        regions: a.regions.into_iter().map(|(k, v)| (k, v.into())).collect(),
+    };
+    let mut cfg = AgentConfig::load(a.config.as_deref(), &o)?;
+    if cfg.control.is_none() {
+        cfg.control = Some(default_socket());
+    }
+    let control = cfg.control.clone();
+    let agent = Agent::start(cfg).await.context("starting the agent")?;
+    eprintln!(
+        "pagewire agent {} listening on {} (control socket {})",
+        agent.name(),
+        agent.local_addr(),
+        control.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn pull(p: PullCmd) -> Result<()> {
+    let socket = p.control.unwrap_or_else(default_socket);
+    let client = ControlClient::connect(&socket).await?;
+    // The agent opens the destination itself, so it needs an absolute path.
+    let to = std::path::absolute(&p.to).context("resolving --to")?;
+    let args = PullArgs {
+        from: p.from.clone(),
+        region: p.region.clone(),
+        to,
+    };
+    let bar = (!p.json).then(|| TransferBar::new(&format!("{}:{}", p.from, p.region)));
+    let summary = client
+        .pull(args, |s| {
+            if let Some(b) = &bar {
+                b.update(s)
+            }
+        })
+        .await;
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(b) = &bar {
+                b.clear();
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    if p.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "pulled {} ({} bytes, {} chunks: {} data, {} zero) from {} to {} in {:.2}s ({:.1} MiB/s, {} bytes on the wire, {} reconnects)",
+            summary.region,
+            summary.size,
+            summary.chunks,
+            summary.data_chunks,
+            summary.zero_chunks,
+            summary.peer,
+            summary.to.display(),
+            summary.elapsed_s,
+            summary.rate_bps / (1 << 20) as f64,
+            summary.wire_bytes,
+            summary.reconnects,
+        );
+    }
+    Ok(())
+}
+
+async fn status(s: StatusCmd) -> Result<()> {
+    let socket = s.control.unwrap_or_else(default_socket);
+    let report = ControlClient::connect(&socket).await?.status().await?;
+    if s.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(())
+}
+
+fn print_status(r: &StatusReport) {
+    println!("agent {} (pagewire {}) listening on {}", r.name, r.version, r.listen);
+    println!("peers:");
+    if r.peers.is_empty() {
+        println!("  (none)");
+    }
+    for p in &r.peers {
+        if p.connected {
+            println!(
+                "  {:<16} {:<24} connected  rtt {:>8.3} ms  for {:.0}s",
+                p.name,
+                p.addr,
+                p.rtt_us.unwrap_or(0) as f64 / 1000.0,
+                p.connected_for_s.unwrap_or(0.0)
+            );
+        } else {
+            println!(
+                "  {:<16} {:<24} DOWN       {}",
+                p.name,
+                p.addr,
+                p.last_error.as_deref().unwrap_or("not connected yet")
+            );
+        }
+    }
+    println!("regions:");
+    if r.regions.is_empty() {
+        println!("  (none)");
+    }
+    for g in &r.regions {
+        println!(
+            "  {:<16} {:>14} bytes  {} chunks of {}  {}",
+            g.name,
+            g.size,
+            g.chunks,
+            g.chunk_size,
+            g.path.display()
+        );
+    }
+    println!("transfers:");
+    if r.transfers.is_empty() {
+        println!("  (none)");
+    }
+    for t in &r.transfers {
+        println!(
+            "  #{} {} {}:{} -> {}  {}  {}/{} bytes  {:.1} MiB/s  {} urgent  {} reconnects",
+            t.id,
+            t.kind,
+            t.peer,
+            t.region,
+            t.to.display(),
+            t.state,
+            t.bytes_done,
+            t.bytes_total,
+            t.rate_bps / (1 << 20) as f64,
+            t.urgent_fetches,
+            t.reconnects
+        );
+    }
+}

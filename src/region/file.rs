@@ -1,0 +1,245 @@
+//! File-backed regions (tmpfs, /dev/shm or disk; sparse files welcome).
+//!
+//! The serving side reads with `pread`, not through a mapping: a file region may be
+//! truncated by another process at any time, and a load through a mapping past the new end
+//! raises SIGBUS in the agent, while `pread` just returns short (an error reply). Holes are
+//! found with `SEEK_DATA`, so sparse chunks are never read (reading a tmpfs hole through a
+//! mapping would even allocate it).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{is_zero, Geometry, GeometryError};
+
+/// Opening or using a region's file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The file could not be opened or created.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file's size does not fit the chunk limits.
+    #[error("{path}: {source}")]
+    Geometry {
+        path: PathBuf,
+        source: GeometryError,
+    },
+    /// Reading or writing a chunk failed (the file may have been truncated).
+    #[error("{op} chunk {chunk} of {path}: {source}")]
+    Io {
+        op: &'static str,
+        chunk: u64,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What reading a chunk found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkRead {
+    /// The chunk is all zero bytes (nothing was copied into the buffer, or it was zero).
+    Zero,
+    /// `len` bytes of data were read into the buffer.
+    Data(u32),
+}
+
+/// A region served from a file.
+#[derive(Debug)]
+pub struct FileRegion {
+    name: String,
+    path: PathBuf,
+    file: File,
+    geometry: Geometry,
+}
+
+impl FileRegion {
+    /// Opens an existing file as a region of its current size.
+    pub fn open(name: &str, path: &Path, chunk_size: u32) -> Result<FileRegion, RegionError> {
+        let file = File::open(path).map_err(|source| RegionError::Open {
+            path: path.into(),
+            source,
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|source| RegionError::Open {
+                path: path.into(),
+                source,
+            })?
+            .len();
+        let geometry =
+            Geometry::new(size, chunk_size as u64).map_err(|source| RegionError::Geometry {
+                path: path.into(),
+                source,
+            })?;
+        Ok(FileRegion {
+            name: name.into(),
+            path: path.into(),
+            file,
+            geometry,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// How many chunks from `chunk` on lie wholly inside a hole of the file (0 when
+    /// `chunk` holds data, or the filesystem cannot tell).
+    pub fn hole_run(&self, chunk: u64) -> u64 {
+        let g = self.geometry;
+        let off = g.offset(chunk);
+        if off >= g.size {
+            return 0;
+        }
+        // SAFETY: lseek on a file descriptor we own; SEEK_DATA only reads the file's
+        // extent map and moves this fd's offset, which nothing else here relies on (all
+        // reads are pread).
+        let data = unsafe { libc::lseek(self.file.as_raw_fd(), off as i64, libc::SEEK_DATA) };
+        let data_at = if data < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // No data at or after `off`: the rest of the file is a hole.
+                Some(libc::ENXIO) => g.size,
+                // Filesystem without SEEK_DATA support: assume data.
+                _ => return 0,
+            }
+        } else {
+            data as u64
+        };
+        if data_at <= off {
+            return 0;
+        }
+        let end_chunk = if data_at >= g.size {
+            g.chunks()
+        } else {
+            g.chunk_of(data_at)
+        };
+        end_chunk.saturating_sub(chunk)
+    }
+
+    /// Reads chunk `chunk` into `buf` (which must hold a whole chunk).
+    pub fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> Result<ChunkRead, RegionError> {
+        let len = self.geometry.chunk_len(chunk) as usize;
+        let buf = &mut buf[..len];
+        self.file
+            .read_exact_at(buf, self.geometry.offset(chunk))
+            .map_err(|source| RegionError::Io {
+                op: "reading",
+                chunk,
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(if is_zero(buf) {
+            ChunkRead::Zero
+        } else {
+            ChunkRead::Data(len as u32)
+        })
+    }
+}
+
+/// The file a pull writes into: created (or emptied) at the region's size, so zero chunks
+/// need no write and stay holes.
+#[derive(Debug)]
+pub struct DestFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl DestFile {
+    /// Creates `path` (truncating what was there) as a sparse file of `size` bytes.
+    pub fn create(path: &Path, size: u64) -> Result<DestFile, RegionError> {
+        let open = || -> std::io::Result<File> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)?;
+            f.set_len(size)?;
+            Ok(f)
+        };
+        let file = open().map_err(|source| RegionError::Open {
+            path: path.into(),
+            source,
+        })?;
+        Ok(DestFile {
+            path: path.into(),
+            file,
+        })
+    }
+
+    /// Writes chunk data at its offset.
+    pub fn write_chunk(&self, g: &Geometry, chunk: u64, data: &[u8]) -> Result<(), RegionError> {
+        self.file
+            .write_all_at(data, g.offset(chunk))
+            .map_err(|source| RegionError::Io {
+                op: "writing",
+                chunk,
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Reads a chunk back (for urgent fetches of chunks already here).
+    pub fn read_chunk(&self, g: &Geometry, chunk: u64) -> Result<Vec<u8>, RegionError> {
+        let mut buf = vec![0; g.chunk_len(chunk) as usize];
+        self.file
+            .read_exact_at(&mut buf, g.offset(chunk))
+            .map_err(|source| RegionError::Io {
+                op: "reading",
+                chunk,
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Flushes data to stable storage.
+    pub fn sync(&self) -> Result<(), RegionError> {
+        self.file.sync_data().map_err(|source| RegionError::Io {
+            op: "syncing",
+            chunk: 0,
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r");
+        let f = File::create(&p).unwrap();
+        f.set_len(64 * 4096).unwrap();
+        f.write_all_at(&[1; 10], 10 * 4096 + 5).unwrap();
+        drop(f);
+        let r = FileRegion::open("r", &p, 4096).unwrap();
+        let mut buf = vec![0; 4096];
+        // Filesystems without SEEK_DATA report 0 holes; where supported, the run ends at
+        // chunk 10.
+        let run = r.hole_run(0);
+        assert!(run == 0 || run == 10, "{run}");
+        assert_eq!(r.hole_run(10), 0);
+        assert_eq!(r.read_chunk(10, &mut buf).unwrap(), ChunkRead::Data(4096));
+        assert_eq!(buf[5], 1);
+        assert_eq!(r.read_chunk(11, &mut buf).unwrap(), ChunkRead::Zero);
+        let tail = r.hole_run(11);
+        assert!(tail == 0 || tail == 53, "{tail}");
+        assert_eq!(r.hole_run(64), 0);
+    }
+}
