@@ -188,10 +188,12 @@ impl Agent {
     pub async fn shutdown(self) {
         let inner = self.inner;
         tracing::info!(name = %inner.name, "agent shutting down");
-        inner.shutdown.cancel();
+        // Close first, so peers see SHUTDOWN rather than the implicit close that dropping
+        // the last handle of a connection would send.
         inner
             .endpoint
             .close(WireCode::Shutdown.varint(), b"agent shutting down");
+        inner.shutdown.cancel();
         inner.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), inner.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
