@@ -32,10 +32,7 @@ pub enum CertError {
     Exists(PathBuf),
     /// rcgen refused the parameters or the PEM.
     #[error("{what}: {source}")]
-    Rcgen {
-        what: String,
-        source: rcgen::Error,
-    },
+    Rcgen { what: String, source: rcgen::Error },
     /// The node name cannot be a certificate identity.
     #[error("invalid node name {0:?}: use letters, digits, '-', '.' (a DNS name)")]
     BadName(String),
@@ -63,7 +60,10 @@ pub fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Paths of node `name`'s files in `dir`.
 pub fn node_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")))
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
 }
 
 fn write_file(path: &Path, data: &str, private: bool, force: bool) -> Result<(), CertError> {
@@ -133,12 +133,15 @@ pub fn issue(
     let (ca_cert_path, ca_key_path) = ca_paths(dir);
     let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
     let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(rc(format!("reading {}", ca_key_path.display())))?;
+    let ca_key =
+        KeyPair::from_pem(&ca_key_pem).map_err(rc(format!("reading {}", ca_key_path.display())))?;
     let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem)
         .map_err(rc(format!("reading {}", ca_cert_path.display())))?;
     // Re-signing the CA's own parameters with its key yields an issuer with the same
     // subject and key, which is all that signing a leaf needs.
-    let ca = ca_params.self_signed(&ca_key).map_err(rc("loading the CA"))?;
+    let ca = ca_params
+        .self_signed(&ca_key)
+        .map_err(rc("loading the CA"))?;
 
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("node params"))?;
     params.distinguished_name.push(DnType::CommonName, name);
@@ -205,9 +208,19 @@ mod tests {
             init_ca(dir.path(), 30, false),
             Err(CertError::Exists(_))
         ));
-        let (cert, key) = issue(dir.path(), "node-a", &["127.0.0.1".into(), "a.example".into()], 30, false).unwrap();
+        let (cert, key) = issue(
+            dir.path(),
+            "node-a",
+            &["127.0.0.1".into(), "a.example".into()],
+            30,
+            false,
+        )
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let pem = fs::read(&cert).unwrap();
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(&pem)
             .map(|c: rustls_pki_types::CertificateDer<'static>| c)

@@ -173,7 +173,8 @@ impl ControlClient {
     }
 
     async fn send(&mut self, req: &ControlRequest) -> Result<(), ControlError> {
-        let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.writer.write_all(&line).await?;
         Ok(())
@@ -195,7 +196,9 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::Status(s)) => Ok(s),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!("expected status, got {other:?}"))),
+            other => Err(ControlError::Protocol(format!(
+                "expected status, got {other:?}"
+            ))),
         }
     }
 
@@ -216,9 +219,7 @@ impl ControlClient {
                 Some(ControlEvent::Progress(p)) => progress(&p),
                 Some(ControlEvent::Done(s)) => return Ok(s),
                 Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
-                Some(other) => {
-                    return Err(ControlError::Protocol(format!("unexpected {other:?}")))
-                }
+                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
                 None => {
                     return Err(ControlError::Protocol(
                         "the agent closed the connection before the pull ended".into(),

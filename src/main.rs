@@ -109,8 +109,10 @@ struct AgentArgs {
     /// Chunk size for served regions (power of two, 4KiB..16MiB; default 64KiB).
     #[arg(long, value_parser = parse_size)]
     chunk_size: Option<u64>,
-    /// Most bulk bytes a pull lets a peer have in flight (default 8MiB).
-    #[arg(long, value_parser = parse_size)]
+    /// Bulk bytes a pull lets a peer have in flight: `auto` (default: about twice the
+    /// bandwidth-delay product, at least 256KiB) or a fixed size. Smaller keeps urgent
+    /// fetches fast; it must cover bandwidth x RTT to fill a long link.
+    #[arg(long, value_parser = parse_window)]
     bulk_window: Option<u64>,
     /// A peer silent for this long is considered gone (default 10s).
     #[arg(long, value_parser = parse_duration)]
@@ -143,6 +145,14 @@ struct StatusCmd {
     control: Option<PathBuf>,
 }
 
+fn parse_window(s: &str) -> Result<u64, String> {
+    if s == "auto" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
+}
+
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -154,7 +164,10 @@ fn init_logs(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -238,7 +251,10 @@ async fn agent(a: AgentArgs) -> Result<()> {
         "pagewire agent {} listening on {} (control socket {})",
         agent.name(),
         agent.local_addr(),
-        control.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+        control
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -313,7 +329,10 @@ async fn status(s: StatusCmd) -> Result<()> {
 }
 
 fn print_status(r: &StatusReport) {
-    println!("agent {} (pagewire {}) listening on {}", r.name, r.version, r.listen);
+    println!(
+        "agent {} (pagewire {}) listening on {}",
+        r.name, r.version, r.listen
+    );
     println!("peers:");
     if r.peers.is_empty() {
         println!("  (none)");

@@ -64,7 +64,10 @@ async fn two_agents_pull_a_table_of_sizes() {
         let s = h.wait().await.unwrap();
         assert_eq!(s.size, sizes[i]);
         assert_eq!(s.duplicate_chunks, 0);
-        assert_same(&src.path().join(format!("r{i}")), &dst.path().join(format!("r{i}")));
+        assert_same(
+            &src.path().join(format!("r{i}")),
+            &dst.path().join(format!("r{i}")),
+        );
     }
     let s = sparse_pull.wait().await.unwrap();
     assert_eq!(s.size, big);
@@ -79,7 +82,10 @@ async fn two_agents_pull_a_table_of_sizes() {
 
     let st = a.status();
     assert_eq!(st.transfers.len(), sizes.len() + 1);
-    assert!(st.transfers.iter().all(|t| t.state == "done" && t.bytes_done == t.bytes_total));
+    assert!(st
+        .transfers
+        .iter()
+        .all(|t| t.state == "done" && t.bytes_done == t.bytes_total));
     assert!(st.peers[0].connected && st.peers[0].rtt_us.is_some());
     assert_eq!(b.status().regions.len(), sizes.len() + 1);
     a.shutdown().await;
@@ -160,7 +166,11 @@ async fn urgent_fetch_during_a_bulk_pull_is_served_and_correct() {
         assert!(got == original[off..off + CHUNK as usize], "chunk {c}");
     }
     // Outside a pull, on the same urgent lane.
-    let got = a.fetch("b", "big", 5).await.unwrap().into_bytes(CHUNK as usize);
+    let got = a
+        .fetch("b", "big", 5)
+        .await
+        .unwrap()
+        .into_bytes(CHUNK as usize);
     assert!(got == original[5 * CHUNK as usize..6 * CHUNK as usize]);
     // Bad requests get error replies, not hangs.
     match a.fetch("b", "big", u64::MAX).await {

@@ -6,7 +6,7 @@
 //! certs = "/etc/pagewire/certs"   # ca.pem, a.pem, a.key (or give ca/cert/key one by one)
 //! control = "/run/pagewire.sock"
 //! chunk_size = "64KiB"
-//! bulk_window = "8MiB"
+//! bulk_window = "auto"          # or a fixed size, e.g. "1MiB"
 //! idle_timeout = "10s"
 //!
 //! [peers]          # name = "host:port"; every peer must list us too
@@ -61,9 +61,7 @@ fn invalid(what: &'static str, value: &str, why: impl Into<String>) -> ConfigErr
 /// A number of bytes: an integer or a string like `64KiB`, `8MiB`, `1GiB`, `4k`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -74,7 +72,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         u => return Err(format!("unknown size unit {u:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// A duration: `250ms`, `10s`, `2m`, `500us`.
@@ -82,7 +81,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
     Ok(match unit {
         "us" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
@@ -98,7 +99,9 @@ pub fn parse_pair(s: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
     if !valid_name(k) {
-        return Err(format!("{k:?} is not a valid name (letters, digits, '.', '_', '-')"));
+        return Err(format!(
+            "{k:?} is not a valid name (letters, digits, '.', '_', '-')"
+        ));
     }
     Ok((k.to_string(), v.to_string()))
 }
@@ -114,6 +117,7 @@ impl SizeValue {
     fn get(&self, what: &'static str) -> Result<u64, ConfigError> {
         match self {
             SizeValue::Int(n) => Ok(*n),
+            SizeValue::Text(s) if s == "auto" => Ok(0),
             SizeValue::Text(s) => parse_size(s).map_err(|e| invalid(what, s, e)),
         }
     }
@@ -150,6 +154,7 @@ pub struct Overrides {
     pub key: Option<PathBuf>,
     pub control: Option<PathBuf>,
     pub chunk_size: Option<u64>,
+    /// A fixed window in bytes; `Some(0)` means automatic.
     pub bulk_window: Option<u64>,
     pub idle_timeout: Option<Duration>,
     /// `NAME=HOST:PORT`; a name already in the file gets the new address.
@@ -180,8 +185,8 @@ pub struct AgentConfig {
     /// Unix control socket; `None` runs without one (library use).
     pub control: Option<PathBuf>,
     pub chunk_size: u32,
-    /// Most bulk bytes a pull lets a peer have queued (credit window).
-    pub bulk_window: u64,
+    /// How many bulk bytes a pull lets a peer have in flight (credit window).
+    pub bulk_window: crate::engine::pull::Window,
     pub tuning: Tuning,
     /// Reconnect backoff: first and longest wait.
     pub reconnect_min: Duration,
@@ -190,9 +195,8 @@ pub struct AgentConfig {
     pub peer_wait: Duration,
 }
 
-/// Default bulk credit window: 8 MiB, below quinn's send window so an urgent reply never
-/// waits for buffer space, and above the bandwidth-delay product of a LAN.
-pub const DEFAULT_BULK_WINDOW: u64 = 8 << 20;
+/// Default bulk credit window: adaptive (see [`crate::engine::pull::Window`]).
+pub const DEFAULT_BULK_WINDOW: crate::engine::pull::Window = crate::engine::pull::AUTO_WINDOW;
 
 impl AgentConfig {
     /// A configuration with defaults for everything but identity and address.
@@ -230,11 +234,9 @@ impl AgentConfig {
                 })?
             }
         };
-        let name = o
-            .name
-            .clone()
-            .or(fc.name)
-            .ok_or(ConfigError::Missing("name (--name or `name =` in the config)"))?;
+        let name = o.name.clone().or(fc.name).ok_or(ConfigError::Missing(
+            "name (--name or `name =` in the config)",
+        ))?;
         if !valid_name(&name) || name.contains('_') {
             return Err(invalid("name", &name, "use letters, digits, '.', '-'"));
         }
@@ -250,7 +252,12 @@ impl AgentConfig {
                 .or_else(|| certs.as_ref().map(|d| d.join(default)))
                 .ok_or(ConfigError::Missing(what))
         };
-        let ca = pick(&o.ca, fc.ca, "ca.pem", "CA certificate (--ca FILE or --certs DIR)")?;
+        let ca = pick(
+            &o.ca,
+            fc.ca,
+            "ca.pem",
+            "CA certificate (--ca FILE or --certs DIR)",
+        )?;
         let cert = pick(
             &o.cert,
             fc.cert,
@@ -265,7 +272,11 @@ impl AgentConfig {
         )?;
         let mut cfg = AgentConfig::new(&name, &listen, &ca, &cert, &key);
         cfg.control = o.control.clone().or(fc.control);
-        if let Some(v) = o.chunk_size.map(Ok).or(fc.chunk_size.map(|v| v.get("chunk_size"))) {
+        if let Some(v) = o
+            .chunk_size
+            .map(Ok)
+            .or(fc.chunk_size.map(|v| v.get("chunk_size")))
+        {
             let v = v?;
             crate::region::Geometry::new(0, v)
                 .map_err(|e| invalid("chunk_size", &v.to_string(), e.to_string()))?;
@@ -277,14 +288,23 @@ impl AgentConfig {
             .or(fc.bulk_window.map(|v| v.get("bulk_window")))
         {
             let v = v?;
-            if !(64 << 10..=1 << 30).contains(&v) {
-                return Err(invalid("bulk_window", &v.to_string(), "must be 64KiB..1GiB"));
-            }
-            cfg.bulk_window = v;
+            cfg.bulk_window = if v == 0 {
+                DEFAULT_BULK_WINDOW
+            } else if (64 << 10..=1 << 30).contains(&v) {
+                crate::engine::pull::Window::Fixed(v)
+            } else {
+                return Err(invalid(
+                    "bulk_window",
+                    &v.to_string(),
+                    "must be auto or 64KiB..1GiB",
+                ));
+            };
         }
         let idle = match (o.idle_timeout, fc.idle_timeout) {
             (Some(d), _) => Some(d),
-            (None, Some(s)) => Some(parse_duration(&s).map_err(|e| invalid("idle_timeout", &s, e))?),
+            (None, Some(s)) => {
+                Some(parse_duration(&s).map_err(|e| invalid("idle_timeout", &s, e))?)
+            }
             _ => None,
         };
         if let Some(d) = idle {
@@ -313,7 +333,11 @@ impl AgentConfig {
         }
         for (k, v) in regions {
             if !valid_name(&k) {
-                return Err(invalid("region name", &k, "use letters, digits, '.', '_', '-'"));
+                return Err(invalid(
+                    "region name",
+                    &k,
+                    "use letters, digits, '.', '_', '-'",
+                ));
             }
             cfg.regions.push((k, v));
         }

@@ -66,7 +66,13 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
     let req: ControlRequest = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = send(&mut w, &ControlEvent::Error { message: format!("bad request: {e}") }).await;
+            let _ = send(
+                &mut w,
+                &ControlEvent::Error {
+                    message: format!("bad request: {e}"),
+                },
+            )
+            .await;
             return;
         }
     };
@@ -75,13 +81,20 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             let _ = send(&mut w, &ControlEvent::Status(inner.status())).await;
         }
         ControlRequest::Pull(args) => {
-            let mut h = match super::pull::start(inner.clone(), &args.from, &args.region, &args.to).await {
-                Ok(h) => h,
-                Err(e) => {
-                    let _ = send(&mut w, &ControlEvent::Error { message: e.to_string() }).await;
-                    return;
-                }
-            };
+            let mut h =
+                match super::pull::start(inner.clone(), &args.from, &args.region, &args.to).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = send(
+                            &mut w,
+                            &ControlEvent::Error {
+                                message: e.to_string(),
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                };
             let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
             let result = loop {
                 tokio::select! {
@@ -96,8 +109,12 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             };
             let ev = match result {
                 Ok(Ok(summary)) => ControlEvent::Done(summary),
-                Ok(Err(e)) => ControlEvent::Error { message: e.to_string() },
-                Err(e) => ControlEvent::Error { message: format!("pull task failed: {e}") },
+                Ok(Err(e)) => ControlEvent::Error {
+                    message: e.to_string(),
+                },
+                Err(e) => ControlEvent::Error {
+                    message: format!("pull task failed: {e}"),
+                },
             };
             let _ = send(&mut w, &ev).await;
         }

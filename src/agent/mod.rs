@@ -9,7 +9,7 @@ mod pull;
 mod serve;
 
 pub use config::{AgentConfig, ConfigError, Overrides, PeerSpec};
-pub use pull::{Fetched, FetchError, PullError, PullHandle};
+pub use pull::{FetchError, Fetched, PullError, PullHandle};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -103,7 +103,11 @@ impl PeerTable {
     }
 
     /// Waits for a live connection to `name`; `None` on shutdown or for an unknown peer.
-    pub async fn wait(&self, name: &str, shutdown: &CancellationToken) -> Option<quinn::Connection> {
+    pub async fn wait(
+        &self,
+        name: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<quinn::Connection> {
         let mut rx = self.slots.get(name)?.tx.subscribe();
         loop {
             if let Some(c) = rx.borrow_and_update().clone().filter(alive) {
@@ -125,7 +129,14 @@ impl PeerTable {
     /// 2. the peer restarted (new boot id): the old connection is dead, keep the new one;
     /// 3. both dialed by the same side: keep the new one (the dialer gave up on the old);
     /// 4. a simultaneous dial from both sides: keep the one dialed by the smaller name.
-    pub fn register(&self, me: &str, name: &str, conn: quinn::Connection, dialer: &str, peer_boot: u64) -> bool {
+    pub fn register(
+        &self,
+        me: &str,
+        name: &str,
+        conn: quinn::Connection,
+        dialer: &str,
+        peer_boot: u64,
+    ) -> bool {
         let Some(slot) = self.slots.get(name) else {
             return false;
         };
@@ -144,8 +155,10 @@ impl PeerTable {
         if keep_new {
             if let Some(old) = st.link.take() {
                 if alive(&old.conn) && old.conn.stable_id() != new.conn.stable_id() {
-                    old.conn
-                        .close(WireCode::Duplicate.varint(), b"replaced by a newer connection");
+                    old.conn.close(
+                        WireCode::Duplicate.varint(),
+                        b"replaced by a newer connection",
+                    );
                 }
             }
             slot.tx.send_replace(Some(new.conn.clone()));
@@ -257,7 +270,10 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, spec: PeerSpec) {
             Ok((conn, boot)) => {
                 last_logged = None;
                 backoff = min;
-                if inner.peers.register(&inner.name, &spec.name, conn.clone(), &inner.name, boot) {
+                if inner
+                    .peers
+                    .register(&inner.name, &spec.name, conn.clone(), &inner.name, boot)
+                {
                     tracing::info!(peer = %spec.name, addr = %conn.remote_address(), "connected to peer");
                     inner
                         .tasks
@@ -322,7 +338,9 @@ async fn dial_hello(inner: &Inner, conn: &quinn::Connection, peer: &str) -> Resu
         }
     })?;
     let Some(Reply::Hello(h)) = reply else {
-        return Err(LinkError::Protocol(format!("expected hello, got {reply:?}")));
+        return Err(LinkError::Protocol(format!(
+            "expected hello, got {reply:?}"
+        )));
     };
     check_hello(&h, peer)?;
     Ok(h.boot)
@@ -363,7 +381,13 @@ async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
     let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            tracing::warn!(%remote, "refused connection: {}", reason(&e));
+            let why = reason(&e);
+            let hint = if why.contains("certificate") {
+                " (is the peer's certificate signed by this agent's CA?)"
+            } else {
+                ""
+            };
+            tracing::warn!(%remote, "refused connection: {why}{hint}");
             return;
         }
         Err(_) => {
@@ -373,7 +397,10 @@ async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
     };
     let Some(name) = transport::peer_name(&conn) else {
         tracing::warn!(%remote, "refused connection: certificate has no node name");
-        conn.close(WireCode::UnknownPeer.varint(), b"certificate has no node name");
+        conn.close(
+            WireCode::UnknownPeer.varint(),
+            b"certificate has no node name",
+        );
         return;
     };
     if !inner.peers.is_expected(&name) {
@@ -399,7 +426,10 @@ async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
             return;
         }
     };
-    if inner.peers.register(&inner.name, &name, conn.clone(), &name, boot) {
+    if inner
+        .peers
+        .register(&inner.name, &name, conn.clone(), &name, boot)
+    {
         tracing::info!(peer = %name, %remote, "peer connected");
         inner
             .tasks
@@ -407,7 +437,11 @@ async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming) {
     }
 }
 
-async fn accept_hello(inner: &Inner, conn: &quinn::Connection, name: &str) -> Result<u64, LinkError> {
+async fn accept_hello(
+    inner: &Inner,
+    conn: &quinn::Connection,
+    name: &str,
+) -> Result<u64, LinkError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let req: Option<Request> = read_frame(&mut recv, HELLO_CAP)
         .await

@@ -5,14 +5,12 @@
 //! request that is well-formed but wrong (unknown region, chunk out of range) gets an
 //! error reply. Nothing here panics on peer data, and the connection keeps serving.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::Notify;
 
 use super::Inner;
 use crate::engine::pull::{BulkSender, Next};
-use crate::proto::codec::{read_frame, write_frame, FrameError};
+use crate::proto::codec::{read_frame, write_frame, FrameError, FrameReader};
 use crate::proto::{
     valid_name, BulkControl, BulkStart, ChunkHeader, ErrorKind, ErrorReply, RegionInfo, Reply,
     Request, WireCode, MAX_FRAME,
@@ -56,9 +54,20 @@ pub(crate) async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, Request>(&mut recv, MAX_FRAME)).await {
+    let req = match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        read_frame::<_, Request>(&mut recv, MAX_FRAME),
+    )
+    .await
+    {
         Err(_) => {
-            return refuse(&peer, &mut send, &mut recv, WireCode::Timeout, &"no request in time")
+            return refuse(
+                &peer,
+                &mut send,
+                &mut recv,
+                WireCode::Timeout,
+                &"no request in time",
+            )
         }
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => return,
@@ -79,7 +88,12 @@ pub(crate) async fn handle_stream(
         Request::Bulk(b) => &b.region,
     };
     if !valid_name(region_name) {
-        return reply_error(&mut send, ErrorKind::BadRequest, "invalid region name".into()).await;
+        return reply_error(
+            &mut send,
+            ErrorKind::BadRequest,
+            "invalid region name".into(),
+        )
+        .await;
     }
     let Some(region) = inner.region(region_name) else {
         return reply_error(
@@ -112,30 +126,38 @@ pub(crate) async fn handle_stream(
     }
 }
 
-/// Writes one chunk as a reply: a zero marker, or a header and its bytes.
+/// Writes one chunk as a reply: a zero marker, or a header and its bytes. The bytes are
+/// read into a fresh buffer that is handed to quinn as is (no copy into its send buffer).
 async fn send_chunk(
     region: &FileRegion,
     chunk: u64,
-    buf: &mut [u8],
     send: &mut quinn::SendStream,
 ) -> Result<u32, ChunkSendError> {
+    let mut buf = vec![0u8; region.geometry().chunk_len(chunk) as usize];
     let read = region
-        .read_chunk(chunk, buf)
+        .read_chunk(chunk, &mut buf)
         .map_err(|e| ChunkSendError::Read(e.to_string()))?;
     match read {
         ChunkRead::Zero => {
-            write_frame(send, &Reply::Zero { first: chunk, count: 1 }).await?;
+            write_frame(
+                send,
+                &Reply::Zero {
+                    first: chunk,
+                    count: 1,
+                },
+            )
+            .await?;
             Ok(0)
         }
         ChunkRead::Data(len) => {
-            let data = &buf[..len as usize];
+            buf.truncate(len as usize);
             let header = Reply::Chunk(ChunkHeader {
                 chunk,
                 len,
-                hash: *blake3::hash(data).as_bytes(),
+                hash: *blake3::hash(&buf).as_bytes(),
             });
             write_frame(send, &header).await?;
-            send.write_all(data)
+            send.write_chunk(bytes::Bytes::from(buf))
                 .await
                 .map_err(|e| ChunkSendError::Write(e.into()))?;
             Ok(len)
@@ -161,8 +183,7 @@ async fn serve_fetch(region: &FileRegion, chunk: u64, send: &mut quinn::SendStre
         )
         .await;
     }
-    let mut buf = vec![0u8; g.chunk_len(chunk) as usize];
-    match send_chunk(region, chunk, &mut buf, send).await {
+    match send_chunk(region, chunk, send).await {
         Ok(_) => {
             let _ = send.finish();
         }
@@ -176,89 +197,59 @@ async fn serve_bulk(
     region: Arc<FileRegion>,
     start: BulkStart,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
     let g = region.geometry();
-    let sender = match BulkSender::new(g, &start) {
+    let mut sender = match BulkSender::new(g, &start) {
         Ok(s) => s,
         Err(e) => return reply_error(&mut send, ErrorKind::Mismatch, e.to_string()).await,
     };
-    let state = Arc::new(Mutex::new(sender));
-    let wake = Arc::new(Notify::new());
-    // Control frames (credit, seek, have) arrive on the receive half; a task applies
-    // them so the send loop below never blocks on reading.
-    let control = {
-        let state = state.clone();
-        let wake = wake.clone();
-        let peer = peer.to_string();
-        tokio::spawn(async move {
-            let end = loop {
-                match read_frame::<_, BulkControl>(&mut recv, CONTROL_CAP).await {
-                    Ok(Some(c)) => {
-                        let r = state.lock().map(|mut s| s.on_control(c));
-                        match r {
-                            Ok(Ok(())) => wake.notify_one(),
-                            Ok(Err(e)) => {
-                                tracing::warn!(peer = %peer, code = WireCode::ProtocolViolation.name(), "closing bulk stream: {e}");
-                                let _ = recv.stop(WireCode::ProtocolViolation.varint());
-                                break Some(WireCode::ProtocolViolation);
-                            }
-                            Err(_) => break Some(WireCode::ProtocolViolation),
-                        }
-                    }
-                    // The receiver finished its side: no more control, keep sending.
-                    Ok(None) => break None,
-                    Err(FrameError::Io(_)) => break Some(WireCode::Cancelled),
-                    Err(e) => {
-                        tracing::warn!(peer = %peer, code = e.code().name(), "closing bulk stream: {e}");
-                        let _ = recv.stop(e.code().varint());
-                        break Some(e.code());
-                    }
-                }
-            };
-            wake.notify_one();
-            end
-        })
-    };
-    let mut buf = vec![0u8; g.chunk_size as usize];
+    // One task both applies the receiver's control frames (credit, seek, have) and sends
+    // chunks: no hand-off between tasks on the credit loop, which matters when waking
+    // another thread costs tens of microseconds.
+    let mut control = FrameReader::new(recv, CONTROL_CAP);
+    let mut control_open = true;
     let result: Result<(), String> = async {
         loop {
-            let notified = wake.notified();
-            let next = state.lock().map_err(|_| "state poisoned".to_string())?.next();
-            match next {
+            // Apply every control frame that has already arrived, without waiting.
+            while control_open {
+                let frame = tokio::select! {
+                    biased;
+                    f = control.next::<BulkControl>() => f,
+                    _ = std::future::ready(()) => break,
+                };
+                control_open = apply_control(peer, &mut sender, &mut control, frame)?;
+            }
+            match sender.next() {
                 Next::Done => {
-                    write_frame(&mut send, &Reply::Done).await.map_err(|e| e.to_string())?;
+                    write_frame(&mut send, &Reply::Done)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let _ = send.finish();
                     return Ok(());
                 }
                 Next::WaitCredit => {
-                    if control.is_finished() {
+                    if !control_open {
                         return Err("receiver stopped granting credit".into());
                     }
-                    notified.await;
+                    let frame = control.next::<BulkControl>().await;
+                    control_open = apply_control(peer, &mut sender, &mut control, frame)?;
                 }
                 Next::Chunk(c) => {
                     let hole = region.hole_run(c);
                     if hole > 0 {
-                        let n = state.lock().map_err(|_| "poisoned".to_string())?.take_run(c, hole);
-                        if n > 0 {
-                            write_frame(&mut send, &Reply::Zero { first: c, count: n })
-                                .await
-                                .map_err(|e| e.to_string())?;
-                        }
+                        let n = sender.take_run(c, hole);
+                        write_frame(&mut send, &Reply::Zero { first: c, count: n })
+                            .await
+                            .map_err(|e| e.to_string())?;
                         continue;
                     }
-                    if state.lock().map_err(|_| "poisoned".to_string())?.take_run(c, 1) == 0 {
-                        continue;
-                    }
-                    match send_chunk(&region, c, &mut buf, &mut send).await {
-                        Ok(len) => {
-                            if let Ok(mut s) = state.lock() {
-                                s.spend(len);
-                            }
-                        }
+                    sender.take_run(c, 1);
+                    match send_chunk(&region, c, &mut send).await {
+                        Ok(len) => sender.spend(len),
                         Err(ChunkSendError::Read(e)) => {
-                            let _ = write_frame(&mut send, &error_reply(ErrorKind::Io, e.clone())).await;
+                            let _ = write_frame(&mut send, &error_reply(ErrorKind::Io, e.clone()))
+                                .await;
                             let _ = send.finish();
                             return Err(e);
                         }
@@ -271,7 +262,37 @@ async fn serve_bulk(
     .await;
     match result {
         Ok(()) => tracing::debug!(peer = %peer, region = %region.name(), "bulk copy sent"),
-        Err(e) => tracing::debug!(peer = %peer, region = %region.name(), "bulk copy ended: {e}"),
+        Err(e) => {
+            tracing::debug!(peer = %peer, region = %region.name(), "bulk copy ended: {e}");
+            let _ = send.reset(WireCode::Cancelled.varint());
+        }
     }
-    control.abort();
+}
+
+/// Applies one control frame; returns whether the control direction is still open.
+/// A bad frame stops the stream with its code and ends the copy.
+fn apply_control(
+    peer: &str,
+    sender: &mut BulkSender,
+    control: &mut FrameReader<quinn::RecvStream>,
+    frame: Result<Option<BulkControl>, FrameError>,
+) -> Result<bool, String> {
+    let code = match frame {
+        Ok(Some(c)) => match sender.on_control(c) {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                tracing::warn!(peer = %peer, code = WireCode::ProtocolViolation.name(), "closing bulk stream: {e}");
+                WireCode::ProtocolViolation
+            }
+        },
+        // The receiver finished its side: no more control, keep sending what has credit.
+        Ok(None) => return Ok(false),
+        Err(FrameError::Io(e)) => return Err(format!("receiver went away: {e}")),
+        Err(e) => {
+            tracing::warn!(peer = %peer, code = e.code().name(), "closing bulk stream: {e}");
+            e.code()
+        }
+    };
+    let _ = control.get_mut().stop(code.varint());
+    Err(format!("closed with {}", code.name()))
 }

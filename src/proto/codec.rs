@@ -124,6 +124,63 @@ pub async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Resu
     }
 }
 
+/// Reads frames through an internal buffer, so that [`next`](FrameReader::next) is
+/// cancel-safe: a frame half-read when the future is dropped stays in the buffer. Lets one
+/// task `select!` between reading a peer's frames and doing other work.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: bytes::BytesMut,
+    cap: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Frames of at most `cap` payload bytes.
+    pub fn new(inner: R, cap: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: bytes::BytesMut::with_capacity(cap.min(64 << 10) + 4),
+            cap,
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream.
+    pub async fn next<T: Decode<()>>(&mut self) -> Result<Option<T>, FrameError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > self.cap {
+                    return Err(FrameError::TooLarge {
+                        len: len as u64,
+                        cap: self.cap,
+                    });
+                }
+                if self.buf.len() >= 4 + len {
+                    let frame = self.buf.split_to(4 + len);
+                    return decode(&frame[4..]).map(Some);
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            } else {
+                self.buf.reserve(64);
+            }
+            // The only await point: AsyncRead moves no data unless it completes.
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// The underlying reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +225,10 @@ mod tests {
     #[tokio::test]
     async fn empty_stream_is_none_and_partial_prefix_is_truncated() {
         let mut r: &[u8] = &[];
-        assert!(read_frame::<_, Request>(&mut r, 100).await.unwrap().is_none());
+        assert!(read_frame::<_, Request>(&mut r, 100)
+            .await
+            .unwrap()
+            .is_none());
         let mut r: &[u8] = &[1, 0];
         assert!(matches!(
             read_frame::<_, Request>(&mut r, 100).await,
@@ -223,6 +283,44 @@ mod tests {
         assert!(matches!(
             read_frame::<_, BulkControl>(&mut r, 100).await,
             Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn frame_reader_is_cancel_safe_and_checks_caps() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(rx, 100);
+        let f = encode(&BulkControl::Credit(300));
+        // Half a frame, then the read is cancelled: nothing is lost.
+        tx.write_all(&f[..3]).await.unwrap();
+        let t = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            r.next::<BulkControl>(),
+        )
+        .await;
+        assert!(t.is_err());
+        tx.write_all(&f[3..]).await.unwrap();
+        tx.write_all(&encode(&BulkControl::Seek(4))).await.unwrap();
+        assert_eq!(
+            r.next::<BulkControl>().await.unwrap(),
+            Some(BulkControl::Credit(300))
+        );
+        assert_eq!(
+            r.next::<BulkControl>().await.unwrap(),
+            Some(BulkControl::Seek(4))
+        );
+        tx.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        assert!(matches!(
+            r.next::<BulkControl>().await,
+            Err(FrameError::TooLarge { .. })
+        ));
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(rx, 100);
+        tx.write_all(&[5, 0, 0]).await.unwrap();
+        drop(tx);
+        assert!(matches!(
+            r.next::<BulkControl>().await,
+            Err(FrameError::Truncated)
         ));
     }
 }

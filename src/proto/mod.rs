@@ -133,7 +133,10 @@ pub enum Reply {
     /// Followed by exactly `len` raw bytes on the stream.
     Chunk(ChunkHeader),
     /// Chunks `first .. first+count` are all zero bytes.
-    Zero { first: u64, count: u64 },
+    Zero {
+        first: u64,
+        count: u64,
+    },
     /// Bulk copy finished: every wanted chunk has been sent.
     Done,
     /// The request failed; the stream is finished after this.

@@ -126,7 +126,8 @@ impl Bitmap {
         if self.ones == 0 {
             return None;
         }
-        self.next_set(from.min(self.len)).or_else(|| self.next_set(0))
+        self.next_set(from.min(self.len))
+            .or_else(|| self.next_set(0))
     }
 
     /// The first clear bit at or after `from`, without wrapping.

@@ -73,7 +73,9 @@ impl Identity {
             .map_err(read_err(cert))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(read_err(cert))?;
-        let first = chain.first().ok_or_else(|| IdentityError::NoCert(cert.into()))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| IdentityError::NoCert(cert.into()))?;
         let found = crate::certs::identity_of(first);
         if found.as_deref() != Some(name) {
             return Err(IdentityError::WrongName {

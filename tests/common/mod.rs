@@ -122,7 +122,13 @@ pub fn sparse_file(path: &Path, size: u64, pieces: &[(u64, Vec<u8>)]) {
 pub fn assert_same(a: &Path, b: &Path) {
     use std::io::Read;
     let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
-    assert_eq!(ma.len(), mb.len(), "sizes of {} and {}", a.display(), b.display());
+    assert_eq!(
+        ma.len(),
+        mb.len(),
+        "sizes of {} and {}",
+        a.display(),
+        b.display()
+    );
     let mut fa = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(a).unwrap());
     let mut fb = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(b).unwrap());
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
@@ -134,8 +140,17 @@ pub fn assert_same(a: &Path, b: &Path) {
         }
         fb.read_exact(&mut bb[..n]).unwrap();
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
-            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
         }
         off += n as u64;
     }
@@ -193,7 +208,13 @@ pub fn assert_same_sparse(a: &Path, b: &Path) {
             let mut y = vec![0u8; n];
             fa.read_exact_at(&mut x, off).unwrap();
             fb.read_exact_at(&mut y, off).unwrap();
-            assert!(x == y, "{} and {} differ in [{off}, {})", a.display(), b.display(), off + n as u64);
+            assert!(
+                x == y,
+                "{} and {} differ in [{off}, {})",
+                a.display(),
+                b.display(),
+                off + n as u64
+            );
             off += n as u64;
         }
     }

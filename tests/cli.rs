@@ -1,0 +1,235 @@
+//! The `pagewire` binary end to end: certificates, two agent processes, pull, status,
+//! errors, clean shutdown on SIGTERM.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "pagewire {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Kills the agents if the test panics.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sigterm(c: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "agent ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_peer(sock: &Path, peer: &str) {
+    let t0 = Instant::now();
+    loop {
+        let o = run(&["status", "--json", "--control", sock.to_str().unwrap()]);
+        if o.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let up = v["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == peer && p["connected"] == true);
+            if up {
+                return;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{peer} never connected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn certs_agents_pull_status_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = d.join("certs");
+    let cs = certs.to_str().unwrap();
+    ok(&["certs", "init", "--dir", cs]);
+    ok(&["certs", "issue", "a", "--dir", cs, "--san", "127.0.0.1"]);
+    ok(&["certs", "issue", "b", "--dir", cs]);
+    // Refuses to overwrite keys.
+    assert!(!run(&["certs", "issue", "b", "--dir", cs]).status.success());
+
+    let region = d.join("region.bin");
+    random_file(&region, (3 << 20) + 123, 5);
+    let (pa, pb) = (free_port(), free_port());
+    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
+    // Agent b from flags; agent a from a config file.
+    let b = Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            "b",
+            "--listen",
+            &format!("127.0.0.1:{pb}"),
+        ])
+        .args(["--certs", cs, "--peer", &format!("a=127.0.0.1:{pa}")])
+        .args(["--control", sb.to_str().unwrap()])
+        .args(["--region", &format!("demo={}", region.display())])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let conf = d.join("a.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "name = \"a\"\nlisten = \"127.0.0.1:{pa}\"\ncerts = \"{cs}\"\ncontrol = \"{}\"\n[peers]\nb = \"127.0.0.1:{pb}\"\n",
+            sa.display()
+        ),
+    )
+    .unwrap();
+    let a = Command::new(BIN)
+        .args(["agent", "--config", conf.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut procs = Procs(vec![a, b]);
+    wait_for_peer(&sa, "b");
+
+    let out = d.join("out.bin");
+    let json = ok(&[
+        "pull",
+        "--from",
+        "b",
+        "--region",
+        "demo",
+        "--to",
+        out.to_str().unwrap(),
+        "--json",
+        "--control",
+        sa.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["size"], (3 << 20) + 123);
+    assert_eq!(v["region"], "demo");
+    assert_eq!(v["peer"], "b");
+    assert_same(&region, &out);
+
+    // A relative --to is resolved against the caller's directory, not the agent's.
+    let rel = Command::new(BIN)
+        .current_dir(d)
+        .args([
+            "pull", "--from", "b", "--region", "demo", "--to", "rel.bin", "--json",
+        ])
+        .args(["--control", sa.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        rel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rel.stderr)
+    );
+    assert_same(&region, &d.join("rel.bin"));
+
+    let human = ok(&["status", "--control", sa.to_str().unwrap()]);
+    assert!(human.contains("connected"), "{human}");
+    assert!(human.contains("done"), "{human}");
+    let sj: serde_json::Value = serde_json::from_str(&ok(&[
+        "status",
+        "--json",
+        "--control",
+        sb.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(sj["regions"][0]["name"], "demo");
+
+    // Errors are reported, with a non-zero exit.
+    let bad = run(&[
+        "pull",
+        "--from",
+        "b",
+        "--region",
+        "nope",
+        "--to",
+        d.join("x").to_str().unwrap(),
+        "--control",
+        sa.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown region"), "{err}");
+    let bad = run(&["status", "--control", d.join("none.sock").to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot reach the agent"));
+
+    // A second agent on the same control socket is refused.
+    let dup = Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            "a",
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            cs,
+        ])
+        .args(["--control", sa.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("another agent"));
+
+    for c in &mut procs.0 {
+        assert!(sigterm(c).success());
+    }
+    assert!(!sa.exists() && !sb.exists(), "control sockets left behind");
+}
+
+#[test]
+fn help_explains_every_command() {
+    let top = ok(&["--help"]);
+    for cmd in ["certs", "agent", "pull", "status"] {
+        assert!(top.contains(cmd), "{top}");
+        ok(&[cmd, "--help"]);
+    }
+    let agent = ok(&["agent", "--help"]);
+    for flag in [
+        "--peer",
+        "--region",
+        "--control",
+        "--certs",
+        "--config",
+        "--listen",
+    ] {
+        assert!(agent.contains(flag), "{agent}");
+    }
+    let _ = PathBuf::new();
+}

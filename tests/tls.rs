@@ -1,0 +1,92 @@
+//! Mutual TLS: only certificates from our CA, for names we expect, get in.
+
+mod common;
+
+use common::*;
+use pagewire::agent::AgentConfig;
+use std::time::Duration;
+
+async fn never_connects(a: &pagewire::agent::Agent, peer: &str) {
+    assert!(
+        !a.wait_connected(peer, Duration::from_secs(2)).await,
+        "{} connected to {peer} but should have been refused",
+        a.name()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_is_refused() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let other = Mesh::new(&["b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let a = start(mesh.config("a", pa, &[("b", pb)])).await;
+    // b trusts our CA (so it would accept a), but presents a certificate from another CA.
+    let mut cb = AgentConfig::new(
+        "b",
+        &format!("127.0.0.1:{pb}"),
+        &mesh.path().join("ca.pem"),
+        &other.path().join("b.pem"),
+        &other.path().join("b.key"),
+    );
+    cb.peers = mesh.config("b", pb, &[("a", pa)]).peers;
+    let b = start(cb).await;
+    never_connects(&a, "b").await;
+    never_connects(&b, "a").await;
+    let why = a.status().peers[0].last_error.clone().unwrap_or_default();
+    assert!(why.to_lowercase().contains("certificate"), "a says: {why}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlisted_peer_is_refused() {
+    logs();
+    let mesh = Mesh::new(&["a", "c"]);
+    let (pa, pc) = (free_port(), free_port());
+    // a expects only "b"; c has a valid certificate and dials a.
+    let a = start(mesh.config("a", pa, &[("b", free_port())])).await;
+    let c = start(mesh.config("c", pc, &[("a", pa)])).await;
+    never_connects(&c, "a").await;
+    let why = c.status().peers[0].last_error.clone().unwrap_or_default();
+    assert!(why.contains("UNKNOWN_PEER"), "c says: {why}");
+    a.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_certificate_name_is_refused_at_startup() {
+    let mesh = Mesh::new(&["a", "b"]);
+    let mut c = mesh.config("a", free_port(), &[]);
+    c.cert = mesh.path().join("b.pem");
+    c.key = mesh.path().join("b.key");
+    let e = pagewire::agent::Agent::start(c)
+        .await
+        .err()
+        .expect("must fail");
+    assert!(e.to_string().contains("is for node"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_reconnect_and_the_connection_is_shared_by_both_directions() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let cb = mesh.config("b", pb, &[("a", pa)]);
+    let a = start(mesh.config("a", pa, &[("b", pb)])).await;
+    let b = start(cb.clone()).await;
+    connected(&a, "b").await;
+    connected(&b, "a").await;
+    b.shutdown().await;
+    // a notices, and reconnects when b is back (b restarts with a new boot id).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!a.is_connected("b"));
+    let b = start(cb).await;
+    connected(&a, "b").await;
+    connected(&b, "a").await;
+    // Exactly one connection: after settling, both see the same one for a while.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(a.is_connected("b") && b.is_connected("a"));
+    a.shutdown().await;
+    b.shutdown().await;
+}
