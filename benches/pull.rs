@@ -104,12 +104,29 @@ fn make_region(path: &Path, size: u64, chunk: u64, fill: Fill) {
 }
 
 /// Raw quinn: one connection, one stream, `bytes` sent in 64 KiB writes.
+/// The serving side (raw quinn server, agent b) runs on its own 2-thread runtime, as it
+/// would in its own process; the receiving side on the main one.
+fn server_rt() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers())
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
 async fn raw_quinn(env: &Env, bytes: u64) -> f64 {
     let tuning = Tuning::default();
-    let server = endpoint("127.0.0.1:0".parse().unwrap(), &env.id("b"), &tuning).unwrap();
+    let (sid, st) = (env.id("b"), tuning.clone());
+    let server = server_rt()
+        .spawn(async move { endpoint("127.0.0.1:0".parse().unwrap(), &sid, &st).unwrap() })
+        .await
+        .unwrap();
     let client = endpoint("127.0.0.1:0".parse().unwrap(), &env.id("a"), &tuning).unwrap();
     let addr: SocketAddr = server.local_addr().unwrap();
-    let srv = tokio::spawn(async move {
+    let srv = server_rt().spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
         // Agents allow no uni streams; a bi stream becomes visible to the peer with its
         // first byte.
@@ -152,7 +169,7 @@ async fn pair(env: &Env, regions: &[(&str, &Path)], chunk: u32, window: Window) 
     }
     let mut ca = env.config("a", pa, "b", pb);
     ca.bulk_window = window;
-    let b = Agent::start(cb).await.unwrap();
+    let b = server_rt().spawn(Agent::start(cb)).await.unwrap().unwrap();
     let a = Agent::start(ca).await.unwrap();
     assert!(a.wait_connected("b", Duration::from_secs(10)).await);
     Pair { a, b }
@@ -230,8 +247,25 @@ fn mbps(bps: f64) -> String {
     format!("{:8.1} MB/s", bps / 1e6)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// Worker threads per side (PAGEWIRE_BENCH_WORKERS, default 1: one core each, like two
+/// hosts on this 2-core machine).
+fn workers() -> usize {
+    std::env::var("PAGEWIRE_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+fn main() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers())
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+async fn run() {
     let mb: u64 = std::env::var("PAGEWIRE_BENCH_MB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -239,7 +273,7 @@ async fn main() {
     let size = mb << 20;
     let env = Env::new();
     let chunk = 64u64 << 10;
-    println!("pagewire step-1 benchmarks, region {mb} MiB, loopback, one process, 2 tokio workers");
+    println!("pagewire step-1 benchmarks, region {mb} MiB, loopback; serving and receiving sides each on its own {}-worker runtime", workers());
     let random = env.data.path().join("random");
     let sparse = env.data.path().join("sparse");
     let zeros = env.data.path().join("zeros");

@@ -282,13 +282,26 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, spec: PeerSpec) {
             }
             Err(e) => {
                 let msg = e.to_string();
+                // A peer that said it was shutting down is expected to be unreachable for
+                // a while: say so at info level, not as a warning.
+                let peer_left = inner
+                    .peers
+                    .snapshot(&spec.name)
+                    .last_error
+                    .is_some_and(|w| w.contains(WireCode::Shutdown.name()));
                 if last_logged.as_deref() != Some(&msg) {
-                    tracing::warn!(peer = %spec.name, addr = %spec.addr, "cannot connect: {msg} (retrying with backoff)");
+                    if peer_left {
+                        tracing::info!(peer = %spec.name, addr = %spec.addr, "peer shut down; will reconnect when it is back ({msg})");
+                    } else {
+                        tracing::warn!(peer = %spec.name, addr = %spec.addr, "cannot connect: {msg} (retrying with backoff)");
+                    }
                     last_logged = Some(msg.clone());
                 } else {
                     tracing::debug!(peer = %spec.name, "still cannot connect: {msg}");
                 }
-                inner.peers.set_error(&spec.name, msg);
+                if !peer_left {
+                    inner.peers.set_error(&spec.name, msg);
+                }
                 tokio::select! {
                     _ = inner.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

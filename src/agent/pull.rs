@@ -642,6 +642,9 @@ async fn read_bulk(
                         .await
                         .map_err(|e| lost(conn, &e))?;
                 }
+                // Let urgent fetches on this worker run between bulk chunks (quinn reads
+                // that find data never yield by themselves).
+                tokio::task::yield_now().await;
             }
             Ok(Some(Reply::Zero { first, count })) => {
                 if let Err(e) = lock(&p.state).accept_zero(first, count) {

@@ -246,7 +246,13 @@ async fn serve_bulk(
                     }
                     sender.take_run(c, 1);
                     match send_chunk(&region, c, &mut send).await {
-                        Ok(len) => sender.spend(len),
+                        Ok(len) => {
+                            sender.spend(len);
+                            // quinn streams are not tokio coop resources: without this a
+                            // bulk loop whose writes never block would keep the worker
+                            // from urgent requests for as long as it has credit.
+                            tokio::task::yield_now().await;
+                        }
                         Err(ChunkSendError::Read(e)) => {
                             let _ = write_frame(&mut send, &error_reply(ErrorKind::Io, e.clone()))
                                 .await;
