@@ -48,6 +48,10 @@ async fn two_agents_pull_a_table_of_sizes() {
         ],
     );
     cb.regions.push(("sparse".into(), sparse.clone()));
+    // 64 GiB, the largest region the issue names: 2^20 chunks, two of them written.
+    let huge = src.path().join("huge");
+    sparse_file(&huge, 64 << 30, &[(33 << 30, vec![5; 70_000])]);
+    cb.regions.push(("huge".into(), huge.clone()));
     let b = start(cb).await;
     let a = start(mesh.config("a", pa, &[("b", pb)])).await;
     connected(&a, "b").await;
@@ -69,6 +73,8 @@ async fn two_agents_pull_a_table_of_sizes() {
             &dst.path().join(format!("r{i}")),
         );
     }
+    let huge_to = dst.path().join("huge");
+    let huge_pull = a.pull("b", "huge", &huge_to).await.unwrap();
     let s = sparse_pull.wait().await.unwrap();
     assert_eq!(s.size, big);
     // Only the chunks holding data crossed the wire: 0, 4, 5, the 2-chunk run at 7 GiB
@@ -80,14 +86,18 @@ async fn two_agents_pull_a_table_of_sizes() {
     // The copy stays sparse: zero chunks were not written.
     assert!(std::fs::metadata(&sparse_to).unwrap().blocks() * 512 < 64 << 20);
 
+    let s = huge_pull.wait().await.unwrap();
+    assert_eq!((s.size, s.chunks, s.data_chunks), (64 << 30, 1 << 20, 2));
+    assert_same_sparse(&huge, &huge_to);
+
     let st = a.status();
-    assert_eq!(st.transfers.len(), sizes.len() + 1);
+    assert_eq!(st.transfers.len(), sizes.len() + 2);
     assert!(st
         .transfers
         .iter()
         .all(|t| t.state == "done" && t.bytes_done == t.bytes_total));
     assert!(st.peers[0].connected && st.peers[0].rtt_us.is_some());
-    assert_eq!(b.status().regions.len(), sizes.len() + 1);
+    assert_eq!(b.status().regions.len(), sizes.len() + 2);
     a.shutdown().await;
     b.shutdown().await;
 }
