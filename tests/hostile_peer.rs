@@ -281,6 +281,36 @@ async fn bad_handshakes_are_refused() {
         other => panic!("{other:?}"),
     }
 
+    // A client offering another protocol version in ALPN fails the TLS handshake.
+    let d = s._mesh.path();
+    use rustls_pki_types::pem::PemObject;
+    let ca = rustls_pki_types::CertificateDer::from_pem_file(d.join("ca.pem")).unwrap();
+    let chain = vec![rustls_pki_types::CertificateDer::from_pem_file(d.join("h.pem")).unwrap()];
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(d.join("h.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"pagewire/2".to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let cc = quinn::ClientConfig::new(std::sync::Arc::new(qc));
+    let r = timeout(T, ep.connect_with(cc, baddr, "b").unwrap())
+        .await
+        .unwrap();
+    let e = r.expect_err("a pagewire/2 client must be refused");
+    assert!(
+        e.to_string().contains("120")
+            || e.to_string()
+                .to_lowercase()
+                .contains("application protocol"),
+        "{e}"
+    );
+
     // Random datagrams at the UDP port.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = rand::thread_rng();

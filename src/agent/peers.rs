@@ -254,12 +254,17 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, spec: PeerSpec) {
     }
     let mut backoff = min;
     let mut last_logged: Option<String> = None;
+    // Set when the peer closed our connection saying it was shutting down: it is expected
+    // to be unreachable for a while, so that is not worth a warning.
+    let mut peer_left = false;
     loop {
         if let Some(conn) = inner.peers.current(&spec.name) {
-            tokio::select! {
+            let why = tokio::select! {
                 _ = inner.shutdown.cancelled() => return,
-                _ = conn.closed() => {}
-            }
+                e = conn.closed() => e,
+            };
+            peer_left = matches!(&why, quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == WireCode::Shutdown.varint());
             backoff = min;
             continue;
         }
@@ -269,6 +274,7 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, spec: PeerSpec) {
         match dial(&inner, &spec).await {
             Ok((conn, boot)) => {
                 last_logged = None;
+                peer_left = false;
                 backoff = min;
                 if inner
                     .peers
@@ -282,13 +288,6 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, spec: PeerSpec) {
             }
             Err(e) => {
                 let msg = e.to_string();
-                // A peer that said it was shutting down is expected to be unreachable for
-                // a while: say so at info level, not as a warning.
-                let peer_left = inner
-                    .peers
-                    .snapshot(&spec.name)
-                    .last_error
-                    .is_some_and(|w| w.contains(WireCode::Shutdown.name()));
                 if last_logged.as_deref() != Some(&msg) {
                     if peer_left {
                         tracing::info!(peer = %spec.name, addr = %spec.addr, "peer shut down; will reconnect when it is back ({msg})");
