@@ -143,6 +143,13 @@ async fn hostile_peer_does_not_crash_or_stall_the_agent() {
         WireCode::FrameTooLarge,
     );
 
+    // 1 MiB is under the protocol's absolute cap but more than a request for any region
+    // of this agent can need (64 MiB region: a 128-byte bitmap): refused before reading.
+    reset_with(
+        raw(&conn, &(1u32 << 20).to_le_bytes()).await,
+        WireCode::FrameTooLarge,
+    );
+
     // Well-formed but wrong requests get error replies.
     let fetch = |region: &str, chunk| Request::Fetch {
         region: region.into(),

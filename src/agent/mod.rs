@@ -204,6 +204,22 @@ impl Agent {
 }
 
 impl Inner {
+    /// Largest first frame a peer may send on a stream: headers plus the want-bitmap of
+    /// our largest region.
+    fn request_cap(&self) -> usize {
+        let bitmap = self
+            .regions
+            .read()
+            .map(|r| {
+                r.values()
+                    .map(|r| r.geometry().chunks().div_ceil(8))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        4096 + bitmap as usize
+    }
+
     fn region(&self, name: &str) -> Option<Arc<FileRegion>> {
         self.regions.read().ok()?.get(name).cloned()
     }

@@ -13,7 +13,7 @@ use crate::engine::pull::{BulkSender, Next};
 use crate::proto::codec::{read_frame, write_frame, FrameError, FrameReader};
 use crate::proto::{
     valid_name, BulkControl, BulkStart, ChunkHeader, ErrorKind, ErrorReply, RegionInfo, Reply,
-    Request, WireCode, MAX_FRAME,
+    Request, WireCode,
 };
 use crate::region::{ChunkRead, FileRegion};
 
@@ -54,11 +54,12 @@ pub(crate) async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let req = match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        read_frame::<_, Request>(&mut recv, MAX_FRAME),
-    )
-    .await
+    // A request is small except a bulk want-bitmap, which never needs more than our
+    // largest region's bitmap: cap by that, not by the protocol's absolute maximum, so a
+    // peer opening many streams cannot make us buffer MAX_FRAME on each.
+    let cap = inner.request_cap();
+    let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, Request>(&mut recv, cap))
+        .await
     {
         Err(_) => {
             return refuse(

@@ -101,13 +101,21 @@ impl Bitmap {
         was_set
     }
 
-    /// The first set bit at or after `from`, without wrapping.
-    pub fn next_set(&self, from: u64) -> Option<u64> {
+    /// The first bit equal to `value` at or after `from`, without wrapping (a word at a
+    /// time).
+    fn scan(&self, from: u64, value: bool) -> Option<u64> {
         if from >= self.len {
             return None;
         }
+        let word = |wi: usize| {
+            if value {
+                self.words[wi]
+            } else {
+                !self.words[wi]
+            }
+        };
         let mut wi = (from / 64) as usize;
-        let mut w = self.words[wi] & (u64::MAX << (from % 64));
+        let mut w = word(wi) & (u64::MAX << (from % 64));
         loop {
             if w != 0 {
                 let i = wi as u64 * 64 + w.trailing_zeros() as u64;
@@ -117,8 +125,13 @@ impl Bitmap {
             if wi >= self.words.len() {
                 return None;
             }
-            w = self.words[wi];
+            w = word(wi);
         }
+    }
+
+    /// The first set bit at or after `from`, without wrapping.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        self.scan(from, true)
     }
 
     /// The first set bit at or after `from`, wrapping to the start.
@@ -132,22 +145,7 @@ impl Bitmap {
 
     /// The first clear bit at or after `from`, without wrapping.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
-        if from >= self.len {
-            return None;
-        }
-        let mut wi = (from / 64) as usize;
-        let mut w = !self.words[wi] & (u64::MAX << (from % 64));
-        loop {
-            if w != 0 {
-                let i = wi as u64 * 64 + w.trailing_zeros() as u64;
-                return (i < self.len).then_some(i);
-            }
-            wi += 1;
-            if wi >= self.words.len() {
-                return None;
-            }
-            w = !self.words[wi];
-        }
+        self.scan(from, false)
     }
 
     /// The complement.

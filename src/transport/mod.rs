@@ -38,7 +38,7 @@ impl Default for Tuning {
             conn_window: 64 << 20,
             send_window: 64 << 20,
             socket_buffer: 4 << 20,
-            max_streams: 4096,
+            max_streams: 1024,
         }
     }
 }
