@@ -66,6 +66,20 @@ impl Env {
     }
 }
 
+/// Bytes free for unprivileged use on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs writes into the zeroed struct we pass; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return u64::MAX;
+        }
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -280,6 +294,37 @@ async fn run() {
         .unwrap_or(1024);
     let size = mb << 20;
     let env = Env::new();
+    // Peak use of the data dir: three source regions, a destination, the warm-up file
+    // (3x) and the sweep region: about 8x the region size. Refuse rather than fill tmpfs
+    // (a full /dev/shm leaves the machine without memory).
+    let need = 8 * size;
+    let free = free_bytes(env.data.path());
+    if free < need {
+        eprintln!(
+            "not enough space in {}: need {} MiB, {} MiB free; lower PAGEWIRE_BENCH_MB",
+            env.data.path().display(),
+            need >> 20,
+            free >> 20
+        );
+        drop(env);
+        std::process::exit(2);
+    }
+    // Interrupted runs must not leave gigabytes in tmpfs: remove the data dir and exit.
+    // The handlers are installed here, before any work, not inside the task.
+    let data_dir = env.data.path().to_path_buf();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).unwrap();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = std::fs::remove_dir_all(&data_dir);
+        eprintln!("interrupted: removed {}", data_dir.display());
+        std::process::exit(130);
+    });
     let chunk = 64u64 << 10;
     println!("pagewire step-1 benchmarks, region {mb} MiB, loopback; serving and receiving sides each on its own {}-worker runtime", workers());
     let random = env.data.path().join("random");
