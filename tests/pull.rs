@@ -210,3 +210,53 @@ async fn urgent_fetch_during_a_bulk_pull_is_served_and_correct() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_never_overwrites_a_served_region_or_a_running_pull() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let src = region_dir();
+    let dst = region_dir();
+    let theirs = src.path().join("theirs");
+    random_file(&theirs, 256 << 20, 1);
+    let mine = dst.path().join("mine");
+    random_file(&mine, 1 << 20, 2);
+    let before = std::fs::read(&mine).unwrap();
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.regions.push(("theirs".into(), theirs.clone()));
+    // Keep b's copy slow enough that the first pull is still running below.
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.bulk_window = pagewire::engine::pull::Window::Fixed(64 << 10);
+    ca.regions.push(("mine".into(), mine.clone()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&a, "b").await;
+
+    match a.pull("b", "theirs", &mine).await {
+        Err(PullError::DestInUse(..)) => {}
+        other => panic!("{:?}", other.map(|h| h.id())),
+    }
+    assert_eq!(
+        std::fs::read(&mine).unwrap(),
+        before,
+        "served region was touched"
+    );
+
+    let to = dst.path().join("copy");
+    let first = a.pull("b", "theirs", &to).await.unwrap();
+    let second = a.pull("b", "theirs", &to).await;
+    match second {
+        Err(PullError::DestInUse(..)) => {}
+        // Allowed only if the first pull had already finished; then wait for this one.
+        Ok(h) => {
+            assert_eq!(first.status().state, "done");
+            h.wait().await.unwrap();
+        }
+        Err(e) => panic!("{e}"),
+    }
+    first.wait().await.unwrap();
+    assert_same(&theirs, &to);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -58,6 +58,10 @@ pub enum PullError {
     /// The destination file could not be written.
     #[error(transparent)]
     Dest(#[from] RegionError),
+    /// The destination is a region this agent serves, or another pull's destination;
+    /// truncating it would destroy data.
+    #[error("refusing to write {0}: {1}")]
+    DestInUse(PathBuf, &'static str),
     /// The pull was cancelled.
     #[error("pull cancelled")]
     Cancelled,
@@ -431,6 +435,7 @@ pub(crate) async fn start(
     if !valid_name(region) {
         return Err(PullError::BadName(region.into()));
     }
+    check_dest(&inner, to)?;
     let waited = inner.config.peer_wait;
     let conn = tokio::time::timeout(waited, inner.peers.wait(peer, &inner.shutdown))
         .await
@@ -498,6 +503,37 @@ pub(crate) async fn start(
         pull,
         task,
     })
+}
+
+/// Refuses a destination that is one of our served regions or the target of a pull
+/// still running (same file, whatever the path spelling).
+fn check_dest(inner: &Inner, to: &Path) -> Result<(), PullError> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(target) = id(to) else {
+        return Ok(()); // does not exist yet
+    };
+    let served = inner
+        .regions
+        .read()
+        .map(|r| r.values().any(|r| id(r.path()) == Some(target)))
+        .unwrap_or(false);
+    if served {
+        return Err(PullError::DestInUse(
+            to.into(),
+            "it is a region this agent serves",
+        ));
+    }
+    let busy = lock(&inner.transfers)
+        .values()
+        .any(|p| lock(&p.finished).is_none() && id(&p.to) == Some(target));
+    if busy {
+        return Err(PullError::DestInUse(
+            to.into(),
+            "another pull is writing it",
+        ));
+    }
+    Ok(())
 }
 
 async fn drive(inner: Arc<Inner>, p: Arc<PullInner>) -> Result<PullSummary, PullError> {
