@@ -33,6 +33,83 @@ pub fn default_socket() -> PathBuf {
 pub enum ControlRequest {
     Status,
     Pull(PullArgs),
+    /// Step one of a lazy attach (client library): the agent asks the peer for the
+    /// region's geometry and answers [`ControlEvent::AttachInfo`].
+    Attach(AttachArgs),
+    /// Step two, sent with the mapping's descriptors attached (SCM_RIGHTS): the agent
+    /// starts filling the mapping and answers [`ControlEvent::Mounted`], then streams
+    /// progress, and [`ControlEvent::Complete`] or an error.
+    AttachFds(AttachFds),
+}
+
+/// Which region to attach lazily.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachArgs {
+    /// The peer that has the region.
+    pub from: String,
+    /// The region's name on that peer.
+    pub region: String,
+    /// The mechanism the application wants (`auto` lets the agent's config decide).
+    #[serde(default)]
+    pub mechanism: crate::fault::Mechanism,
+}
+
+/// The mapping the application made. Descriptors, in order: the backing file (memfd or
+/// tmpfs/disk file), then for `userfaultfd` the registered uffd, for `mprotect` the chunk
+/// table memfd and the request socket (seqpacket).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachFds {
+    /// Start of the mapping in the application's address space.
+    pub base: u64,
+    /// Length of the mapping (the region size rounded up to a page).
+    pub map_len: u64,
+    /// `userfaultfd` or `mprotect`.
+    pub mechanism: crate::fault::Mechanism,
+    /// What to call the mapping in status and logs (a path, or `memfd`).
+    pub label: String,
+}
+
+/// The agent's answer to [`ControlRequest::Attach`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttachInfo {
+    pub size: u64,
+    pub chunk_size: u32,
+    /// The agent's configured mechanism (`auto` leaves the choice to the application).
+    pub mechanism: crate::fault::Mechanism,
+    /// How long a fault waits for an unreachable peer before the faulting thread gets
+    /// SIGBUS.
+    pub fault_timeout_ms: u64,
+}
+
+/// One lazy mount (an attached application's mapping), in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MountStatus {
+    pub id: u64,
+    pub peer: String,
+    pub region: String,
+    /// The mapping's label (backing path or `memfd`).
+    pub label: String,
+    /// The application's process id (from the control socket's credentials).
+    pub pid: Option<i32>,
+    /// `userfaultfd` or `mprotect`.
+    pub mechanism: String,
+    /// `filling`, `complete` (every chunk here; uffd unregistered, the mapping runs at
+    /// native speed), `failed`, `detached`.
+    pub state: String,
+    pub chunks_present: u64,
+    pub chunks_total: u64,
+    pub bytes_present: u64,
+    pub bytes_total: u64,
+    /// Faults the agent served (uffd fault events, or mprotect requests).
+    pub faults: u64,
+    /// Faults that gave up (timeout): those threads got SIGBUS.
+    pub faults_failed: u64,
+    /// Fault latency, from the agent reading the fault to the chunk installed.
+    pub fault_p50_us: Option<u64>,
+    pub fault_p99_us: Option<u64>,
+    /// Background copy rate since the start, bytes per second.
+    pub background_rate_bps: f64,
+    pub elapsed_s: f64,
 }
 
 /// `pagewire pull` arguments.
@@ -54,6 +131,10 @@ pub enum ControlEvent {
     Progress(TransferStatus),
     Done(PullSummary),
     Error { message: String },
+    AttachInfo(AttachInfo),
+    Mounted { id: u64 },
+    MountProgress(MountStatus),
+    Complete(MountStatus),
 }
 
 /// `pagewire status`.
@@ -65,6 +146,8 @@ pub struct StatusReport {
     pub peers: Vec<PeerStatus>,
     pub regions: Vec<RegionStatus>,
     pub transfers: Vec<TransferStatus>,
+    #[serde(default)]
+    pub mounts: Vec<MountStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

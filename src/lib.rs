@@ -10,12 +10,17 @@
 //! * [`certs`] — a development CA and node certificates (rcgen).
 //! * [`agent`] — the daemon: peers, serving, pulls, the control socket, status.
 //! * [`control`] — the control-socket protocol and its client (what the CLI uses).
+//! * [`fault`] — demand paging: userfaultfd ioctls, the mprotect/SIGSEGV fallback, fd
+//!   passing.
+//! * [`client`] — what an application links: attach a region lazily.
 //! * [`wan`] — a user-space UDP relay that emulates WAN delay, jitter, loss and rate.
 
 pub mod agent;
 pub mod certs;
+pub mod client;
 pub mod control;
 pub mod engine;
+pub mod fault;
 pub mod progress;
 pub mod proto;
 pub mod region;

@@ -39,8 +39,12 @@ enum Command {
     Agent(AgentArgs),
     /// Copy a whole region from a peer into a local file, through the local agent.
     Pull(PullCmd),
-    /// Show the local agent's peers, regions and transfers.
+    /// Show the local agent's peers, regions, transfers and mounts.
     Status(StatusCmd),
+    /// Attach a peer's region lazily into a local file and fill it completely: the file
+    /// is mapped at once (pages fetched when touched, userfaultfd on tmpfs, mprotect
+    /// elsewhere) while the rest streams in behind.
+    Mount(MountCmd),
 }
 
 #[derive(Subcommand)]
@@ -117,6 +121,35 @@ struct AgentArgs {
     /// A peer silent for this long is considered gone (default 10s).
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Lazy mounts: auto (default: the application decides, userfaultfd where it works),
+    /// userfaultfd, or mprotect (PROT_NONE + SIGSEGV; for testing or where uffd is refused).
+    #[arg(long, value_parser = pagewire::fault::Mechanism::parse)]
+    fault_mechanism: Option<pagewire::fault::Mechanism>,
+    /// Lazy mounts: how long a fault waits for an unreachable peer before the mount fails
+    /// and faulting threads get SIGBUS (default 60s).
+    #[arg(long, value_parser = parse_duration)]
+    fault_timeout: Option<Duration>,
+}
+
+#[derive(Args)]
+struct MountCmd {
+    /// The peer that serves the region.
+    #[arg(long)]
+    from: String,
+    /// The region's name on that peer.
+    #[arg(long)]
+    region: String,
+    /// Local file to fill (created or truncated). On tmpfs (/dev/shm) userfaultfd is used.
+    #[arg(long)]
+    to: PathBuf,
+    /// auto, userfaultfd or mprotect.
+    #[arg(long, default_value = "auto", value_parser = pagewire::fault::Mechanism::parse)]
+    mechanism: pagewire::fault::Mechanism,
+    /// Print one JSON object (the mount's final status) on stdout instead of a bar.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -201,7 +234,64 @@ async fn run(cli: Cli) -> Result<()> {
             init_logs("warn");
             status(s).await
         }
+        Command::Mount(m) => {
+            init_logs("warn");
+            tokio::task::spawn_blocking(move || mount(m)).await?
+        }
     }
+}
+
+fn mount(m: MountCmd) -> Result<()> {
+    use pagewire::client::{attach, AttachOptions};
+    let mut opts = AttachOptions::new(m.control.unwrap_or_else(default_socket), &m.from, &m.region);
+    opts.mechanism = m.mechanism;
+    opts.backing = Some(std::path::absolute(&m.to).context("resolving --to")?);
+    let started = std::time::Instant::now();
+    let map = attach(&opts)?;
+    let bar = (!m.json).then(|| TransferBar::new(&format!("{}:{}", m.from, m.region)));
+    let done = loop {
+        let r = map.wait_complete(Some(Duration::from_millis(200)));
+        if let (Some(b), Some(s)) = (&bar, map.status()) {
+            b.update_mount(&s);
+        }
+        match r {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    if let Some(b) = &bar {
+        if done.is_ok() {
+            b.finish()
+        } else {
+            b.clear()
+        }
+    }
+    done?;
+    let st = map.status();
+    let mechanism = map.mechanism();
+    map.detach();
+    let Some(st) = st else {
+        anyhow::bail!("the agent sent no final status");
+    };
+    if m.json {
+        println!("{}", serde_json::to_string(&st)?);
+    } else {
+        println!(
+            "mounted {} from {} into {} with {}: {} bytes in {:.2}s ({:.1} MiB/s background), {} faults served (p50 {} us, p99 {} us)",
+            st.region,
+            st.peer,
+            m.to.display(),
+            mechanism.name(),
+            st.bytes_total,
+            started.elapsed().as_secs_f64(),
+            st.background_rate_bps / (1 << 20) as f64,
+            st.faults,
+            st.fault_p50_us.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            st.fault_p99_us.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
 }
 
 fn certs(c: CertsCmd) -> Result<()> {
@@ -238,6 +328,8 @@ async fn agent(a: AgentArgs) -> Result<()> {
         chunk_size: a.chunk_size,
         bulk_window: a.bulk_window,
         idle_timeout: a.idle_timeout,
+        fault_mechanism: a.fault_mechanism,
+        fault_timeout: a.fault_timeout,
         peers: a.peers,
         regions: a.regions.into_iter().map(|(k, v)| (k, v.into())).collect(),
     };
@@ -387,6 +479,29 @@ fn print_status(r: &StatusReport) {
             t.rate_bps / (1 << 20) as f64,
             t.urgent_fetches,
             t.reconnects
+        );
+    }
+    println!("mounts:");
+    if r.mounts.is_empty() {
+        println!("  (none)");
+    }
+    for m in &r.mounts {
+        println!(
+            "  #{} {}:{} -> {} (pid {})  {}  {}  {}/{} chunks  {} faults (p50 {} us, p99 {} us, {} failed)  {:.1} MiB/s background",
+            m.id,
+            m.peer,
+            m.region,
+            m.label,
+            m.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            m.mechanism,
+            m.state,
+            m.chunks_present,
+            m.chunks_total,
+            m.faults,
+            m.fault_p50_us.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            m.fault_p99_us.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            m.faults_failed,
+            m.background_rate_bps / (1 << 20) as f64,
         );
     }
 }

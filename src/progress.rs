@@ -34,6 +34,13 @@ impl TransferBar {
         }
     }
 
+    /// Updates from a mount report.
+    pub fn update_mount(&self, s: &crate::control::MountStatus) {
+        self.bar.set_length(s.bytes_total);
+        self.bar.set_position(s.bytes_present);
+        self.bar.set_message(format!("{} faults", s.faults));
+    }
+
     /// Ends the bar, leaving it on screen.
     pub fn finish(&self) {
         self.bar.finish();

@@ -8,6 +8,8 @@
 //! chunk_size = "64KiB"
 //! bulk_window = "auto"          # or a fixed size, e.g. "1MiB"
 //! idle_timeout = "10s"
+//! fault_mechanism = "auto"      # lazy mounts: auto | userfaultfd | mprotect
+//! fault_timeout = "60s"         # a fault waits this long for an unreachable peer
 //!
 //! [peers]          # name = "host:port"; every peer must list us too
 //! b = "10.0.0.2:7401"
@@ -137,6 +139,8 @@ struct FileConfig {
     chunk_size: Option<SizeValue>,
     bulk_window: Option<SizeValue>,
     idle_timeout: Option<String>,
+    fault_mechanism: Option<String>,
+    fault_timeout: Option<String>,
     #[serde(default)]
     peers: BTreeMap<String, String>,
     #[serde(default)]
@@ -157,6 +161,8 @@ pub struct Overrides {
     /// A fixed window in bytes; `Some(0)` means automatic.
     pub bulk_window: Option<u64>,
     pub idle_timeout: Option<Duration>,
+    pub fault_mechanism: Option<crate::fault::Mechanism>,
+    pub fault_timeout: Option<Duration>,
     /// `NAME=HOST:PORT`; a name already in the file gets the new address.
     pub peers: Vec<(String, String)>,
     /// `NAME=PATH`.
@@ -193,6 +199,12 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// How long a new pull waits for its peer to be connected.
     pub peer_wait: Duration,
+    /// Lazy mounts: the mechanism to use (`Auto` lets the application pick; the
+    /// application's explicit choice wins over this).
+    pub fault_mechanism: crate::fault::Mechanism,
+    /// Lazy mounts: how long a fault waits for an unreachable peer before the faulting
+    /// thread gets SIGBUS.
+    pub fault_timeout: Duration,
 }
 
 /// Default bulk credit window: adaptive (see [`crate::engine::pull::Window`]).
@@ -216,6 +228,8 @@ impl AgentConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             peer_wait: Duration::from_secs(30),
+            fault_mechanism: crate::fault::Mechanism::Auto,
+            fault_timeout: Duration::from_secs(60),
         }
     }
 
@@ -310,6 +324,17 @@ impl AgentConfig {
         if let Some(d) = idle {
             cfg.tuning.idle_timeout = d.max(Duration::from_millis(500));
             cfg.tuning.keep_alive = (d / 4).max(Duration::from_millis(100));
+        }
+        if let Some(m) = o.fault_mechanism {
+            cfg.fault_mechanism = m;
+        } else if let Some(s) = &fc.fault_mechanism {
+            cfg.fault_mechanism =
+                crate::fault::Mechanism::parse(s).map_err(|e| invalid("fault_mechanism", s, e))?;
+        }
+        if let Some(d) = o.fault_timeout {
+            cfg.fault_timeout = d;
+        } else if let Some(s) = &fc.fault_timeout {
+            cfg.fault_timeout = parse_duration(s).map_err(|e| invalid("fault_timeout", s, e))?;
         }
         let mut peers: BTreeMap<String, String> = fc.peers;
         for (k, v) in &o.peers {

@@ -1,14 +1,19 @@
 //! The agent's side of the control socket (see [`crate::control`]).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::Inner;
-use crate::control::{read_line, ControlEvent, ControlRequest, PROGRESS_INTERVAL};
+use crate::control::{
+    AttachArgs, AttachInfo, ControlEvent, ControlRequest, MAX_LINE, PROGRESS_INTERVAL,
+};
+use crate::fault::{fdpass, Mechanism};
 
 /// Binds the control socket, replacing a stale one (a socket file nobody listens on) but
 /// refusing to steal one that a live agent is using.
@@ -50,29 +55,85 @@ pub(crate) async fn run(inner: Arc<Inner>, listener: UnixListener) {
     }
 }
 
-async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &ControlEvent) -> std::io::Result<()> {
+async fn send(w: &mut OwnedWriteHalf, ev: &ControlEvent) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(ev).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
 }
 
+async fn send_error(w: &mut OwnedWriteHalf, message: String) {
+    let _ = send(w, &ControlEvent::Error { message }).await;
+}
+
+/// Reads `\n`-terminated lines with any descriptors that came with them (SCM_RIGHTS).
+/// Cancel-safe: what was read stays buffered.
+struct LineReader {
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    eof: bool,
+}
+
+impl LineReader {
+    fn new() -> LineReader {
+        LineReader {
+            buf: Vec::new(),
+            fds: Vec::new(),
+            eof: false,
+        }
+    }
+
+    async fn next(
+        &mut self,
+        r: &OwnedReadHalf,
+    ) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                return Ok(Some((line, std::mem::take(&mut self.fds))));
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "control line too long",
+                ));
+            }
+            if self.eof {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(std::io::ErrorKind::UnexpectedEof.into())
+                };
+            }
+            let mut tmp = [0u8; 8192];
+            let stream: &UnixStream = r.as_ref();
+            let fds = &mut self.fds;
+            let n = stream
+                .async_io(Interest::READABLE, || {
+                    fdpass::recv_with_fds(stream.as_raw_fd(), &mut tmp, fds)
+                })
+                .await?;
+            if n == 0 {
+                self.eof = true;
+            } else {
+                self.buf.extend_from_slice(&tmp[..n]);
+            }
+        }
+    }
+}
+
 async fn serve(inner: Arc<Inner>, stream: UnixStream) {
+    let pid = stream.peer_cred().ok().and_then(|c| c.pid());
     let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let line = match read_line(&mut r).await {
-        Ok(Some(l)) => l,
+    let mut reader = LineReader::new();
+    let line = match reader.next(&r).await {
+        Ok(Some((l, _))) => l,
         _ => return,
     };
     let req: ControlRequest = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = send(
-                &mut w,
-                &ControlEvent::Error {
-                    message: format!("bad request: {e}"),
-                },
-            )
-            .await;
+            send_error(&mut w, format!("bad request: {e}")).await;
             return;
         }
     };
@@ -85,13 +146,7 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
                 match super::pull::start(inner.clone(), &args.from, &args.region, &args.to).await {
                     Ok(h) => h,
                     Err(e) => {
-                        let _ = send(
-                            &mut w,
-                            &ControlEvent::Error {
-                                message: e.to_string(),
-                            },
-                        )
-                        .await;
+                        send_error(&mut w, e.to_string()).await;
                         return;
                     }
                 };
@@ -118,5 +173,87 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             };
             let _ = send(&mut w, &ev).await;
         }
+        ControlRequest::Attach(args) => attach(inner, args, reader, r, w, pid).await,
+        ControlRequest::AttachFds(_) => {
+            send_error(&mut w, "attach_fds without attach".into()).await;
+        }
     }
+}
+
+/// A lazy attach: geometry, then the application's descriptors, then the session until
+/// the application goes away.
+async fn attach(
+    inner: Arc<Inner>,
+    args: AttachArgs,
+    mut reader: LineReader,
+    r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    pid: Option<i32>,
+) {
+    let geometry = match super::pull::prepare(&inner, &args.from, &args.region).await {
+        Ok(g) => g,
+        Err(e) => return send_error(&mut w, e.to_string()).await,
+    };
+    let mechanism = match args.mechanism {
+        Mechanism::Auto => inner.config.fault_mechanism,
+        m => m,
+    };
+    let info = AttachInfo {
+        size: geometry.size,
+        chunk_size: geometry.chunk_size,
+        mechanism,
+        fault_timeout_ms: inner.config.fault_timeout.as_millis() as u64,
+    };
+    if send(&mut w, &ControlEvent::AttachInfo(info)).await.is_err() {
+        return;
+    }
+    let (line, fds) = match reader.next(&r).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return, // the application gave up (or had nothing to map)
+        Err(e) => return send_error(&mut w, format!("reading attach_fds: {e}")).await,
+    };
+    let req = match serde_json::from_slice::<ControlRequest>(&line) {
+        Ok(ControlRequest::AttachFds(f)) => f,
+        Ok(_) => return send_error(&mut w, "expected attach_fds".into()).await,
+        Err(e) => return send_error(&mut w, format!("bad request: {e}")).await,
+    };
+    let mut session =
+        match super::mount::start(&inner, &args.from, &args.region, geometry, &req, fds, pid) {
+            Ok(s) => s,
+            Err(e) => return send_error(&mut w, e.to_string()).await,
+        };
+    let m = session.mount.clone();
+    if send(&mut w, &ControlEvent::Mounted { id: m.status().id })
+        .await
+        .is_err()
+    {
+        return session.end("the application went away");
+    }
+    let timeout = inner.config.fault_timeout;
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    let mut filling = true;
+    let why = loop {
+        tokio::select! {
+            ev = session.run(timeout), if filling => {
+                filling = false;
+                let ev = match ev {
+                    super::mount::SessionEvent::Complete => ControlEvent::Complete(m.status()),
+                    super::mount::SessionEvent::Failed(why) => ControlEvent::Error { message: format!("mount failed: {why}") },
+                };
+                if send(&mut w, &ev).await.is_err() {
+                    break "the application went away";
+                }
+            }
+            l = reader.next(&r) => match l {
+                Ok(Some(_)) => {} // nothing else is expected; ignore
+                Ok(None) | Err(_) => break "the application detached or exited",
+            },
+            _ = tick.tick(), if filling => {
+                if send(&mut w, &ControlEvent::MountProgress(m.status())).await.is_err() {
+                    break "the application went away";
+                }
+            }
+        }
+    };
+    session.end(why);
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod control_server;
+mod mount;
 mod peers;
 mod pull;
 mod serve;
@@ -62,6 +63,7 @@ pub(crate) struct Inner {
     peers: peers::PeerTable,
     regions: RwLock<BTreeMap<String, Arc<FileRegion>>>,
     transfers: Mutex<BTreeMap<u64, Arc<pull::PullInner>>>,
+    mounts: Mutex<BTreeMap<u64, Arc<mount::Mount>>>,
     next_transfer: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -98,6 +100,7 @@ impl Agent {
             local_addr,
             regions: RwLock::new(regions),
             transfers: Mutex::new(BTreeMap::new()),
+            mounts: Mutex::new(BTreeMap::new()),
             next_transfer: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -261,7 +264,13 @@ impl Inner {
             .lock()
             .map(|t| t.values().map(|p| p.status()).collect())
             .unwrap_or_default();
+        let mounts = self
+            .mounts
+            .lock()
+            .map(|m| m.values().map(|m| m.status()).collect())
+            .unwrap_or_default();
         StatusReport {
+            mounts,
             name: self.name.clone(),
             version: crate::VERSION.into(),
             listen: self.local_addr.to_string(),

@@ -226,6 +226,45 @@ enum Step {
     Fatal(PullError),
 }
 
+/// Where a pull puts what arrives: a file (`pagewire pull`) or an application's mapping
+/// (a lazy mount, see [`super::mount`]).
+pub(crate) enum Dest {
+    File(DestFile),
+    Mount(Arc<super::mount::MountSink>),
+}
+
+impl Dest {
+    fn write_chunk(&self, g: &Geometry, chunk: u64, data: &[u8]) -> Result<(), RegionError> {
+        match self {
+            Dest::File(f) => f.write_chunk(g, chunk, data),
+            Dest::Mount(m) => m.install(g, chunk, data),
+        }
+    }
+
+    /// A chunk known to be all zero: files keep their hole; mappings get zero pages
+    /// where a fault may be waiting.
+    fn zero_chunks(&self, g: &Geometry, first: u64, count: u64) -> Result<(), RegionError> {
+        match self {
+            Dest::File(_) => Ok(()),
+            Dest::Mount(m) => m.zero(g, first, count),
+        }
+    }
+
+    fn read_chunk(&self, g: &Geometry, chunk: u64) -> Result<Vec<u8>, RegionError> {
+        match self {
+            Dest::File(f) => f.read_chunk(g, chunk),
+            Dest::Mount(m) => m.read_chunk(g, chunk),
+        }
+    }
+
+    fn sync(&self) -> Result<(), RegionError> {
+        match self {
+            Dest::File(f) => f.sync(),
+            Dest::Mount(_) => Ok(()),
+        }
+    }
+}
+
 /// Shared between the pull's driver task, its urgent fetches and `status`.
 pub(crate) struct PullInner {
     id: u64,
@@ -233,8 +272,9 @@ pub(crate) struct PullInner {
     region: String,
     to: PathBuf,
     geometry: Geometry,
+    kind: &'static str,
     state: Mutex<PullState>,
-    dest: DestFile,
+    dest: Dest,
     /// The send half of the current bulk stream, for control frames (none while
     /// disconnected). Written in place by whoever has something to say: no hand-off task.
     ctl: Mutex<Option<Arc<tokio::sync::Mutex<quinn::SendStream>>>>,
@@ -254,6 +294,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PullInner {
+    pub(crate) fn is_present(&self, chunk: u64) -> bool {
+        lock(&self.state).is_present(chunk)
+    }
+
+    pub(crate) fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
     fn set_phase(&self, p: &'static str) {
         *lock(&self.phase) = p;
     }
@@ -272,7 +320,7 @@ impl PullInner {
         let elapsed = self.elapsed().as_secs_f64();
         TransferStatus {
             id: self.id,
-            kind: "pull".into(),
+            kind: self.kind.into(),
             peer: self.peer.clone(),
             region: self.region.clone(),
             to: self.to.clone(),
@@ -372,13 +420,44 @@ impl PullHandle {
     /// The bytes of `chunk`, now: from the local copy if it is here, else fetched on the
     /// urgent lane ahead of the bulk copy, which then carries on right after `chunk`.
     pub async fn fetch(&self, chunk: u64) -> Result<Vec<u8>, FetchError> {
+        self.fetcher().fetch(chunk).await
+    }
+
+    pub(crate) fn fetcher(&self) -> Fetcher {
+        Fetcher {
+            agent: self.agent.clone(),
+            pull: self.pull.clone(),
+        }
+    }
+}
+
+/// Urgent fetches for one pull; cheap to clone (one per fault).
+#[derive(Clone)]
+pub(crate) struct Fetcher {
+    agent: Arc<Inner>,
+    pub(crate) pull: Arc<PullInner>,
+}
+
+impl Fetcher {
+    /// See [`PullHandle::fetch`].
+    pub async fn fetch(&self, chunk: u64) -> Result<Vec<u8>, FetchError> {
+        let g = self.pull.geometry;
+        match self.ensure(chunk).await? {
+            None => Ok(self.pull.dest.read_chunk(&g, chunk)?),
+            Some(f) => Ok(f.into_bytes(g.chunk_len(chunk) as usize)),
+        }
+    }
+
+    /// Makes `chunk` present: `None` when it already was (or another fetch of it, which
+    /// we waited for, brought it), else what our own fetch brought, already written to
+    /// the destination.
+    pub async fn ensure(&self, chunk: u64) -> Result<Option<Fetched>, FetchError> {
         let p = &self.pull;
-        let g = p.geometry;
         loop {
             let arrived = p.arrived.notified();
             let start = lock(&p.state).urgent_begin(chunk)?;
             match start {
-                UrgentStart::Present => return Ok(p.dest.read_chunk(&g, chunk)?),
+                UrgentStart::Present => return Ok(None),
                 UrgentStart::InFlight => {
                     tokio::select! {
                         _ = arrived => {}
@@ -397,7 +476,7 @@ impl PullHandle {
         let ctl = lock(&p.state).urgent_end(chunk, got);
         p.arrived.notify_waiters();
         p.send_control(ctl).await;
-        r.map(|f| f.into_bytes(g.chunk_len(chunk) as usize))
+        r.map(Some)
     }
 
     async fn fetch_now(&self, chunk: u64) -> Result<Fetched, FetchError> {
@@ -407,17 +486,20 @@ impl PullHandle {
             _ = p.cancel.cancelled() => return Err(FetchError::Shutdown),
         };
         let f = fetch_chunk(&conn, &p.region, chunk).await?;
-        if let Fetched::Data(d) = &f {
-            let want = p.geometry.chunk_len(chunk) as usize;
-            if d.len() != want {
-                return Err(FetchError::Protocol(format!(
-                    "chunk {chunk} has {} bytes, expected {want}",
-                    d.len()
-                )));
+        match &f {
+            Fetched::Data(d) => {
+                let want = p.geometry.chunk_len(chunk) as usize;
+                if d.len() != want {
+                    return Err(FetchError::Protocol(format!(
+                        "chunk {chunk} has {} bytes, expected {want}",
+                        d.len()
+                    )));
+                }
+                if !lock(&p.state).is_present(chunk) {
+                    p.dest.write_chunk(&p.geometry, chunk, d)?;
+                }
             }
-            if !lock(&p.state).is_present(chunk) {
-                p.dest.write_chunk(&p.geometry, chunk, d)?;
-            }
+            Fetched::Zero => p.dest.zero_chunks(&p.geometry, chunk, 1)?,
         }
         Ok(f)
     }
@@ -429,13 +511,33 @@ pub(crate) async fn start(
     region: &str,
     to: &Path,
 ) -> Result<PullHandle, PullError> {
+    check_dest(&inner, to)?;
+    let geometry = prepare(&inner, peer, region).await?;
+    let dest = DestFile::create(to, geometry.size)?;
+    Ok(launch(
+        inner,
+        peer,
+        region,
+        geometry,
+        Dest::File(dest),
+        to.into(),
+        "pull",
+    ))
+}
+
+/// Checks the peer and the region name, waits for the connection and asks the peer for
+/// the region's geometry.
+pub(crate) async fn prepare(
+    inner: &Inner,
+    peer: &str,
+    region: &str,
+) -> Result<Geometry, PullError> {
     if !inner.peers.is_expected(peer) {
         return Err(PullError::UnknownPeer(peer.into()));
     }
     if !valid_name(region) {
         return Err(PullError::BadName(region.into()));
     }
-    check_dest(&inner, to)?;
     let waited = inner.config.peer_wait;
     let conn = tokio::time::timeout(waited, inner.peers.wait(peer, &inner.shutdown))
         .await
@@ -461,15 +563,27 @@ pub(crate) async fn start(
             })
         }
     };
-    let geometry = Geometry::new(info.size, info.chunk_size as u64)?;
-    let dest = DestFile::create(to, geometry.size)?;
+    Ok(Geometry::new(info.size, info.chunk_size as u64)?)
+}
+
+/// Starts the background copy of `region` (of `geometry`) from `peer` into `dest`.
+pub(crate) fn launch(
+    inner: Arc<Inner>,
+    peer: &str,
+    region: &str,
+    geometry: Geometry,
+    dest: Dest,
+    to: PathBuf,
+    kind: &'static str,
+) -> PullHandle {
     let id = inner.next_transfer.fetch_add(1, Ordering::Relaxed);
     let pull = Arc::new(PullInner {
         id,
         peer: peer.into(),
         region: region.into(),
-        to: to.into(),
+        to: to.clone(),
         geometry,
+        kind,
         state: Mutex::new(PullState::new(geometry, inner.config.bulk_window)),
         dest,
         ctl: Mutex::new(None),
@@ -496,13 +610,13 @@ pub(crate) async fn start(
             t.remove(old);
         }
     }
-    tracing::info!(id, peer, region, to = %to.display(), size = geometry.size, chunks = geometry.chunks(), "pull started");
+    tracing::info!(id, kind, peer, region, to = %to.display(), size = geometry.size, chunks = geometry.chunks(), "{kind} started");
     let task = inner.tasks.spawn(drive(inner.clone(), pull.clone()));
-    Ok(PullHandle {
+    PullHandle {
         agent: inner,
         pull,
         task,
-    })
+    }
 }
 
 /// Refuses a destination that is one of our served regions or the target of a pull
@@ -686,6 +800,9 @@ async fn read_bulk(
                 if let Err(e) = lock(&p.state).accept_zero(first, count) {
                     return Err(protocol(recv, WireCode::ProtocolViolation, &e));
                 }
+                p.dest
+                    .zero_chunks(&g, first, count)
+                    .map_err(|e| Step::Fatal(e.into()))?;
                 p.arrived.notify_waiters();
             }
             Ok(Some(Reply::Done)) => return Ok(()),
