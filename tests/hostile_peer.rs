@@ -11,7 +11,6 @@ use pagewire::proto::codec::{encode, read_exact, read_frame, write_frame};
 use pagewire::proto::*;
 use pagewire::transport::{endpoint, Identity, Tuning};
 use rand::RngCore;
-use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(20);

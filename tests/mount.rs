@@ -328,3 +328,107 @@ async fn mount_cli_fills_the_file() {
     }
     s.a.shutdown().await;
 }
+
+/// The `lazy_reader` example, built by `cargo test` next to this test binary.
+fn lazy_reader() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("examples/lazy_reader");
+    assert!(p.exists(), "{} not built", p.display());
+    p
+}
+
+/// The example reads the region in random order with 4 threads and prints its sha256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_reader_prints_the_regions_sha256() {
+    let s = setup(32 * MIB + 5, 16, Window::Fixed(256 << 10)).await;
+    let want: String = ring::digest::digest(&ring::digest::SHA256, &s.bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for mech in ["userfaultfd", "mprotect"] {
+        let o = tokio::process::Command::new(lazy_reader())
+            .args(["--from", "b", "--region", "r", "--order", "random"])
+            .args(["--threads", "4", "--json", "--mechanism", mech])
+            .arg("--control")
+            .arg(&s.control)
+            .output()
+            .await
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["sha256"], want.as_str(), "{v}");
+        assert_eq!(v["mechanism"], mech);
+        assert!(v["faults"].as_u64().unwrap() > 0, "{v}");
+        for k in [
+            "first_touch_us",
+            "fault_p50_us",
+            "fault_p99_us",
+            "mbytes_per_s",
+        ] {
+            assert!(v[k].is_number(), "{k} missing: {v}");
+        }
+    }
+    s.a.shutdown().await;
+}
+
+/// The serving agent goes away for good: after the fault timeout the mount fails and the
+/// application gets SIGBUS rather than hanging.
+async fn timeout_case(mech: &str) {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let src_dir = region_dir();
+    let ctl = tempfile::tempdir().unwrap();
+    let src = src_dir.path().join("r");
+    random_file(&src, 64 * MIB, 17);
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.regions.push(("r".into(), src.clone()));
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.bulk_window = Window::Fixed(64 << 10);
+    ca.fault_timeout = Duration::from_secs(1);
+    let control = ctl.path().join("a.sock");
+    ca.control = Some(control.clone());
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&a, "b").await;
+    let mut child = tokio::process::Command::new(lazy_reader())
+        .args(["--from", "b", "--region", "r", "--order", "seq", "--json"])
+        .args(["--mechanism", mech])
+        .arg("--control")
+        .arg(&control)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while a.status().mounts.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no mount");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.shutdown().await;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the application hung instead of getting SIGBUS")
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+    let st = a.status();
+    let m = st.mounts.last().unwrap();
+    assert_eq!(m.state, "failed", "{m:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uffd_fault_timeout_gives_sigbus() {
+    timeout_case("userfaultfd").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mprotect_fault_timeout_gives_sigbus() {
+    timeout_case("mprotect").await;
+}

@@ -231,17 +231,30 @@ async fn attach(
     }
     let timeout = inner.config.fault_timeout;
     let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-    let mut filling = true;
+    // `serving`: the mapping may still fault to us (while filling, and after a failure,
+    // when faults are answered with SIGBUS); `filling`: progress is worth reporting.
+    let (mut serving, mut filling) = (true, true);
     let why = loop {
         tokio::select! {
-            ev = session.run(timeout), if filling => {
-                filling = false;
+            ev = session.run(timeout), if serving => {
                 let ev = match ev {
-                    super::mount::SessionEvent::Complete => ControlEvent::Complete(m.status()),
-                    super::mount::SessionEvent::Failed(why) => ControlEvent::Error { message: format!("mount failed: {why}") },
+                    super::mount::SessionEvent::Complete => {
+                        serving = false;
+                        Some(ControlEvent::Complete(m.status()))
+                    }
+                    super::mount::SessionEvent::Failed(why) => {
+                        Some(ControlEvent::Error { message: format!("mount failed: {why}") })
+                    }
+                    super::mount::SessionEvent::Detached => {
+                        serving = false;
+                        None
+                    }
                 };
-                if send(&mut w, &ev).await.is_err() {
-                    break "the application went away";
+                filling = false;
+                if let Some(ev) = ev {
+                    if send(&mut w, &ev).await.is_err() {
+                        break "the application went away";
+                    }
                 }
             }
             l = reader.next(&r) => match l {

@@ -472,6 +472,8 @@ pub(crate) struct Session {
     pub(crate) mount: Arc<Mount>,
     handle: PullHandle,
     events: AsyncFd<OwnedFd>,
+    /// The fill ended (completed or failed).
+    fill_done: bool,
 }
 
 /// Starts filling the mapping described by `req` and `fds`.
@@ -536,6 +538,7 @@ pub(crate) fn start(
         mount,
         handle,
         events,
+        fill_done: false,
     })
 }
 
@@ -552,21 +555,25 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
 
 /// Why a session loop returned.
 pub(crate) enum SessionEvent {
-    /// Every chunk is here (uffd unregistered).
+    /// Every chunk is here (uffd unregistered): nothing more to serve.
     Complete,
-    /// The fill failed.
+    /// The fill failed. Call `run` again: it keeps answering faults (with SIGBUS) until
+    /// the application goes away.
     Failed(String),
+    /// The application unmapped the region or its mapping is gone.
+    Detached,
 }
 
 impl Session {
-    /// Serves faults until the fill completes or fails. Call again after `Complete` is
-    /// not needed: the mapping no longer faults to us.
+    /// Serves faults until the fill completes or fails, or the application detaches.
+    /// After `Complete` or `Detached` there is nothing more to serve.
     pub(crate) async fn run(&mut self, timeout: Duration) -> SessionEvent {
         let m = self.mount.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
-                r = &mut self.handle.task => {
+                r = &mut self.handle.task, if !self.fill_done => {
+                    self.fill_done = true;
                     return match r {
                         Ok(Ok(_)) => {
                             if let Err(e) = m.sink.unregister() {
@@ -581,7 +588,7 @@ impl Session {
                         }
                         Ok(Err(_)) if m.sink.app_gone.load(Ordering::Acquire) => {
                             m.set_phase("detached");
-                            SessionEvent::Failed("the application's mapping is gone".into())
+                            SessionEvent::Detached
                         }
                         Ok(Err(e)) => {
                             m.fail(&e.to_string());
@@ -598,7 +605,8 @@ impl Session {
                         Ok(g) => g,
                         Err(e) => {
                             m.fail(&format!("event descriptor: {e}"));
-                            return SessionEvent::Failed(e.to_string());
+                            m.set_phase("detached");
+                            return SessionEvent::Detached;
                         }
                     };
                     let fd = self.events.get_ref().as_raw_fd();
@@ -615,12 +623,13 @@ impl Session {
                             }
                             Err(why) => {
                                 m.fail(&why);
-                                return SessionEvent::Failed(why);
+                                m.set_phase("detached");
+                                return SessionEvent::Detached;
                             }
                         }
                     }
                     if *lock(&m.phase) == "detached" {
-                        return SessionEvent::Failed("the application unmapped the region".into());
+                        return SessionEvent::Detached;
                     }
                 }
                 _ = tick.tick() => m.check_timeouts(timeout),

@@ -396,6 +396,24 @@ pub fn attach(opts: &AttachOptions) -> Result<Mapping, AttachError> {
     Ok(m)
 }
 
+/// The agent's current report on mount `id` (a fresh `status` request, unlike
+/// [`Mapping::status`], which is the last report pushed while filling).
+pub fn mount_status(control: &Path, id: u64) -> Result<Option<MountStatus>, AttachError> {
+    let stream = UnixStream::connect(control).map_err(|source| AttachError::Connect {
+        path: control.into(),
+        source,
+    })?;
+    send_line(&stream, &ControlRequest::Status, &[])?;
+    let mut reader = BufReader::new(stream);
+    match read_event(&mut reader)? {
+        Some(ControlEvent::Status(s)) => Ok(s.mounts.into_iter().find(|m| m.id == id)),
+        Some(ControlEvent::Error { message }) => Err(AttachError::Agent(message)),
+        other => Err(AttachError::Protocol(format!(
+            "expected status, got {other:?}"
+        ))),
+    }
+}
+
 fn create_backing(p: &Path, size: u64) -> std::io::Result<File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
