@@ -157,6 +157,9 @@ pub struct PeerStatus {
     pub connected: bool,
     /// Smoothed round-trip time, when connected.
     pub rtt_us: Option<u64>,
+    /// Current path MTU (UDP payload bytes), when connected.
+    #[serde(default)]
+    pub mtu: Option<u16>,
     /// Seconds since the current connection was made.
     pub connected_for_s: Option<f64>,
     /// Why the last connection attempt or connection ended.

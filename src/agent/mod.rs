@@ -239,6 +239,7 @@ impl Inner {
                     addr: p.addr.clone(),
                     connected: s.conn.is_some(),
                     rtt_us: s.conn.as_ref().map(|c| c.rtt().as_micros() as u64),
+                    mtu: s.conn.as_ref().map(|c| c.stats().path.current_mtu),
                     connected_for_s: s.since.map(|t| t.elapsed().as_secs_f64()),
                     last_error: s.last_error,
                 }

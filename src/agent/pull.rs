@@ -23,6 +23,9 @@ use crate::region::{DestFile, Geometry, GeometryError, RegionError};
 const REPLY_CAP: usize = 4096;
 /// Finished transfers kept for `status`.
 const KEEP_FINISHED: usize = 16;
+/// How long past two round trips an urgent fetch waits for a chunk the bulk stream is
+/// already delivering before asking for it on the urgent lane.
+const BULK_WAIT_SLACK: Duration = Duration::from_millis(1);
 
 /// A pull could not start or failed.
 #[derive(Debug, thiserror::Error)]
@@ -453,9 +456,10 @@ impl Fetcher {
     /// the destination.
     pub async fn ensure(&self, chunk: u64) -> Result<Option<Fetched>, FetchError> {
         let p = &self.pull;
+        let mut wait_for_bulk = true;
         loop {
             let arrived = p.arrived.notified();
-            let start = lock(&p.state).urgent_begin(chunk)?;
+            let start = lock(&p.state).urgent_begin(chunk, wait_for_bulk)?;
             match start {
                 UrgentStart::Present => return Ok(None),
                 UrgentStart::InFlight => {
@@ -464,9 +468,27 @@ impl Fetcher {
                         _ = p.cancel.cancelled() => return Err(FetchError::Shutdown),
                     }
                 }
+                UrgentStart::Bulk => {
+                    // Already on its way in the bulk stream: give it about a round trip
+                    // (plus slack for a busy receiver) before asking on the urgent lane.
+                    let rtt = self
+                        .agent
+                        .peers
+                        .current(&p.peer)
+                        .map(|c| c.rtt())
+                        .unwrap_or_default();
+                    let wait = (rtt * 2 + BULK_WAIT_SLACK).min(Duration::from_millis(200));
+                    tokio::select! {
+                        _ = arrived => {}
+                        _ = tokio::time::sleep(wait) => wait_for_bulk = false,
+                        _ = p.cancel.cancelled() => return Err(FetchError::Shutdown),
+                    }
+                }
                 UrgentStart::Fetch => break,
             }
         }
+        let seek = lock(&p.state).urgent_seek(chunk);
+        p.send_control(seek).await;
         let r = self.fetch_now(chunk).await;
         let got = match &r {
             Ok(Fetched::Zero) => Some(0),
@@ -731,6 +753,7 @@ async fn run_bulk(p: &Arc<PullInner>, conn: &quinn::Connection) -> Result<(), St
     *lock(&p.ctl) = Some(send.clone());
     let result = read_bulk(p, conn, &mut recv, &send).await;
     *lock(&p.ctl) = None;
+    lock(&p.state).bulk_stopped();
     if result.is_ok() {
         let _ = send.lock().await.finish();
     }

@@ -67,6 +67,10 @@ pub enum UrgentStart {
     InFlight,
     /// Fetch it now.
     Fetch,
+    /// The bulk stream is about to deliver it (it lies within the credit the sender
+    /// holds, right after the bulk cursor): wait for it briefly rather than asking twice;
+    /// ask again with `wait_for_bulk = false` if it does not come.
+    Bulk,
 }
 
 /// Whether a verified chunk was new.
@@ -110,6 +114,8 @@ pub struct PullState {
     /// Credit granted / data bytes received on the current bulk stream.
     granted: u64,
     received: u64,
+    /// A bulk stream is running (chunks after `cursor` are on their way).
+    bulk_active: bool,
     /// (time, data bytes) at the start of the current rate sample.
     sample: Option<(Duration, u64)>,
     stats: PullStats,
@@ -132,6 +138,7 @@ impl PullState {
             window: initial,
             granted: 0,
             received: 0,
+            bulk_active: false,
             sample: None,
             stats: PullStats::default(),
         }
@@ -203,6 +210,7 @@ impl PullState {
     pub fn bulk_start(&mut self, region: &str) -> BulkStart {
         self.granted = self.window;
         self.received = 0;
+        self.bulk_active = true;
         self.stats.bulk_starts += 1;
         BulkStart {
             region: region.into(),
@@ -275,17 +283,43 @@ impl PullState {
         })
     }
 
-    /// An urgent fetch of `chunk` is asked for.
-    pub fn urgent_begin(&mut self, chunk: u64) -> Result<UrgentStart, TransferError> {
+    /// The bulk stream ended (done, or the connection went away).
+    pub fn bulk_stopped(&mut self) {
+        self.bulk_active = false;
+    }
+
+    /// An urgent fetch of `chunk` is asked for. With `wait_for_bulk`, a chunk the bulk
+    /// stream is about to deliver gives [`UrgentStart::Bulk`].
+    pub fn urgent_begin(
+        &mut self,
+        chunk: u64,
+        wait_for_bulk: bool,
+    ) -> Result<UrgentStart, TransferError> {
         check_chunk(&self.geometry, chunk)?;
-        Ok(if self.present.get(chunk) {
-            UrgentStart::Present
-        } else if !self.urgent.insert(chunk) {
-            UrgentStart::InFlight
-        } else {
-            self.stats.urgent_fetches += 1;
-            UrgentStart::Fetch
-        })
+        if self.present.get(chunk) {
+            return Ok(UrgentStart::Present);
+        }
+        if self.urgent.contains(&chunk) {
+            return Ok(UrgentStart::InFlight);
+        }
+        if wait_for_bulk && self.bulk_active {
+            let outstanding = self.granted.saturating_sub(self.received);
+            let ahead = (outstanding / self.geometry.chunk_size as u64).max(1);
+            if chunk >= self.cursor && chunk < self.cursor.saturating_add(ahead) {
+                return Ok(UrgentStart::Bulk);
+            }
+        }
+        self.urgent.insert(chunk);
+        self.stats.urgent_fetches += 1;
+        Ok(UrgentStart::Fetch)
+    }
+
+    /// Right after [`UrgentStart::Fetch`]: move the bulk stream to just after `chunk`, so
+    /// what follows streams in while the urgent fetch runs (locality).
+    pub fn urgent_seek(&mut self, chunk: u64) -> Vec<BulkControl> {
+        let next = (chunk + 1).min(self.geometry.chunks());
+        self.cursor = next;
+        vec![BulkControl::Seek(next)]
     }
 
     /// The urgent fetch of `chunk` ended (`got`: its bytes were verified and written).
@@ -295,14 +329,15 @@ impl PullState {
         let Some(len) = got else {
             return Vec::new();
         };
+        // Accepting must not pull the bulk cursor back to this chunk.
+        let cursor = self.cursor;
         if len == 0 {
             self.accept_zero(chunk, 1).ok();
         } else {
             self.accept(chunk, len);
         }
-        let next = chunk + 1;
-        self.cursor = next;
-        vec![BulkControl::Have(chunk), BulkControl::Seek(next)]
+        self.cursor = cursor;
+        vec![BulkControl::Have(chunk)]
     }
 }
 
@@ -430,9 +465,10 @@ mod tests {
         loop {
             for &(at, chunk) in urgent {
                 if at == steps {
-                    if rx.urgent_begin(chunk).unwrap() == UrgentStart::Fetch {
+                    if rx.urgent_begin(chunk, false).unwrap() == UrgentStart::Fetch {
                         let len = rx.geometry().chunk_len(chunk);
-                        for c in rx.urgent_end(chunk, Some(len)) {
+                        let seek = rx.urgent_seek(chunk);
+                        for c in seek.into_iter().chain(rx.urgent_end(chunk, Some(len))) {
                             tx.on_control(c).unwrap();
                         }
                     }
@@ -527,17 +563,48 @@ mod tests {
     #[test]
     fn urgent_states() {
         let mut rx = PullState::new(g(10 * 4096), Window::Fixed(4096));
-        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::Fetch));
-        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::InFlight));
+        assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::Fetch));
+        assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::InFlight));
         assert!(rx.urgent_end(3, None).is_empty());
-        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::Fetch));
-        rx.urgent_end(3, Some(4096));
-        assert_eq!(rx.urgent_begin(3), Ok(UrgentStart::Present));
+        assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::Fetch));
+        assert_eq!(rx.urgent_seek(3), vec![BulkControl::Seek(4)]);
+        assert_eq!(rx.urgent_end(3, Some(4096)), vec![BulkControl::Have(3)]);
+        assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::Present));
         assert!(matches!(
-            rx.urgent_begin(10),
+            rx.urgent_begin(10, true),
             Err(TransferError::OutOfRange { .. })
         ));
         assert_eq!(rx.accept(3, 4096), Accepted::Duplicate);
+    }
+
+    #[test]
+    fn a_chunk_the_bulk_stream_is_about_to_deliver_is_waited_for() {
+        // 4 chunks of credit: after the seek to 4, chunks 4..8 are on their way.
+        let mut rx = PullState::new(g(100 * 4096), Window::Fixed(4 * 4096));
+        assert_eq!(
+            rx.urgent_begin(5, true),
+            Ok(UrgentStart::Fetch),
+            "no bulk yet"
+        );
+        rx.urgent_end(5, None);
+        rx.bulk_start("r");
+        assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::Bulk));
+        assert_eq!(rx.urgent_begin(3, false), Ok(UrgentStart::Fetch));
+        rx.urgent_seek(3);
+        rx.urgent_end(3, Some(4096));
+        assert_eq!(rx.urgent_begin(4, true), Ok(UrgentStart::Bulk));
+        assert_eq!(rx.urgent_begin(7, true), Ok(UrgentStart::Bulk));
+        assert_eq!(
+            rx.urgent_begin(8, true),
+            Ok(UrgentStart::Fetch),
+            "beyond the credit"
+        );
+        rx.bulk_stopped();
+        assert_eq!(
+            rx.urgent_begin(4, true),
+            Ok(UrgentStart::Fetch),
+            "stream gone"
+        );
     }
 
     #[test]

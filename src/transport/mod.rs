@@ -27,6 +27,11 @@ pub struct Tuning {
     pub socket_buffer: usize,
     /// Most concurrent bidirectional streams a peer may open.
     pub max_streams: u32,
+    /// Largest UDP payload path-MTU discovery probes for (quinn's default, 1452).
+    /// Measured on loopback (MTU 65536): letting it grow to 65507 did not make faults or
+    /// pulls faster (fault p50 0.5-0.66 ms either way, pull ~460 MB/s either way) and one
+    /// first touch took 128 ms, so the default stays.
+    pub mtu_upper_bound: u16,
 }
 
 impl Default for Tuning {
@@ -39,6 +44,7 @@ impl Default for Tuning {
             send_window: 64 << 20,
             socket_buffer: 4 << 20,
             max_streams: 1024,
+            mtu_upper_bound: 1452,
         }
     }
 }
@@ -58,6 +64,9 @@ impl Tuning {
         t.max_concurrent_bidi_streams(self.max_streams.into());
         // Agents never use unidirectional streams.
         t.max_concurrent_uni_streams(0u32.into());
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.mtu_upper_bound.max(1200));
+        t.mtu_discovery_config(Some(mtu));
         t
     }
 }
@@ -110,8 +119,11 @@ pub fn endpoint(
     server.transport_config(transport.clone());
     let mut client = quinn::ClientConfig::new(Arc::new(client_config(id)?));
     client.transport_config(transport);
+    let mut ep_config = quinn::EndpointConfig::default();
+    // Advertise (and accept) UDP payloads up to what MTU discovery may find.
+    let _ = ep_config.max_udp_payload_size(tuning.mtu_upper_bound.max(1200));
     let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        ep_config,
         Some(server),
         sock.into(),
         Arc::new(quinn::TokioRuntime),
