@@ -487,9 +487,9 @@ impl Fetcher {
                 UrgentStart::Fetch => break,
             }
         }
+        // Move the bulk stream on while the fetch runs, not before it.
         let seek = lock(&p.state).urgent_seek(chunk);
-        p.send_control(seek).await;
-        let r = self.fetch_now(chunk).await;
+        let (_, r) = tokio::join!(p.send_control(seek), self.fetch_now(chunk));
         let got = match &r {
             Ok(Fetched::Zero) => Some(0),
             Ok(Fetched::Data(d)) => Some(d.len() as u32),
