@@ -24,6 +24,7 @@ pub mod fault;
 pub mod progress;
 pub mod proto;
 pub mod region;
+pub mod track;
 pub mod transport;
 pub mod wan;
 
