@@ -10,6 +10,11 @@
 //! | `inotify` | `write(2)`/truncate on a file by any process | inotify says *that* the file changed, xxh3 chunk hashes say *where* |
 //! | `hash_scan` | anything, including mmap writes by processes that did not attach | periodic xxh3 hash of every chunk |
 
+pub mod hash_scan;
+pub mod inotify;
+pub mod mprotect;
+pub mod uffd_wp;
+
 use std::ops::Range;
 
 /// Byte ranges relative to the start of the region: sorted, non-overlapping, merged, each
