@@ -40,6 +40,78 @@ pub enum ControlRequest {
     /// starts filling the mapping and answers [`ControlEvent::Mounted`], then streams
     /// progress, and [`ControlEvent::Complete`] or an error.
     AttachFds(AttachFds),
+    /// Start replicating a region this agent serves to peers; answered once every replica
+    /// has caught up ([`ControlEvent::Replicating`]), with progress meanwhile.
+    Replicate(ReplicateArgs),
+    /// On the owner: make an epoch of everything written so far and wait until every
+    /// replica applied it ([`ControlEvent::Flushed`]).
+    Flush { region: String, timeout_ms: u64 },
+    /// On a replica: the last epoch applied, after waiting for `wait` if given
+    /// ([`ControlEvent::Epoch`]).
+    Epoch {
+        region: String,
+        wait: Option<u64>,
+        timeout_ms: u64,
+    },
+}
+
+/// `pagewire replicate` arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicateArgs {
+    pub region: String,
+    /// Replica peers.
+    pub to: Vec<String>,
+    /// `inotify` (default for files) or `hash-scan`.
+    pub tracker: Option<String>,
+    /// How often changes are collected, ms.
+    pub interval_ms: Option<u64>,
+    /// With `inotify`: also hash-scan the whole file this often, ms (sees writes through
+    /// mmaps of processes that did not attach; 0 = never).
+    pub scan_interval_ms: Option<u64>,
+    /// Most bytes queued for one replica before it is cut loose and caught up by hash.
+    pub window: Option<u64>,
+}
+
+/// One replicated region on its owner, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicationStatus {
+    pub region: String,
+    pub tracker: String,
+    /// The last epoch produced.
+    pub epoch: u64,
+    pub interval_ms: u64,
+    pub replicas: Vec<ReplicaLinkStatus>,
+}
+
+/// One replica of a replicated region, as its owner sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaLinkStatus {
+    pub peer: String,
+    pub connected: bool,
+    /// The last epoch the replica acknowledged.
+    pub acked_epoch: u64,
+    /// Bytes produced for it and not yet acknowledged.
+    pub lag_bytes: u64,
+    /// Age of the oldest unacknowledged epoch.
+    pub lag_ms: f64,
+    /// Payload bytes sent to it (epochs and catch-ups).
+    pub bytes_sent: u64,
+    /// Catch-ups by hash comparison (one per session; more when it fell behind).
+    pub catch_ups: u64,
+    pub catch_up_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+/// A region this agent holds as a replica, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaStatus {
+    pub region: String,
+    pub owner: String,
+    pub connected: bool,
+    /// The last epoch applied in full.
+    pub epoch: u64,
+    pub bytes_applied: u64,
+    pub last_update_s_ago: Option<f64>,
 }
 
 /// Which region to attach lazily.
@@ -135,6 +207,10 @@ pub enum ControlEvent {
     Mounted { id: u64 },
     MountProgress(MountStatus),
     Complete(MountStatus),
+    ReplicateProgress(ReplicationStatus),
+    Replicating(ReplicationStatus),
+    Flushed { epoch: u64 },
+    Epoch { epoch: u64 },
 }
 
 /// `pagewire status`.
@@ -148,6 +224,12 @@ pub struct StatusReport {
     pub transfers: Vec<TransferStatus>,
     #[serde(default)]
     pub mounts: Vec<MountStatus>,
+    /// Regions this agent owns and replicates.
+    #[serde(default)]
+    pub replications: Vec<ReplicationStatus>,
+    /// Regions this agent holds as a replica.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -4,6 +4,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -176,6 +177,111 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
         ControlRequest::Attach(args) => attach(inner, args, reader, r, w, pid).await,
         ControlRequest::AttachFds(_) => {
             send_error(&mut w, "attach_fds without attach".into()).await;
+        }
+        ControlRequest::Replicate(args) => replicate(inner, args, w).await,
+        ControlRequest::Flush { region, timeout_ms } => {
+            let ev = match inner.publications.get(&region) {
+                None => ControlEvent::Error {
+                    message: format!("this agent does not replicate region {region:?}"),
+                },
+                Some(p) => match p.flush(Duration::from_millis(timeout_ms)).await {
+                    Ok(epoch) => ControlEvent::Flushed { epoch },
+                    Err(e) => ControlEvent::Error {
+                        message: e.to_string(),
+                    },
+                },
+            };
+            let _ = send(&mut w, &ev).await;
+        }
+        ControlRequest::Epoch {
+            region,
+            wait,
+            timeout_ms,
+        } => {
+            let entry = inner.replicas.entry(&region);
+            let ev = match wait {
+                None => ControlEvent::Epoch {
+                    epoch: entry.epoch(),
+                },
+                Some(n) => {
+                    match tokio::time::timeout(
+                        Duration::from_millis(timeout_ms),
+                        entry.wait_epoch(n),
+                    )
+                    .await
+                    {
+                        Ok(()) => ControlEvent::Epoch {
+                            epoch: entry.epoch(),
+                        },
+                        Err(_) => ControlEvent::Error {
+                            message: format!(
+                                "region {region}: epoch {n} not applied within {timeout_ms} ms (at {})",
+                                entry.epoch()
+                            ),
+                        },
+                    }
+                }
+            };
+            let _ = send(&mut w, &ev).await;
+        }
+    }
+}
+
+/// Starts a replication and reports until every replica has caught up.
+async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w: OwnedWriteHalf) {
+    let Some(region) = inner.region(&args.region) else {
+        return send_error(
+            &mut w,
+            format!(
+                "this agent has no region {:?} (serve it with --region {}=PATH)",
+                args.region, args.region
+            ),
+        )
+        .await;
+    };
+    let mut opts = super::ReplicateOptions {
+        to: args.to.clone(),
+        ..Default::default()
+    };
+    if let Some(ms) = args.interval_ms {
+        opts.interval = Duration::from_millis(ms.max(1));
+    }
+    if let Some(wnd) = args.window {
+        opts.window = wnd;
+    }
+    let scan = match args.scan_interval_ms {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => Some(Duration::from_secs(10)),
+    };
+    let kind = args.tracker.as_deref().unwrap_or("inotify");
+    let p = match inner.publications.get(&args.region) {
+        Some(p) => p,
+        None => {
+            let tracker = match super::replicate::file_tracker(kind, &region, scan) {
+                Ok(t) => t,
+                Err(e) => return send_error(&mut w, e.to_string()).await,
+            };
+            match super::replicate::start(&inner, &args.region, tracker, &opts) {
+                Ok(p) => p,
+                Err(e) => return send_error(&mut w, e.to_string()).await,
+            }
+        }
+    };
+    // Report until every replica acknowledged a catch-up (or an epoch).
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    loop {
+        tick.tick().await;
+        let st = p.status();
+        if st.replicas.iter().all(|r| r.connected) {
+            let _ = send(&mut w, &ControlEvent::Replicating(st)).await;
+            return;
+        }
+        if send(&mut w, &ControlEvent::ReplicateProgress(st)).await.is_err() {
+            return;
+        }
+        if inner.shutdown.is_cancelled() {
+            return;
         }
     }
 }

@@ -7,10 +7,13 @@ mod control_server;
 mod mount;
 mod peers;
 mod pull;
+mod replica;
+mod replicate;
 mod serve;
 
 pub use config::{AgentConfig, ConfigError, Overrides, PeerSpec};
 pub use pull::{FetchError, Fetched, PullError, PullHandle};
+pub use replicate::{ReplicateError, ReplicateOptions};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,6 +67,8 @@ pub(crate) struct Inner {
     regions: RwLock<BTreeMap<String, Arc<FileRegion>>>,
     transfers: Mutex<BTreeMap<u64, Arc<pull::PullInner>>>,
     mounts: Mutex<BTreeMap<u64, Arc<mount::Mount>>>,
+    publications: replicate::Publications,
+    replicas: replica::Replicas,
     next_transfer: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -101,6 +106,8 @@ impl Agent {
             regions: RwLock::new(regions),
             transfers: Mutex::new(BTreeMap::new()),
             mounts: Mutex::new(BTreeMap::new()),
+            publications: Default::default(),
+            replicas: Default::default(),
             next_transfer: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -179,6 +186,53 @@ impl Agent {
             .await
             .ok_or(FetchError::Shutdown)?;
         pull::fetch_chunk(&conn, region, chunk).await
+    }
+
+    /// Starts replicating `region` (served by this agent) to `opts.to` with `tracker`.
+    pub fn replicate(
+        &self,
+        region: &str,
+        tracker: Box<dyn crate::track::DirtyTracker>,
+        opts: &ReplicateOptions,
+    ) -> Result<(), ReplicateError> {
+        replicate::start(&self.inner, region, tracker, opts).map(|_| ())
+    }
+
+    /// Starts replicating a file region with a file tracker (`inotify` or `hash-scan`).
+    pub fn replicate_file(
+        &self,
+        region: &str,
+        tracker: &str,
+        scan_interval: Option<Duration>,
+        opts: &ReplicateOptions,
+    ) -> Result<(), ReplicateError> {
+        let r = self
+            .inner
+            .region(region)
+            .ok_or_else(|| ReplicateError::UnknownRegion(region.into()))?;
+        let t = replicate::file_tracker(tracker, &r, scan_interval)?;
+        self.replicate(region, t, opts)
+    }
+
+    /// On the owner: makes an epoch of everything written so far and waits until every
+    /// replica applied it.
+    pub async fn flush(&self, region: &str, timeout: Duration) -> Result<u64, ReplicateError> {
+        let p = self
+            .inner
+            .publications
+            .get(region)
+            .ok_or_else(|| ReplicateError::UnknownRegion(region.into()))?;
+        p.flush(timeout).await
+    }
+
+    /// On a replica: the last epoch of `region` applied in full.
+    pub fn replica_epoch(&self, region: &str) -> u64 {
+        self.inner.replicas.entry(region).epoch()
+    }
+
+    /// On a replica: waits until epoch `n` of `region` is applied.
+    pub async fn wait_epoch(&self, region: &str, n: u64) {
+        self.inner.replicas.entry(region).wait_epoch(n).await
     }
 
     /// A snapshot of peers, regions and transfers.
@@ -272,6 +326,8 @@ impl Inner {
             .unwrap_or_default();
         StatusReport {
             mounts,
+            replications: self.publications.status(),
+            replicas: self.replicas.status(),
             name: self.name.clone(),
             version: crate::VERSION.into(),
             listen: self.local_addr.to_string(),

@@ -87,6 +87,7 @@ pub(crate) async fn handle_stream(
         }
         Request::RegionInfo { region } | Request::Fetch { region, .. } => region,
         Request::Bulk(b) => &b.region,
+        Request::Replicate(r) => &r.region,
     };
     if !valid_name(region_name) {
         return reply_error(
@@ -123,6 +124,9 @@ pub(crate) async fn handle_stream(
             serve_fetch(&region, chunk, &mut send).await;
         }
         Request::Bulk(start) => serve_bulk(&peer, region, start, send, recv).await,
+        Request::Replicate(start) => {
+            super::replica::serve(inner.clone(), peer, region, start, send, recv).await
+        }
         Request::Hello(_) => {}
     }
 }

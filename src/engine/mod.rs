@@ -2,3 +2,4 @@
 //! sockets, files or clocks, so every case is a fast deterministic unit test.
 
 pub mod pull;
+pub mod replicate;

@@ -95,6 +95,55 @@ pub enum Request {
     Fetch { region: String, chunk: u64 },
     /// Background copy of the chunks in `want`.
     Bulk(BulkStart),
+    /// Continuous replication of one region from its owner (the sender) into the
+    /// replica's region of the same name. The replica answers [`Reply::ReplicaState`];
+    /// then the owner sends [`Push`] frames (epochs) and the replica answers each epoch
+    /// with [`ReplicaAck`] on its side of the stream.
+    Replicate(ReplicateStart),
+}
+
+/// Opens a replication stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ReplicateStart {
+    pub region: String,
+    /// The owner's region size and chunk size; the replica's copy must match.
+    pub size: u64,
+    pub chunk_size: u32,
+}
+
+/// The replica's state, so the owner sends only what differs (catch-up by hash).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ReplicaState {
+    /// The last epoch the replica applied from this owner (0: none since it started).
+    pub epoch: u64,
+    /// xxh3-64 of every chunk of the replica's copy (all-zero chunks hash as zeros).
+    pub hashes: Vec<u64>,
+}
+
+/// Owner to replica, after [`ReplicaState`]: epochs, each `Begin`, pieces, `End`.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Push {
+    /// Epoch `epoch` starts. `catch_up`: computed by hash comparison, not tracking.
+    Begin { epoch: u64, catch_up: bool },
+    /// `len` bytes at `offset`, blake3 `hash` of those bytes. Followed by `len` raw bytes,
+    /// or by `compressed` lz4 bytes when `compressed` is not zero. Never crosses a chunk
+    /// boundary.
+    Data {
+        offset: u64,
+        len: u32,
+        compressed: u32,
+        hash: [u8; 32],
+    },
+    /// `len` zero bytes at `offset`.
+    Zero { offset: u64, len: u64 },
+    /// Epoch `epoch` is complete: apply it, then acknowledge.
+    End { epoch: u64 },
+}
+
+/// Replica to owner: an epoch was applied in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct ReplicaAck {
+    pub epoch: u64,
 }
 
 /// Opens a bulk copy: which chunks the receiver still needs, where to start, and how many
@@ -141,6 +190,8 @@ pub enum Reply {
     Done,
     /// The request failed; the stream is finished after this.
     Error(ErrorReply),
+    /// Answer to [`Request::Replicate`].
+    ReplicaState(ReplicaState),
 }
 
 /// What a peer knows about one of its regions.

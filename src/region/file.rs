@@ -38,6 +38,11 @@ pub enum RegionError {
     },
 }
 
+/// The chunk hash replication compares (xxh3-64 of the chunk's bytes).
+pub fn chunk_hash(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
 /// What reading a chunk found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkRead {
@@ -83,8 +88,81 @@ impl FileRegion {
         })
     }
 
+    /// A region over an already open file (an application's memfd), labelled `path`.
+    pub fn from_file(
+        name: &str,
+        path: &Path,
+        file: File,
+        chunk_size: u32,
+    ) -> Result<FileRegion, RegionError> {
+        let size = file
+            .metadata()
+            .map_err(|source| RegionError::Open {
+                path: path.into(),
+                source,
+            })?
+            .len();
+        let geometry =
+            Geometry::new(size, chunk_size as u64).map_err(|source| RegionError::Geometry {
+                path: path.into(),
+                source,
+            })?;
+        Ok(FileRegion {
+            name: name.into(),
+            path: path.into(),
+            file,
+            geometry,
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The open file (for readers that need more than whole chunks).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), RegionError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| RegionError::Io {
+                op: "reading",
+                chunk: self.geometry.chunk_of(offset),
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// xxh3-64 of every chunk ([`chunk_hash`]); holes are hashed without being read.
+    pub fn chunk_hashes(&self) -> Result<Vec<u64>, RegionError> {
+        let g = self.geometry;
+        let mut out = Vec::with_capacity(g.chunks() as usize);
+        let mut buf = vec![0u8; g.chunk_size as usize];
+        let zero_full = chunk_hash(&vec![0u8; g.chunk_size as usize]);
+        let mut c = 0;
+        while c < g.chunks() {
+            let holes = self.hole_run(c).min(g.chunks() - c);
+            for i in c..c + holes {
+                let len = g.chunk_len(i) as usize;
+                out.push(if len == g.chunk_size as usize {
+                    zero_full
+                } else {
+                    chunk_hash(&vec![0u8; len])
+                });
+            }
+            c += holes;
+            if c >= g.chunks() {
+                break;
+            }
+            let len = g.chunk_len(c) as usize;
+            self.read_chunk(c, &mut buf)?;
+            out.push(chunk_hash(&buf[..len]));
+            c += 1;
+        }
+        Ok(out)
     }
 
     pub fn path(&self) -> &Path {

@@ -4,7 +4,7 @@ mod bitmap;
 mod file;
 
 pub use bitmap::{Bitmap, BitmapError};
-pub use file::{ChunkRead, DestFile, FileRegion, RegionError};
+pub use file::{chunk_hash, ChunkRead, DestFile, FileRegion, RegionError};
 
 use crate::proto::{MAX_CHUNKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 

@@ -1,0 +1,643 @@
+//! The owner side of replication. A *publication* is one region this agent owns and
+//! replicates to named peers. A producer task asks the region's dirty tracker what was
+//! written, on a cadence and on `flush`, reads those bytes, and makes them an **epoch**
+//! (numbered, in order). Each replica has a link task with one long-lived stream to it:
+//! on (re)connect it compares chunk hashes with the replica and sends what differs (a
+//! catch-up epoch), then forwards epochs as they are produced; the replica acknowledges
+//! each once applied. A replica more than `window` bytes behind is cut loose and caught
+//! up by hash later, so it never holds back the others (see [`crate::engine::replicate`]).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{reason, Inner};
+use crate::control::{ReplicaLinkStatus, ReplicationStatus};
+use crate::engine::replicate::{Link, Queued};
+use crate::proto::codec::{read_frame, write_frame, FrameError};
+use crate::proto::{Push, Reply, ReplicaAck, ReplicateStart, Request, WireCode};
+use crate::region::{is_zero, FileRegion, Geometry};
+use crate::track::{DirtyTracker, Ranges};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starting or driving a replication failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// The region is not served by this agent.
+    #[error("this agent has no region {0:?} (serve it with --region {0}=PATH)")]
+    UnknownRegion(String),
+    /// A replica is not a peer.
+    #[error("{0:?} is not a peer of this agent")]
+    UnknownPeer(String),
+    /// The region is already replicated (with other settings) or is itself a replica.
+    #[error("{0}")]
+    Conflict(String),
+    /// The tracker could not be set up.
+    #[error("tracker: {0}")]
+    Tracker(String),
+    /// A flush or wait did not finish in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The agent is shutting down.
+    #[error("agent shutting down")]
+    Shutdown,
+}
+
+/// One piece of an epoch.
+#[derive(Debug)]
+enum Piece {
+    Data {
+        offset: u64,
+        len: u32,
+        /// Raw bytes, or lz4 when `compressed` is not zero.
+        bytes: Bytes,
+        compressed: u32,
+        hash: [u8; 32],
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// An epoch's content, shared by every link.
+#[derive(Debug)]
+pub(crate) struct EpochData {
+    epoch: u64,
+    catch_up: bool,
+    pieces: Vec<Piece>,
+}
+
+/// Reads `ranges` of `region` into pieces (split at chunk boundaries; zeros as markers;
+/// lz4 where it saves at least 1/8).
+fn read_pieces(region: &FileRegion, ranges: &Ranges) -> Result<(Vec<Piece>, u64), String> {
+    let g = region.geometry();
+    let mut pieces = Vec::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; g.chunk_size as usize];
+    for r in ranges {
+        let mut off = r.start.min(g.size);
+        let end = r.end.min(g.size);
+        while off < end {
+            let chunk_end = (g.chunk_of(off) + 1) * g.chunk_size as u64;
+            let n = (end.min(chunk_end) - off) as usize;
+            let data = &mut buf[..n];
+            region.read_at(off, data).map_err(|e| e.to_string())?;
+            pieces.push(piece(off, data));
+            bytes += n as u64;
+            off += n as u64;
+        }
+    }
+    Ok((pieces, bytes))
+}
+
+fn piece(offset: u64, data: &[u8]) -> Piece {
+    if is_zero(data) {
+        return Piece::Zero {
+            offset,
+            len: data.len() as u64,
+        };
+    }
+    let hash = *blake3::hash(data).as_bytes();
+    let packed = lz4_flex::block::compress(data);
+    if packed.len() < data.len() - data.len() / 8 {
+        Piece::Data {
+            offset,
+            len: data.len() as u32,
+            compressed: packed.len() as u32,
+            bytes: Bytes::from(packed),
+            hash,
+        }
+    } else {
+        Piece::Data {
+            offset,
+            len: data.len() as u32,
+            compressed: 0,
+            bytes: Bytes::copy_from_slice(data),
+            hash,
+        }
+    }
+}
+
+/// The chunks whose hashes differ, as pieces.
+fn catch_up_pieces(region: &FileRegion, theirs: &[u64]) -> Result<(Vec<Piece>, u64), String> {
+    let ours = region.chunk_hashes().map_err(|e| e.to_string())?;
+    let g = region.geometry();
+    let ranges: Ranges = ours
+        .iter()
+        .zip(theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(c, _)| {
+            let c = c as u64;
+            g.offset(c)..g.offset(c) + g.chunk_len(c) as u64
+        })
+        .collect();
+    read_pieces(region, &crate::track::normalize(ranges))
+}
+
+struct LinkHandle {
+    peer: String,
+    state: Mutex<Link<Arc<EpochData>>>,
+    wake: Notify,
+    acked: watch::Sender<u64>,
+    connected: AtomicBool,
+    catch_ups: AtomicU64,
+    catch_up_bytes: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A region this agent owns and replicates.
+pub(crate) struct Publication {
+    region: Arc<FileRegion>,
+    tracker_name: &'static str,
+    tracker: Arc<Mutex<Box<dyn DirtyTracker>>>,
+    interval: Duration,
+    /// The last epoch produced; held while epochs are handed to links, so a link's
+    /// catch-up base and the epochs it forwards never overlap or leave a gap.
+    epoch: Mutex<u64>,
+    links: Vec<Arc<LinkHandle>>,
+    flush_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
+    started: Instant,
+    cancel: CancellationToken,
+}
+
+/// The publications of an agent, by region.
+#[derive(Default)]
+pub(crate) struct Publications {
+    map: Mutex<BTreeMap<String, Arc<Publication>>>,
+}
+
+impl Publications {
+    pub(crate) fn is_published(&self, region: &str) -> bool {
+        lock(&self.map).contains_key(region)
+    }
+
+    pub(crate) fn get(&self, region: &str) -> Option<Arc<Publication>> {
+        lock(&self.map).get(region).cloned()
+    }
+
+    pub(crate) fn status(&self) -> Vec<ReplicationStatus> {
+        lock(&self.map).values().map(|p| p.status()).collect()
+    }
+}
+
+/// How to replicate.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    /// Replicas, by peer name.
+    pub to: Vec<String>,
+    /// How often the tracker is asked for changes.
+    pub interval: Duration,
+    /// Most bytes an epoch queue may hold for one replica before it is cut loose and
+    /// caught up by hash later.
+    pub window: u64,
+}
+
+impl Default for ReplicateOptions {
+    fn default() -> Self {
+        ReplicateOptions {
+            to: Vec::new(),
+            interval: Duration::from_millis(50),
+            window: 256 << 20,
+        }
+    }
+}
+
+/// Builds the tracker for a file region: `inotify` (write(2) by any process, plus a
+/// periodic hash scan every `scan_interval` for writes through mmaps; the default) or
+/// `hash-scan` (a full hash scan at every collection).
+pub(crate) fn file_tracker(
+    kind: &str,
+    region: &FileRegion,
+    scan_interval: Option<Duration>,
+) -> Result<Box<dyn DirtyTracker>, ReplicateError> {
+    let _ = (region, scan_interval);
+    Err(ReplicateError::Tracker(format!(
+        "tracker {kind:?} is not available yet"
+    )))
+}
+
+/// Starts replicating `region` (served by this agent) with `tracker`.
+pub(crate) fn start(
+    inner: &Arc<Inner>,
+    region_name: &str,
+    tracker: Box<dyn DirtyTracker>,
+    opts: &ReplicateOptions,
+) -> Result<Arc<Publication>, ReplicateError> {
+    let region = inner
+        .region(region_name)
+        .ok_or_else(|| ReplicateError::UnknownRegion(region_name.into()))?;
+    for p in &opts.to {
+        if !inner.peers.is_expected(p) {
+            return Err(ReplicateError::UnknownPeer(p.clone()));
+        }
+    }
+    if opts.to.is_empty() {
+        return Err(ReplicateError::Conflict("no replicas given".into()));
+    }
+    if inner
+        .replicas
+        .get(region_name)
+        .is_some_and(|e| e.is_connected())
+    {
+        return Err(ReplicateError::Conflict(format!(
+            "region {region_name} is a replica here (its owner is replicating it to us); a region has one owner"
+        )));
+    }
+    let mut map = lock(&inner.publications.map);
+    if let Some(p) = map.get(region_name) {
+        let mut have: Vec<&str> = p.links.iter().map(|l| l.peer.as_str()).collect();
+        let mut want: Vec<&str> = opts.to.iter().map(|s| s.as_str()).collect();
+        have.sort();
+        want.sort();
+        if have == want {
+            return Ok(p.clone());
+        }
+        return Err(ReplicateError::Conflict(format!(
+            "region {region_name} is already replicated to {}",
+            have.join(", ")
+        )));
+    }
+    let (flush_tx, flush_rx) = mpsc::channel(64);
+    let links: Vec<Arc<LinkHandle>> = opts
+        .to
+        .iter()
+        .map(|peer| {
+            Arc::new(LinkHandle {
+                peer: peer.clone(),
+                state: Mutex::new(Link::new(opts.window)),
+                wake: Notify::new(),
+                acked: watch::channel(0).0,
+                connected: AtomicBool::new(false),
+                catch_ups: AtomicU64::new(0),
+                catch_up_bytes: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            })
+        })
+        .collect();
+    let p = Arc::new(Publication {
+        region,
+        tracker_name: tracker.name(),
+        tracker: Arc::new(Mutex::new(tracker)),
+        interval: opts.interval,
+        epoch: Mutex::new(0),
+        links,
+        flush_tx,
+        started: Instant::now(),
+        cancel: inner.shutdown.child_token(),
+    });
+    map.insert(region_name.into(), p.clone());
+    drop(map);
+    tracing::info!(region = region_name, tracker = p.tracker_name, replicas = ?opts.to, "replication started");
+    inner.tasks.spawn(produce(p.clone(), flush_rx));
+    for l in &p.links {
+        inner
+            .tasks
+            .spawn(run_link(inner.clone(), p.clone(), l.clone()));
+    }
+    Ok(p)
+}
+
+impl Publication {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub(crate) fn status(&self) -> ReplicationStatus {
+        let now = self.now();
+        ReplicationStatus {
+            region: self.region.name().into(),
+            tracker: self.tracker_name.into(),
+            epoch: *lock(&self.epoch),
+            interval_ms: self.interval.as_millis() as u64,
+            replicas: self
+                .links
+                .iter()
+                .map(|l| {
+                    let s = lock(&l.state);
+                    let (lag_bytes, lag) = s.lag(now);
+                    ReplicaLinkStatus {
+                        peer: l.peer.clone(),
+                        connected: l.connected.load(Ordering::Relaxed),
+                        acked_epoch: s.acked(),
+                        lag_bytes,
+                        lag_ms: lag.as_secs_f64() * 1e3,
+                        bytes_sent: s.sent_bytes(),
+                        catch_ups: l.catch_ups.load(Ordering::Relaxed),
+                        catch_up_bytes: l.catch_up_bytes.load(Ordering::Relaxed),
+                        last_error: lock(&l.last_error).clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Makes an epoch of everything written so far and waits until every replica has
+    /// applied it. Returns the epoch.
+    pub(crate) async fn flush(&self, timeout: Duration) -> Result<u64, ReplicateError> {
+        let (tx, rx) = oneshot::channel();
+        self.flush_tx
+            .send(tx)
+            .await
+            .map_err(|_| ReplicateError::Shutdown)?;
+        let epoch = match rx.await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => return Err(ReplicateError::Tracker(e)),
+            Err(_) => return Err(ReplicateError::Shutdown),
+        };
+        self.wait_acked(epoch, timeout).await?;
+        Ok(epoch)
+    }
+
+    /// Waits until every replica acknowledged `epoch`.
+    pub(crate) async fn wait_acked(
+        &self,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<(), ReplicateError> {
+        let all = async {
+            for l in &self.links {
+                let mut rx = l.acked.subscribe();
+                let _ = rx.wait_for(|a| *a >= epoch).await;
+            }
+        };
+        tokio::select! {
+            _ = all => Ok(()),
+            _ = tokio::time::sleep(timeout) => {
+                let late: Vec<String> = self
+                    .links
+                    .iter()
+                    .filter(|l| *l.acked.borrow() < epoch)
+                    .map(|l| format!("{} (acked {}{})", l.peer, *l.acked.borrow(), if l.connected.load(Ordering::Relaxed) { "" } else { ", not connected" }))
+                    .collect();
+                Err(ReplicateError::Timeout(format!(
+                    "epoch {epoch} not acknowledged within {timeout:?} by {}",
+                    late.join(", ")
+                )))
+            }
+            _ = self.cancel.cancelled() => Err(ReplicateError::Shutdown),
+        }
+    }
+}
+
+/// The producer: tracker → epochs → links.
+async fn produce(p: Arc<Publication>, mut flush_rx: mpsc::Receiver<oneshot::Sender<Result<u64, String>>>) {
+    let mut tick = tokio::time::interval(p.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut waiters = Vec::new();
+        tokio::select! {
+            _ = p.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            w = flush_rx.recv() => match w {
+                Some(w) => waiters.push(w),
+                None => return,
+            },
+        }
+        // Flushes that arrived meanwhile share this epoch.
+        while let Ok(w) = flush_rx.try_recv() {
+            waiters.push(w);
+        }
+        let (tracker, region) = (p.tracker.clone(), p.region.clone());
+        let collected = tokio::task::spawn_blocking(move || {
+            let ranges = lock(&tracker).collect().map_err(|e| e.to_string())?;
+            read_pieces(&region, &ranges)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let (pieces, bytes) = match collected {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(region = %p.region.name(), "collecting changes failed: {e}");
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        if pieces.is_empty() && waiters.is_empty() {
+            continue;
+        }
+        let at = p.now();
+        let epoch = {
+            let mut e = lock(&p.epoch);
+            *e += 1;
+            let data = Arc::new(EpochData {
+                epoch: *e,
+                catch_up: false,
+                pieces,
+            });
+            for l in &p.links {
+                let ok = lock(&l.state).enqueue(Queued {
+                    epoch: *e,
+                    bytes,
+                    at,
+                    payload: data.clone(),
+                });
+                if !ok {
+                    tracing::debug!(peer = %l.peer, epoch = *e, "replica behind its window: it will be caught up by hash");
+                }
+                l.wake.notify_one();
+            }
+            *e
+        };
+        for w in waiters {
+            let _ = w.send(Ok(epoch));
+        }
+    }
+}
+
+/// One replica: sessions until the publication ends.
+async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let conn = tokio::select! {
+            _ = p.cancel.cancelled() => return,
+            c = inner.peers.wait(&l.peer, &inner.shutdown) => match c {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let r = tokio::select! {
+            _ = p.cancel.cancelled() => return,
+            r = session(&p, &l, &conn) => r,
+        };
+        l.connected.store(false, Ordering::Relaxed);
+        match r {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(why) => {
+                tracing::info!(peer = %l.peer, region = %p.region.name(), "replication session ended: {why}");
+                *lock(&l.last_error) = Some(why);
+                tokio::select! {
+                    _ = p.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn lost(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> String {
+    match conn.close_reason() {
+        Some(r) => reason(&r),
+        None => e.to_string(),
+    }
+}
+
+async fn send_epoch(send: &mut quinn::SendStream, e: &EpochData) -> Result<(), std::io::Error> {
+    write_frame(
+        send,
+        &Push::Begin {
+            epoch: e.epoch,
+            catch_up: e.catch_up,
+        },
+    )
+    .await?;
+    for piece in &e.pieces {
+        match piece {
+            Piece::Data {
+                offset,
+                len,
+                bytes,
+                compressed,
+                hash,
+            } => {
+                write_frame(
+                    send,
+                    &Push::Data {
+                        offset: *offset,
+                        len: *len,
+                        compressed: *compressed,
+                        hash: *hash,
+                    },
+                )
+                .await?;
+                send.write_chunk(bytes.clone())
+                    .await
+                    .map_err(std::io::Error::from)?;
+            }
+            Piece::Zero { offset, len } => {
+                write_frame(
+                    send,
+                    &Push::Zero {
+                        offset: *offset,
+                        len: *len,
+                    },
+                )
+                .await?
+            }
+        }
+    }
+    write_frame(send, &Push::End { epoch: e.epoch }).await
+}
+
+/// One stream to the replica: catch-up by hash, then epochs as produced.
+async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> Result<(), String> {
+    let g: Geometry = p.region.geometry();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(conn, &e))?;
+    write_frame(
+        &mut send,
+        &Request::Replicate(ReplicateStart {
+            region: p.region.name().into(),
+            size: g.size,
+            chunk_size: g.chunk_size,
+        }),
+    )
+    .await
+    .map_err(|e| lost(conn, &e))?;
+    let cap = 4096 + g.chunks() as usize * 10;
+    let state = match read_frame::<_, Reply>(&mut recv, cap).await {
+        Ok(Some(Reply::ReplicaState(s))) => s,
+        Ok(Some(Reply::Error(e))) => return Err(format!("replica refused: {}: {}", e.kind, e.message)),
+        Ok(Some(_)) => return Err("unexpected reply to replicate".into()),
+        Ok(None) => return Err("replica closed the stream".into()),
+        Err(FrameError::Io(e)) => return Err(lost(conn, &e)),
+        Err(e) => {
+            let _ = recv.stop(e.code().varint());
+            return Err(format!("bad reply from replica: {e}"));
+        }
+    };
+    if state.hashes.len() as u64 != g.chunks() {
+        let _ = recv.stop(WireCode::ProtocolViolation.varint());
+        return Err(format!(
+            "replica sent {} chunk hashes for {} chunks",
+            state.hashes.len(),
+            g.chunks()
+        ));
+    }
+    // Everything produced up to `base` is covered by the catch-up read below.
+    let base = {
+        let e = lock(&p.epoch);
+        lock(&l.state).start_session(*e);
+        *e
+    };
+    let region = p.region.clone();
+    let (pieces, bytes) = tokio::task::spawn_blocking(move || catch_up_pieces(&region, &state.hashes))
+        .await
+        .map_err(|e| e.to_string())??;
+    let data = Arc::new(EpochData {
+        epoch: base,
+        catch_up: true,
+        pieces,
+    });
+    send_epoch(&mut send, &data)
+        .await
+        .map_err(|e| lost(conn, &e))?;
+    l.catch_ups.fetch_add(1, Ordering::Relaxed);
+    l.catch_up_bytes.fetch_add(bytes, Ordering::Relaxed);
+    lock(&l.state).sent_catch_up(base, bytes, p.now(), data);
+    l.connected.store(true, Ordering::Relaxed);
+    *lock(&l.last_error) = None;
+    tracing::info!(peer = %l.peer, region = %p.region.name(), base, bytes, "replica caught up by hash; streaming epochs");
+
+    let acks = async {
+        loop {
+            match read_frame::<_, ReplicaAck>(&mut recv, 64).await {
+                Ok(Some(a)) => {
+                    let r = lock(&l.state).ack(a.epoch);
+                    if let Err(e) = r {
+                        return Err(e.to_string());
+                    }
+                    l.acked.send_if_modified(|v| {
+                        let changed = a.epoch > *v;
+                        *v = (*v).max(a.epoch);
+                        changed
+                    });
+                }
+                Ok(None) => return Err("replica closed the stream".to_string()),
+                Err(FrameError::Io(e)) => return Err(lost(conn, &e)),
+                Err(e) => return Err(format!("bad ack: {e}")),
+            }
+        }
+    };
+    let sender = async {
+        loop {
+            loop {
+                let next = lock(&l.state).next().map(|q| q.payload.clone());
+                let Some(e) = next else { break };
+                send_epoch(&mut send, &e).await.map_err(|e| lost(conn, &e))?;
+            }
+            if lock(&l.state).is_behind() {
+                return Err::<(), String>("replica fell behind its window: catching up by hash".into());
+            }
+            l.wake.notified().await;
+        }
+    };
+    let r = tokio::select! {
+        r = acks => r,
+        r = sender => r,
+    };
+    let _ = send.reset(WireCode::Cancelled.varint());
+    let _ = recv.stop(WireCode::Cancelled.varint());
+    r
+}
