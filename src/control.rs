@@ -45,7 +45,10 @@ pub enum ControlRequest {
     Replicate(ReplicateArgs),
     /// On the owner: make an epoch of everything written so far and wait until every
     /// replica applied it ([`ControlEvent::Flushed`]).
-    Flush { region: String, timeout_ms: u64 },
+    Flush {
+        region: String,
+        timeout_ms: u64,
+    },
     /// On a replica: the last epoch applied, after waiting for `wait` if given
     /// ([`ControlEvent::Epoch`]).
     Epoch {

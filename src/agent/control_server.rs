@@ -277,7 +277,10 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
             let _ = send(&mut w, &ControlEvent::Replicating(st)).await;
             return;
         }
-        if send(&mut w, &ControlEvent::ReplicateProgress(st)).await.is_err() {
+        if send(&mut w, &ControlEvent::ReplicateProgress(st))
+            .await
+            .is_err()
+        {
             return;
         }
         if inner.shutdown.is_cancelled() {

@@ -16,7 +16,7 @@ use super::Inner;
 use crate::control::ReplicaStatus;
 use crate::proto::codec::{read_exact, read_frame, write_frame, FrameError};
 use crate::proto::{
-    ErrorKind, ErrorReply, Push, Reply, ReplicaAck, ReplicaState, ReplicateStart, WireCode,
+    ErrorKind, ErrorReply, Push, ReplicaAck, ReplicaState, ReplicateStart, Reply, WireCode,
     MAX_CHUNK_SIZE,
 };
 use crate::region::FileRegion;
@@ -236,7 +236,9 @@ async fn apply_loop(
                 let chunk_end = (g.chunk_of(offset) + 1) * g.chunk_size as u64;
                 if len == 0
                     || len > MAX_CHUNK_SIZE
-                    || offset.checked_add(len as u64).is_none_or(|e| e > g.size.min(chunk_end))
+                    || offset
+                        .checked_add(len as u64)
+                        .is_none_or(|e| e > g.size.min(chunk_end))
                 {
                     return Err((
                         WireCode::ProtocolViolation,

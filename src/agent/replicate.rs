@@ -20,7 +20,7 @@ use super::{reason, Inner};
 use crate::control::{ReplicaLinkStatus, ReplicationStatus};
 use crate::engine::replicate::{Link, Queued};
 use crate::proto::codec::{read_frame, write_frame, FrameError};
-use crate::proto::{Push, Reply, ReplicaAck, ReplicateStart, Request, WireCode};
+use crate::proto::{Push, ReplicaAck, ReplicateStart, Reply, Request, WireCode};
 use crate::region::{is_zero, FileRegion, Geometry};
 use crate::track::{DirtyTracker, Ranges};
 
@@ -390,7 +390,10 @@ impl Publication {
 }
 
 /// The producer: tracker → epochs → links.
-async fn produce(p: Arc<Publication>, mut flush_rx: mpsc::Receiver<oneshot::Sender<Result<u64, String>>>) {
+async fn produce(
+    p: Arc<Publication>,
+    mut flush_rx: mpsc::Receiver<oneshot::Sender<Result<u64, String>>>,
+) {
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -558,7 +561,9 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
     let cap = 4096 + g.chunks() as usize * 10;
     let state = match read_frame::<_, Reply>(&mut recv, cap).await {
         Ok(Some(Reply::ReplicaState(s))) => s,
-        Ok(Some(Reply::Error(e))) => return Err(format!("replica refused: {}: {}", e.kind, e.message)),
+        Ok(Some(Reply::Error(e))) => {
+            return Err(format!("replica refused: {}: {}", e.kind, e.message))
+        }
         Ok(Some(_)) => return Err("unexpected reply to replicate".into()),
         Ok(None) => return Err("replica closed the stream".into()),
         Err(FrameError::Io(e)) => return Err(lost(conn, &e)),
@@ -582,9 +587,10 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
         *e
     };
     let region = p.region.clone();
-    let (pieces, bytes) = tokio::task::spawn_blocking(move || catch_up_pieces(&region, &state.hashes))
-        .await
-        .map_err(|e| e.to_string())??;
+    let (pieces, bytes) =
+        tokio::task::spawn_blocking(move || catch_up_pieces(&region, &state.hashes))
+            .await
+            .map_err(|e| e.to_string())??;
     let data = Arc::new(EpochData {
         epoch: base,
         catch_up: true,
@@ -625,10 +631,14 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
             loop {
                 let next = lock(&l.state).next().map(|q| q.payload.clone());
                 let Some(e) = next else { break };
-                send_epoch(&mut send, &e).await.map_err(|e| lost(conn, &e))?;
+                send_epoch(&mut send, &e)
+                    .await
+                    .map_err(|e| lost(conn, &e))?;
             }
             if lock(&l.state).is_behind() {
-                return Err::<(), String>("replica fell behind its window: catching up by hash".into());
+                return Err::<(), String>(
+                    "replica fell behind its window: catching up by hash".into(),
+                );
             }
             l.wake.notified().await;
         }

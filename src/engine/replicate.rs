@@ -60,9 +60,16 @@ impl<T> Link<T> {
         if self.behind || q.epoch <= self.base {
             return !self.behind;
         }
-        let waiting: u64 = self.queue.iter().chain(&self.inflight).map(|q| q.bytes).sum();
-        if waiting + q.bytes > self.window && !(self.queue.is_empty() && self.inflight.is_empty())
-        {
+        // The session's catch-up (epoch `base`) is not counted: it is being delivered,
+        // and cutting it loose would only start it over.
+        let tracked = || {
+            self.queue
+                .iter()
+                .chain(&self.inflight)
+                .filter(|x| x.epoch > self.base)
+        };
+        let waiting: u64 = tracked().map(|q| q.bytes).sum();
+        if waiting + q.bytes > self.window && tracked().next().is_some() {
             self.queue.clear();
             self.behind = true;
             return false;
@@ -135,7 +142,12 @@ impl<T> Link<T> {
 
     /// Bytes produced but not acknowledged, and the age of the oldest of them at `now`.
     pub fn lag(&self, now: Duration) -> (u64, Duration) {
-        let bytes = self.queue.iter().chain(&self.inflight).map(|q| q.bytes).sum();
+        let bytes = self
+            .queue
+            .iter()
+            .chain(&self.inflight)
+            .map(|q| q.bytes)
+            .sum();
         let oldest = self
             .inflight
             .front()
@@ -162,7 +174,10 @@ mod tests {
     #[test]
     fn epochs_flow_in_order_and_are_acked_in_order() {
         let mut l = Link::new(1000);
-        assert!(!l.enqueue(q(1, 10)), "before the first catch-up nothing is queued");
+        assert!(
+            !l.enqueue(q(1, 10)),
+            "before the first catch-up nothing is queued"
+        );
         l.start_session(1);
         l.sent_catch_up(1, 50, Duration::ZERO, ());
         assert!(l.enqueue(q(2, 100)));
@@ -170,7 +185,10 @@ mod tests {
         assert_eq!(l.next().unwrap().epoch, 2);
         assert_eq!(l.next().unwrap().epoch, 3);
         assert!(l.next().is_none());
-        assert_eq!(l.lag(Duration::from_millis(40)), (250, Duration::from_millis(40)));
+        assert_eq!(
+            l.lag(Duration::from_millis(40)),
+            (250, Duration::from_millis(40))
+        );
         l.ack(1).unwrap();
         l.ack(3).unwrap();
         assert_eq!(l.acked(), 3);
@@ -194,6 +212,15 @@ mod tests {
         assert!(!l.is_behind());
         assert!(l.enqueue(q(5, 10)));
         assert_eq!(l.next().unwrap().epoch, 5);
+    }
+
+    #[test]
+    fn the_catch_up_does_not_count_against_the_window() {
+        let mut l = Link::new(100);
+        l.start_session(3);
+        l.sent_catch_up(3, 1_000_000, Duration::ZERO, ());
+        assert!(l.enqueue(q(4, 60)));
+        assert!(!l.enqueue(q(5, 60)));
     }
 
     #[test]
