@@ -401,6 +401,64 @@ impl ControlClient {
     }
 }
 
+impl ControlClient {
+    /// Starts a replication; calls `progress` until every replica caught up.
+    pub async fn replicate(
+        mut self,
+        args: ReplicateArgs,
+        mut progress: impl FnMut(&ReplicationStatus),
+    ) -> Result<ReplicationStatus, ControlError> {
+        self.send(&ControlRequest::Replicate(args)).await?;
+        loop {
+            match self.next_event().await? {
+                Some(ControlEvent::ReplicateProgress(p)) => progress(&p),
+                Some(ControlEvent::Replicating(s)) => return Ok(s),
+                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
+                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
+                None => {
+                    return Err(ControlError::Protocol(
+                        "the agent closed the connection".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Flushes a replicated region; returns the epoch every replica applied.
+    pub async fn flush(mut self, region: &str, timeout: Duration) -> Result<u64, ControlError> {
+        self.send(&ControlRequest::Flush {
+            region: region.into(),
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await?;
+        match self.next_event().await? {
+            Some(ControlEvent::Flushed { epoch }) => Ok(epoch),
+            Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
+            other => Err(ControlError::Protocol(format!("expected flushed, got {other:?}"))),
+        }
+    }
+
+    /// A replica's applied epoch of `region`, after waiting for `wait` if given.
+    pub async fn epoch(
+        mut self,
+        region: &str,
+        wait: Option<u64>,
+        timeout: Duration,
+    ) -> Result<u64, ControlError> {
+        self.send(&ControlRequest::Epoch {
+            region: region.into(),
+            wait,
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await?;
+        match self.next_event().await? {
+            Some(ControlEvent::Epoch { epoch }) => Ok(epoch),
+            Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
+            other => Err(ControlError::Protocol(format!("expected epoch, got {other:?}"))),
+        }
+    }
+}
+
 /// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes.
 pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,

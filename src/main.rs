@@ -45,6 +45,72 @@ enum Command {
     /// is mapped at once (pages fetched when touched, userfaultfd on tmpfs, mprotect
     /// elsewhere) while the rest streams in behind.
     Mount(MountCmd),
+    /// Replicate a region this agent serves to peers, continuously: changes are found by a
+    /// tracker and pushed in numbered epochs; returns once every replica has caught up
+    /// (the agent keeps replicating until it stops). Each replica must serve a region of
+    /// the same name and size (--region NAME=PATH on its agent).
+    Replicate(ReplicateCmd),
+    /// On the owner: push everything written so far and wait until every replica has
+    /// applied it; prints the epoch.
+    Flush(FlushCmd),
+    /// On a replica: print the last epoch of a region applied in full (--wait N: wait for
+    /// epoch N first).
+    Epoch(EpochCmd),
+}
+
+#[derive(Args)]
+struct ReplicateCmd {
+    /// The region (served by the local agent).
+    #[arg(long)]
+    region: String,
+    /// Replica peers; repeatable.
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    /// How changes are found: inotify (write(2) by any process, plus a periodic hash scan
+    /// for writes through mmaps) or hash-scan (hash every chunk at every collection).
+    #[arg(long, default_value = "inotify", value_parser = ["inotify", "hash-scan"])]
+    tracker: String,
+    /// How often changes are collected and pushed.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    interval: Duration,
+    /// With inotify: hash-scan the whole file this often too (0 = never).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    scan_interval: Duration,
+    /// Most bytes queued for one replica before it is cut loose and caught up by hash.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    window: u64,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct FlushCmd {
+    #[arg(long)]
+    region: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EpochCmd {
+    #[arg(long)]
+    region: String,
+    /// Wait until this epoch is applied.
+    #[arg(long)]
+    wait: Option<u64>,
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +304,38 @@ async fn run(cli: Cli) -> Result<()> {
             init_logs("warn");
             tokio::task::spawn_blocking(move || mount(m)).await?
         }
+        Command::Replicate(r) => {
+            init_logs("warn");
+            replicate(r).await
+        }
+        Command::Flush(f) => {
+            init_logs("warn");
+            let socket = f.control.unwrap_or_else(default_socket);
+            let epoch = ControlClient::connect(&socket)
+                .await?
+                .flush(&f.region, f.timeout)
+                .await?;
+            if f.json {
+                println!("{}", serde_json::json!({ "region": f.region, "epoch": epoch }));
+            } else {
+                println!("region {} flushed: epoch {epoch} applied by every replica", f.region);
+            }
+            Ok(())
+        }
+        Command::Epoch(e) => {
+            init_logs("warn");
+            let socket = e.control.unwrap_or_else(default_socket);
+            let epoch = ControlClient::connect(&socket)
+                .await?
+                .epoch(&e.region, e.wait, e.timeout)
+                .await?;
+            if e.json {
+                println!("{}", serde_json::json!({ "region": e.region, "epoch": epoch }));
+            } else {
+                println!("{epoch}");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -409,6 +507,47 @@ async fn pull(p: PullCmd) -> Result<()> {
     Ok(())
 }
 
+async fn replicate(r: ReplicateCmd) -> Result<()> {
+    let socket = r.control.unwrap_or_else(default_socket);
+    let args = pagewire::control::ReplicateArgs {
+        region: r.region.clone(),
+        to: r.to.clone(),
+        tracker: Some(r.tracker.clone()),
+        interval_ms: Some(r.interval.as_millis() as u64),
+        scan_interval_ms: Some(r.scan_interval.as_millis() as u64),
+        window: Some(r.window),
+    };
+    let json = r.json;
+    let st = ControlClient::connect(&socket)
+        .await?
+        .replicate(args, |p| {
+            if !json {
+                let waiting: Vec<&str> = p
+                    .replicas
+                    .iter()
+                    .filter(|x| !x.connected)
+                    .map(|x| x.peer.as_str())
+                    .collect();
+                eprint!("\rcatching up {}...", waiting.join(", "));
+            }
+        })
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string(&st)?);
+    } else {
+        eprintln!();
+        println!(
+            "replicating {} with {} every {} ms to {} (epoch {}); the agent keeps it going, `pagewire status` shows lag",
+            st.region,
+            st.tracker,
+            st.interval_ms,
+            st.replicas.iter().map(|x| x.peer.as_str()).collect::<Vec<_>>().join(", "),
+            st.epoch
+        );
+    }
+    Ok(())
+}
+
 async fn status(s: StatusCmd) -> Result<()> {
     let socket = s.control.unwrap_or_else(default_socket);
     let report = ControlClient::connect(&socket).await?.status().await?;
@@ -502,6 +641,46 @@ fn print_status(r: &StatusReport) {
             m.fault_p99_us.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
             m.faults_failed,
             m.background_rate_bps / (1 << 20) as f64,
+        );
+    }
+    println!("replications (owner):");
+    if r.replications.is_empty() {
+        println!("  (none)");
+    }
+    for p in &r.replications {
+        println!(
+            "  {} tracker {} every {} ms, epoch {}",
+            p.region, p.tracker, p.interval_ms, p.epoch
+        );
+        for x in &p.replicas {
+            println!(
+                "    -> {:<12} {}  acked {}  lag {} bytes / {:.1} ms  sent {} bytes  {} catch-ups{}",
+                x.peer,
+                if x.connected { "up  " } else { "DOWN" },
+                x.acked_epoch,
+                x.lag_bytes,
+                x.lag_ms,
+                x.bytes_sent,
+                x.catch_ups,
+                x.last_error
+                    .as_deref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    println!("replicas (held here):");
+    if r.replicas.is_empty() {
+        println!("  (none)");
+    }
+    for x in &r.replicas {
+        println!(
+            "  {} from {}  {}  epoch {}  {} bytes applied",
+            x.region,
+            x.owner,
+            if x.connected { "up" } else { "DOWN" },
+            x.epoch,
+            x.bytes_applied
         );
     }
 }

@@ -16,6 +16,13 @@
 //!
 //! [regions]        # name = "path"
 //! demo = "/dev/shm/demo"
+//!
+//! [replicate.demo]  # replicate region "demo" (this agent owns it) to peers
+//! to = ["b"]
+//! tracker = "inotify"           # or "hash-scan"
+//! interval = "50ms"
+//! scan_interval = "10s"         # inotify only: also hash-scan this often ("0s": never)
+//! window = "256MiB"
 //! ```
 
 use std::collections::BTreeMap;
@@ -145,6 +152,31 @@ struct FileConfig {
     peers: BTreeMap<String, String>,
     #[serde(default)]
     regions: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    replicate: BTreeMap<String, FileReplication>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplication {
+    to: Vec<String>,
+    tracker: Option<String>,
+    interval: Option<String>,
+    scan_interval: Option<String>,
+    window: Option<SizeValue>,
+}
+
+/// A replication the agent starts by itself (`[replicate.NAME]` in the config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationConfig {
+    pub region: String,
+    pub to: Vec<String>,
+    /// `inotify` or `hash-scan`.
+    pub tracker: String,
+    pub interval: Duration,
+    /// `None`: no periodic hash scan.
+    pub scan_interval: Option<Duration>,
+    pub window: u64,
 }
 
 /// Command-line overrides (each `Some`/non-empty value wins over the file).
@@ -205,6 +237,8 @@ pub struct AgentConfig {
     /// Lazy mounts: how long a fault waits for an unreachable peer before the faulting
     /// thread gets SIGBUS.
     pub fault_timeout: Duration,
+    /// Replications to start with the agent.
+    pub replications: Vec<ReplicationConfig>,
 }
 
 /// Default bulk credit window: adaptive (see [`crate::engine::pull::Window`]).
@@ -230,6 +264,7 @@ impl AgentConfig {
             peer_wait: Duration::from_secs(30),
             fault_mechanism: crate::fault::Mechanism::Auto,
             fault_timeout: Duration::from_secs(60),
+            replications: Vec::new(),
         }
     }
 
@@ -365,6 +400,41 @@ impl AgentConfig {
                 ));
             }
             cfg.regions.push((k, v));
+        }
+        for (region, r) in fc.replicate {
+            if !cfg.regions.iter().any(|(n, _)| *n == region) {
+                return Err(invalid(
+                    "replicate",
+                    &region,
+                    "not a region of this agent (add it under [regions])",
+                ));
+            }
+            for p in &r.to {
+                if !cfg.peers.iter().any(|x| x.name == *p) {
+                    return Err(invalid("replicate.to", p, "not a peer of this agent"));
+                }
+            }
+            let tracker = r.tracker.unwrap_or_else(|| "inotify".into());
+            if tracker != "inotify" && tracker != "hash-scan" {
+                return Err(invalid("tracker", &tracker, "inotify or hash-scan"));
+            }
+            let dur = |v: &Option<String>, what, default: Duration| match v {
+                Some(s) => parse_duration(s).map_err(|e| invalid(what, s, e)),
+                None => Ok(default),
+            };
+            let scan = dur(&r.scan_interval, "scan_interval", Duration::from_secs(10))?;
+            cfg.replications.push(ReplicationConfig {
+                region,
+                to: r.to,
+                tracker,
+                interval: dur(&r.interval, "interval", Duration::from_millis(50))?
+                    .max(Duration::from_millis(1)),
+                scan_interval: (!scan.is_zero()).then_some(scan),
+                window: match &r.window {
+                    Some(w) => w.get("window")?,
+                    None => 256 << 20,
+                },
+            });
         }
         Ok(cfg)
     }

@@ -11,7 +11,7 @@ mod replica;
 mod replicate;
 mod serve;
 
-pub use config::{AgentConfig, ConfigError, Overrides, PeerSpec};
+pub use config::{AgentConfig, ConfigError, Overrides, PeerSpec, ReplicationConfig};
 pub use pull::{FetchError, Fetched, PullError, PullHandle};
 pub use replicate::{ReplicateError, ReplicateOptions};
 
@@ -45,6 +45,9 @@ pub enum StartError {
     /// A region could not be opened.
     #[error(transparent)]
     Region(#[from] RegionError),
+    /// A configured replication could not start.
+    #[error("replication: {0}")]
+    Replicate(String),
     /// The control socket could not be created.
     #[error("control socket {path}: {source}")]
     Control {
@@ -124,6 +127,29 @@ impl Agent {
             inner
                 .tasks
                 .spawn(peers::dial_loop(inner.clone(), p.clone()));
+        }
+        for r in inner.config.replications.clone() {
+            let started = (|| {
+                let region = inner
+                    .region(&r.region)
+                    .ok_or_else(|| format!("no region {}", r.region))?;
+                let tracker = replicate::file_tracker(&r.tracker, &region, r.scan_interval)
+                    .map_err(|e| e.to_string())?;
+                let opts = ReplicateOptions {
+                    to: r.to.clone(),
+                    interval: r.interval,
+                    window: r.window,
+                };
+                replicate::start(&inner, &r.region, tracker, &opts).map_err(|e| e.to_string())
+            })();
+            if let Err(e) = started {
+                inner.endpoint.close(WireCode::Shutdown.varint(), b"agent failed to start");
+                inner.shutdown.cancel();
+                if let Some(path) = &inner.config.control {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(StartError::Replicate(format!("region {}: {e}", r.region)));
+            }
         }
         tracing::info!(
             name = %inner.name,

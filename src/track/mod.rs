@@ -92,8 +92,14 @@ mod tests {
 
     #[test]
     fn normalize_and_align() {
-        assert_eq!(normalize(vec![5..7, 0..2, 1..3, 7..9, 4..4]), vec![0..3, 5..9]);
+        assert_eq!(
+            normalize(vec![5..7, 0..2, 1..3, 7..9, 4..4]),
+            vec![0..3, 5..9]
+        );
         assert_eq!(align(vec![1..2, 4097..4098], 4096, 6000), vec![0..6000]);
-        assert_eq!(align(vec![1..2, 8193..8194], 4096, 10000), vec![0..4096, 8192..10000]);
+        assert_eq!(
+            align(vec![1..2, 8193..8194], 4096, 10000),
+            vec![0..4096, 8192..10000]
+        );
     }
 }
