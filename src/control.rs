@@ -56,6 +56,31 @@ pub enum ControlRequest {
         wait: Option<u64>,
         timeout_ms: u64,
     },
+    /// An application publishes a region it writes in memory (client library), with the
+    /// memfd and the tracker's descriptors attached (SCM_RIGHTS): the memfd, then for
+    /// `uffd-wp-async` the uffd and the process's pagemap, for `uffd-wp-sync` the uffd.
+    /// Answered with [`ControlEvent::Published`]; the session lasts as long as the
+    /// connection.
+    Publish(PublishArgs),
+    /// The application's answer to [`ControlEvent::Collect`] (mprotect tracker).
+    Collected {
+        ranges: Vec<(u64, u64)>,
+        error: Option<String>,
+    },
+}
+
+/// A region published by an application.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishArgs {
+    pub region: String,
+    pub size: u64,
+    /// Where the application mapped it, and the mapping's length (page-rounded).
+    pub base: u64,
+    pub map_len: u64,
+    /// `uffd-wp-async`, `uffd-wp-sync` or `mprotect`.
+    pub tracker: String,
+    pub to: Vec<String>,
+    pub interval_ms: u64,
 }
 
 /// `pagewire replicate` arguments.
@@ -214,6 +239,10 @@ pub enum ControlEvent {
     Replicating(ReplicationStatus),
     Flushed { epoch: u64 },
     Epoch { epoch: u64 },
+    Published { chunk_size: u32 },
+    /// To a publishing application with the mprotect tracker: collect now and answer
+    /// [`ControlRequest::Collected`].
+    Collect,
 }
 
 /// `pagewire status`.

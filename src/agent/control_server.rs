@@ -56,7 +56,7 @@ pub(crate) async fn run(inner: Arc<Inner>, listener: UnixListener) {
     }
 }
 
-async fn send(w: &mut OwnedWriteHalf, ev: &ControlEvent) -> std::io::Result<()> {
+pub(crate) async fn send(w: &mut OwnedWriteHalf, ev: &ControlEvent) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(ev).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
@@ -68,7 +68,7 @@ async fn send_error(w: &mut OwnedWriteHalf, message: String) {
 
 /// Reads `\n`-terminated lines with any descriptors that came with them (SCM_RIGHTS).
 /// Cancel-safe: what was read stays buffered.
-struct LineReader {
+pub(crate) struct LineReader {
     buf: Vec<u8>,
     fds: Vec<OwnedFd>,
     eof: bool,
@@ -83,7 +83,7 @@ impl LineReader {
         }
     }
 
-    async fn next(
+    pub(crate) async fn next(
         &mut self,
         r: &OwnedReadHalf,
     ) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
@@ -179,6 +179,12 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             send_error(&mut w, "attach_fds without attach".into()).await;
         }
         ControlRequest::Replicate(args) => replicate(inner, args, w).await,
+        ControlRequest::Publish(_) => {
+            send_error(&mut w, "publishing is not available in this build yet".into()).await;
+        }
+        ControlRequest::Collected { .. } => {
+            send_error(&mut w, "collected without a publish session".into()).await;
+        }
         ControlRequest::Flush { region, timeout_ms } => {
             let ev = match inner.publications.get(&region) {
                 None => ControlEvent::Error {

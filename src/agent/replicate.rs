@@ -185,6 +185,13 @@ impl Publications {
         lock(&self.map).get(region).cloned()
     }
 
+    /// Stops replicating `region` (its tasks end; replicas keep what they have).
+    pub(crate) fn stop(&self, region: &str) {
+        if let Some(p) = lock(&self.map).remove(region) {
+            p.cancel.cancel();
+        }
+    }
+
     pub(crate) fn status(&self) -> Vec<ReplicationStatus> {
         lock(&self.map).values().map(|p| p.status()).collect()
     }

@@ -30,6 +30,8 @@
 //! file mapping whose disk failed); [`Mapping::wait_complete`] returns the error. If the
 //! agent itself dies mid-fill, the same happens.
 
+pub mod replica;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
