@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use pagewire::agent::config::parse_size;
-use pagewire::agent::{Agent, AgentConfig, PeerSpec};
+use pagewire::agent::Agent;
+use pagewire::demo::{config, free_port};
 use pagewire::control::{ControlClient, PullArgs};
 use pagewire::progress::TransferBar;
 use rand::{RngCore, SeedableRng};
@@ -48,28 +49,6 @@ fn blake3_file(path: &Path) -> Result<blake3::Hash> {
     Ok(h.finalize())
 }
 
-fn config(dir: &Path, name: &str, port: u16, peer: &str, peer_port: u16) -> AgentConfig {
-    let mut c = AgentConfig::new(
-        name,
-        &format!("127.0.0.1:{port}"),
-        &dir.join("ca.pem"),
-        &dir.join(format!("{name}.pem")),
-        &dir.join(format!("{name}.key")),
-    );
-    c.peers = vec![PeerSpec {
-        name: peer.into(),
-        addr: format!("127.0.0.1:{peer_port}"),
-    }];
-    c.control = Some(dir.join(format!("{name}.sock")));
-    c
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut size = 1u64 << 30;
@@ -84,20 +63,12 @@ async fn main() -> Result<()> {
             _ => usage(),
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    pagewire::demo::logs();
 
     let tmp = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir())?;
     let dir = tmp.path();
     println!("working in {}", dir.display());
-    pagewire::certs::init_ca(dir, 1, false)?;
-    pagewire::certs::issue(dir, "a", &[], 1, false)?;
-    pagewire::certs::issue(dir, "b", &[], 1, false)?;
+    pagewire::demo::certs(dir, &["a", "b"])?;
     println!("made a CA and certificates for agents a and b");
 
     let region = dir.join("region.bin");
@@ -108,10 +79,10 @@ async fn main() -> Result<()> {
     );
 
     let (pa, pb) = (free_port()?, free_port()?);
-    let mut cb = config(dir, "b", pb, "a", pa);
+    let mut cb = config(dir, "b", pb, &[("a", pa)]);
     cb.regions.push(("demo".into(), region.clone()));
     let b = Agent::start(cb).await.context("starting agent b")?;
-    let a = Agent::start(config(dir, "a", pa, "b", pb))
+    let a = Agent::start(config(dir, "a", pa, &[("b", pb)]))
         .await
         .context("starting agent a")?;
     if !a.wait_connected("b", Duration::from_secs(10)).await {

@@ -19,6 +19,7 @@ pub mod agent;
 pub mod certs;
 pub mod client;
 pub mod control;
+pub mod demo;
 pub mod engine;
 pub mod fault;
 pub mod progress;
