@@ -128,6 +128,10 @@ pub struct ReplicaLinkStatus {
     pub catch_ups: u64,
     pub catch_up_bytes: u64,
     pub last_error: Option<String>,
+    /// Time from an epoch's collection to the replica's acknowledgement (newest 4096
+    /// epochs): what a write waits beyond the collection interval.
+    pub apply_p50_ms: Option<f64>,
+    pub apply_p99_ms: Option<f64>,
 }
 
 /// A region this agent holds as a replica, in `status`.

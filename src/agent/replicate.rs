@@ -153,6 +153,19 @@ struct LinkHandle {
     catch_ups: AtomicU64,
     catch_up_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Collect-to-applied latency of tracked epochs, µs (newest `LAG_SAMPLES`).
+    lags: Mutex<std::collections::VecDeque<u32>>,
+}
+
+const LAG_SAMPLES: usize = 4096;
+
+fn percentile(v: &std::collections::VecDeque<u32>, q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s: Vec<u32> = v.iter().copied().collect();
+    s.sort_unstable();
+    Some(s[((s.len() - 1) as f64 * q).round() as usize] as f64 / 1e3)
 }
 
 /// A region this agent owns and replicates.
@@ -288,6 +301,7 @@ pub(crate) fn start(
                 catch_ups: AtomicU64::new(0),
                 catch_up_bytes: AtomicU64::new(0),
                 last_error: Mutex::new(None),
+                lags: Mutex::new(Default::default()),
             })
         })
         .collect();
@@ -342,6 +356,8 @@ impl Publication {
                         catch_ups: l.catch_ups.load(Ordering::Relaxed),
                         catch_up_bytes: l.catch_up_bytes.load(Ordering::Relaxed),
                         last_error: lock(&l.last_error).clone(),
+                        apply_p50_ms: percentile(&lock(&l.lags), 0.5),
+                        apply_p99_ms: percentile(&lock(&l.lags), 0.99),
                     }
                 })
                 .collect(),
@@ -618,8 +634,18 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
             match read_frame::<_, ReplicaAck>(&mut recv, 64).await {
                 Ok(Some(a)) => {
                     let r = lock(&l.state).ack(a.epoch);
-                    if let Err(e) = r {
-                        return Err(e.to_string());
+                    let now = p.now();
+                    match r {
+                        Err(e) => return Err(e.to_string()),
+                        Ok(at) => {
+                            let mut lags = lock(&l.lags);
+                            for t in at {
+                                if lags.len() == LAG_SAMPLES {
+                                    lags.pop_front();
+                                }
+                                lags.push_back(now.saturating_sub(t).as_micros().min(u32::MAX as u128) as u32);
+                            }
+                        }
                     }
                     l.acked.send_if_modified(|v| {
                         let changed = a.epoch > *v;

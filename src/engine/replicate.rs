@@ -115,19 +115,23 @@ impl<T> Link<T> {
         });
     }
 
-    /// The replica applied `epoch` (and so everything before it).
-    pub fn ack(&mut self, epoch: u64) -> Result<(), AckError> {
+    /// The replica applied `epoch` (and so everything before it). Returns when each
+    /// acknowledged epoch was collected (for lag statistics).
+    pub fn ack(&mut self, epoch: u64) -> Result<Vec<Duration>, AckError> {
         if !self.inflight.iter().any(|q| q.epoch == epoch) {
             return Err(AckError::Unexpected {
                 got: epoch,
                 expected: self.inflight.front().map(|q| q.epoch),
             });
         }
+        let mut at = Vec::new();
         while self.inflight.front().is_some_and(|q| q.epoch <= epoch) {
-            self.inflight.pop_front();
+            if let Some(q) = self.inflight.pop_front() {
+                at.push(q.at);
+            }
         }
         self.acked = self.acked.max(epoch);
-        Ok(())
+        Ok(at)
     }
 
     /// The newest epoch the replica acknowledged.
