@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use pagewire::agent::config::parse_size;
 use pagewire::agent::Agent;
-use pagewire::demo::{config, free_port};
 use pagewire::control::{ControlClient, PullArgs};
+use pagewire::demo::{config, free_port};
 use pagewire::progress::TransferBar;
 use rand::{RngCore, SeedableRng};
 

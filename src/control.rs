@@ -234,16 +234,26 @@ pub enum ControlEvent {
     Status(StatusReport),
     Progress(TransferStatus),
     Done(PullSummary),
-    Error { message: String },
+    Error {
+        message: String,
+    },
     AttachInfo(AttachInfo),
-    Mounted { id: u64 },
+    Mounted {
+        id: u64,
+    },
     MountProgress(MountStatus),
     Complete(MountStatus),
     ReplicateProgress(ReplicationStatus),
     Replicating(ReplicationStatus),
-    Flushed { epoch: u64 },
-    Epoch { epoch: u64 },
-    Published { chunk_size: u32 },
+    Flushed {
+        epoch: u64,
+    },
+    Epoch {
+        epoch: u64,
+    },
+    Published {
+        chunk_size: u32,
+    },
     /// To a publishing application with the mprotect tracker: collect now and answer
     /// [`ControlRequest::Collected`].
     Collect,
@@ -467,7 +477,9 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::Flushed { epoch }) => Ok(epoch),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!("expected flushed, got {other:?}"))),
+            other => Err(ControlError::Protocol(format!(
+                "expected flushed, got {other:?}"
+            ))),
         }
     }
 
@@ -487,7 +499,9 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::Epoch { epoch }) => Ok(epoch),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!("expected epoch, got {other:?}"))),
+            other => Err(ControlError::Protocol(format!(
+                "expected epoch, got {other:?}"
+            ))),
         }
     }
 }

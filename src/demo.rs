@@ -36,7 +36,9 @@ pub fn config(dir: &Path, name: &str, port: u16, peers: &[(&str, u16)]) -> Agent
 
 /// A UDP port on loopback that was free a moment ago.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Logs to stderr at `warn` unless `RUST_LOG` says otherwise.

@@ -316,9 +316,15 @@ async fn run(cli: Cli) -> Result<()> {
                 .flush(&f.region, f.timeout)
                 .await?;
             if f.json {
-                println!("{}", serde_json::json!({ "region": f.region, "epoch": epoch }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "region": f.region, "epoch": epoch })
+                );
             } else {
-                println!("region {} flushed: epoch {epoch} applied by every replica", f.region);
+                println!(
+                    "region {} flushed: epoch {epoch} applied by every replica",
+                    f.region
+                );
             }
             Ok(())
         }
@@ -330,7 +336,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .epoch(&e.region, e.wait, e.timeout)
                 .await?;
             if e.json {
-                println!("{}", serde_json::json!({ "region": e.region, "epoch": epoch }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "region": e.region, "epoch": epoch })
+                );
             } else {
                 println!("{epoch}");
             }

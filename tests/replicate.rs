@@ -31,38 +31,8 @@ fn scribble(path: &Path, size: u64, n: usize, seed: u64) -> std::collections::BT
     chunks
 }
 
-/// Temporary stand-in for the hash-scan tracker while it is being written: full chunk
-/// hash comparison at every collection.
-struct Scan {
-    region: pagewire::region::FileRegion,
-    hashes: Vec<u64>,
-}
-
-impl pagewire::track::DirtyTracker for Scan {
-    fn name(&self) -> &'static str {
-        "test-scan"
-    }
-    fn collect(&mut self) -> Result<pagewire::track::Ranges, pagewire::track::TrackError> {
-        let now = self.region.chunk_hashes().unwrap();
-        let g = self.region.geometry();
-        let r = now
-            .iter()
-            .zip(&self.hashes)
-            .enumerate()
-            .filter(|(_, (a, b))| a != b)
-            .map(|(c, _)| g.offset(c as u64)..g.offset(c as u64) + g.chunk_len(c as u64) as u64)
-            .collect();
-        self.hashes = now;
-        Ok(pagewire::track::normalize(r))
-    }
-}
-
-fn replicate(agent: &pagewire::agent::Agent, path: &Path, o: &ReplicateOptions) {
-    let region = pagewire::region::FileRegion::open("r", path, CHUNK as u32).unwrap();
-    let hashes = region.chunk_hashes().unwrap();
-    agent
-        .replicate("r", Box::new(Scan { region, hashes }), o)
-        .unwrap();
+fn replicate(agent: &pagewire::agent::Agent, _path: &Path, o: &ReplicateOptions) {
+    agent.replicate_file("r", "hash-scan", None, o).unwrap();
 }
 
 fn opts(to: &[&str]) -> ReplicateOptions {
@@ -240,4 +210,101 @@ async fn a_slow_replica_does_not_hold_back_a_fast_one() {
     }
     to_c.shutdown().await;
     to_b.shutdown().await;
+}
+
+/// Agents `b` (owner of region r at `src`) and `a` (replica at `dst`), connected.
+async fn pair(
+    size: u64,
+    seed: u64,
+) -> (
+    Mesh,
+    pagewire::agent::Agent,
+    pagewire::agent::Agent,
+    (tempfile::TempDir, tempfile::TempDir),
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let (da, db) = (region_dir(), region_dir());
+    let (src, dst) = (db.path().join("r"), da.path().join("r"));
+    random_file(&src, size, seed);
+    sparse_file(&dst, size, &[]);
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.regions.push(("r".into(), src.clone()));
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.regions.push(("r".into(), dst.clone()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&b, "a").await;
+    (mesh, a, b, (da, db), src, dst)
+}
+
+/// A file changed by an unrelated process with write(2) replicates without a flush
+/// (inotify); one changed through an mmap replicates after the periodic hash scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inotify_and_the_periodic_scan_see_other_processes_writes() {
+    let size = 8 * MIB;
+    let (_m, a, b, _dirs, src, dst) = pair(size, 5).await;
+    b.replicate_file(
+        "r",
+        "inotify",
+        Some(Duration::from_millis(300)),
+        &opts(&["a"]),
+    )
+    .unwrap();
+    b.flush("r", Duration::from_secs(30)).await.unwrap();
+    assert_same(&src, &dst);
+    // dd, another process, writes 3 blocks in place.
+    for seek in [3u64, 700, 1999] {
+        let st = std::process::Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                "bs=4096",
+                "count=1",
+                "conv=notrunc",
+                "status=none",
+            ])
+            .arg(format!("seek={seek}"))
+            .arg(format!("of={}", src.display()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // No flush: the tracker's own cadence must carry it.
+    let t0 = std::time::Instant::now();
+    while std::fs::read(&src).unwrap() != std::fs::read(&dst).unwrap() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "write(2) changes did not replicate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An mmap write: no inotify event, the periodic scan (300 ms) finds it.
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&src)
+            .unwrap();
+        // SAFETY: a test file nobody truncates.
+        let mut m = unsafe { memmap2::MmapMut::map_mut(&f).unwrap() };
+        m[(5 * MIB) as usize..(5 * MIB) as usize + 16].copy_from_slice(b"written via mmap");
+    }
+    let t0 = std::time::Instant::now();
+    while std::fs::read(&src).unwrap() != std::fs::read(&dst).unwrap() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "mmap write did not replicate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = b.status();
+    assert_eq!(st.replications[0].tracker, "inotify");
+    let rs = a.status();
+    assert_eq!(rs.replicas[0].owner, "b");
+    assert!(rs.replicas[0].epoch >= 1);
+    a.shutdown().await;
+    b.shutdown().await;
 }

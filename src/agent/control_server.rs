@@ -127,8 +127,8 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
     let pid = stream.peer_cred().ok().and_then(|c| c.pid());
     let (r, mut w) = stream.into_split();
     let mut reader = LineReader::new();
-    let line = match reader.next(&r).await {
-        Ok(Some((l, _))) => l,
+    let (line, fds) = match reader.next(&r).await {
+        Ok(Some(x)) => x,
         _ => return,
     };
     let req: ControlRequest = match serde_json::from_slice(&line) {
@@ -179,8 +179,8 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             send_error(&mut w, "attach_fds without attach".into()).await;
         }
         ControlRequest::Replicate(args) => replicate(inner, args, w).await,
-        ControlRequest::Publish(_) => {
-            send_error(&mut w, "publishing is not available in this build yet".into()).await;
+        ControlRequest::Publish(args) => {
+            super::publish::run(inner, args, fds, &mut reader, &r, &mut w).await
         }
         ControlRequest::Collected { .. } => {
             send_error(&mut w, "collected without a publish session".into()).await;

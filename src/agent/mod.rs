@@ -6,6 +6,7 @@ pub mod config;
 mod control_server;
 mod mount;
 mod peers;
+mod publish;
 mod pull;
 mod replica;
 mod replicate;
@@ -143,7 +144,9 @@ impl Agent {
                 replicate::start(&inner, &r.region, tracker, &opts).map_err(|e| e.to_string())
             })();
             if let Err(e) = started {
-                inner.endpoint.close(WireCode::Shutdown.varint(), b"agent failed to start");
+                inner
+                    .endpoint
+                    .close(WireCode::Shutdown.varint(), b"agent failed to start");
                 inner.shutdown.cancel();
                 if let Some(path) = &inner.config.control {
                     let _ = std::fs::remove_file(path);

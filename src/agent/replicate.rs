@@ -240,10 +240,23 @@ pub(crate) fn file_tracker(
     region: &FileRegion,
     scan_interval: Option<Duration>,
 ) -> Result<Box<dyn DirtyTracker>, ReplicateError> {
-    let _ = (region, scan_interval);
-    Err(ReplicateError::Tracker(format!(
-        "tracker {kind:?} is not available yet"
-    )))
+    let inotify = match kind {
+        "inotify" => true,
+        "hash-scan" => false,
+        o => {
+            return Err(ReplicateError::Tracker(format!(
+                "unknown file tracker {o:?} (inotify, hash-scan)"
+            )))
+        }
+    };
+    let t = crate::track::file::FileTracker::new(
+        region.path(),
+        region.geometry(),
+        inotify,
+        if inotify { scan_interval } else { None },
+    )
+    .map_err(|e| ReplicateError::Tracker(e.to_string()))?;
+    Ok(Box::new(t))
 }
 
 /// Starts replicating `region` (served by this agent) with `tracker`.
@@ -344,6 +357,12 @@ impl Publication {
                 .links
                 .iter()
                 .map(|l| {
+                    // One lock at a time: a second lock of the same mutex in one
+                    // expression would deadlock.
+                    let (p50, p99) = {
+                        let lags = lock(&l.lags);
+                        (percentile(&lags, 0.5), percentile(&lags, 0.99))
+                    };
                     let s = lock(&l.state);
                     let (lag_bytes, lag) = s.lag(now);
                     ReplicaLinkStatus {
@@ -356,8 +375,8 @@ impl Publication {
                         catch_ups: l.catch_ups.load(Ordering::Relaxed),
                         catch_up_bytes: l.catch_up_bytes.load(Ordering::Relaxed),
                         last_error: lock(&l.last_error).clone(),
-                        apply_p50_ms: percentile(&lock(&l.lags), 0.5),
-                        apply_p99_ms: percentile(&lock(&l.lags), 0.99),
+                        apply_p50_ms: p50,
+                        apply_p99_ms: p99,
                     }
                 })
                 .collect(),
@@ -643,7 +662,9 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
                                 if lags.len() == LAG_SAMPLES {
                                     lags.pop_front();
                                 }
-                                lags.push_back(now.saturating_sub(t).as_micros().min(u32::MAX as u128) as u32);
+                                lags.push_back(
+                                    now.saturating_sub(t).as_micros().min(u32::MAX as u128) as u32,
+                                );
                             }
                         }
                     }

@@ -30,6 +30,7 @@
 //! file mapping whose disk failed); [`Mapping::wait_complete`] returns the error. If the
 //! agent itself dies mid-fill, the same happens.
 
+pub mod publish;
 pub mod replica;
 
 use std::fs::File;

@@ -92,7 +92,11 @@ impl Replica {
         // SAFETY: inside the live mapping; a raw copy, never a reference to memory the
         // agent writes.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         }
     }
 

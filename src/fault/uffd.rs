@@ -150,8 +150,13 @@ pub enum UffdError {
 /// One message read from a uffd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// A thread touched a missing page.
-    Fault { addr: u64, tid: u32, write: bool },
+    /// A thread touched a missing page (or, `wp`, wrote a write-protected one).
+    Fault {
+        addr: u64,
+        tid: u32,
+        write: bool,
+        wp: bool,
+    },
     /// The application unmapped `[start, end)`.
     Unmap { start: u64, end: u64 },
     /// `madvise(DONTNEED/REMOVE)` on `[start, end)`.
@@ -173,6 +178,7 @@ impl Event {
             UFFD_EVENT_PAGEFAULT => Event::Fault {
                 // flags at 8, address at 16, ptid at 24
                 write: u(8) & 1 != 0,
+                wp: u(8) & 2 != 0,
                 addr: u(16),
                 tid: u32::from_ne_bytes(m[24..28].try_into().unwrap_or([0; 4])),
             },
@@ -258,6 +264,58 @@ pub fn api(fd: RawFd) -> Result<(), UffdError> {
         )));
     }
     Ok(())
+}
+
+/// Negotiates the API asking for `features`; returns the features the kernel offers
+/// (a subset of what was asked is not an error here: the caller decides).
+pub(crate) fn api_features(fd: RawFd, features: u64) -> Result<u64, UffdError> {
+    let mut a = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    ioctl(fd, UFFDIO_API, &mut a).map_err(|e| UffdError::Api(e.to_string()))?;
+    Ok(a.features)
+}
+
+/// Registers `[start, start+len)` in `mode` (`UFFDIO_REGISTER_MODE_*`); returns the
+/// ioctls the range supports.
+pub(crate) fn register_mode(fd: RawFd, start: u64, len: u64, mode: u64) -> Result<u64, UffdError> {
+    let mut r = UffdioRegister {
+        range: UffdioRange { start, len },
+        mode,
+        ioctls: 0,
+    };
+    ioctl(fd, UFFDIO_REGISTER, &mut r).map_err(UffdError::Register)?;
+    Ok(r.ioctls)
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
+const UFFDIO_WRITEPROTECT: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x06,
+    std::mem::size_of::<UffdioWriteprotect>(),
+);
+const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+
+/// `UFFDIO_WRITEPROTECT`: write-protects `[start, start+len)` when `protect`, else
+/// removes the protection (and wakes threads waiting on it).
+pub(crate) fn writeprotect(
+    fd: RawFd,
+    start: u64,
+    len: u64,
+    protect: bool,
+) -> Result<(), UffdError> {
+    let mut w = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode: protect as u64, // UFFDIO_WRITEPROTECT_MODE_WP
+    };
+    ioctl(fd, UFFDIO_WRITEPROTECT, &mut w).map_err(|e| gone_or("UFFDIO_WRITEPROTECT", e))
 }
 
 /// Registers `[start, start+len)` for MISSING faults.
@@ -456,7 +514,8 @@ mod tests {
             Event::Fault {
                 addr: 0x7000_1000,
                 tid: 42,
-                write: true
+                write: true,
+                wp: false
             }
         );
         m[0] = 0x99;

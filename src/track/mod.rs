@@ -10,8 +10,7 @@
 //! | `inotify` | `write(2)`/truncate on a file by any process | inotify says *that* the file changed, xxh3 chunk hashes say *where* |
 //! | `hash_scan` | anything, including mmap writes by processes that did not attach | periodic xxh3 hash of every chunk |
 
-pub mod hash_scan;
-pub mod inotify;
+pub mod file;
 pub mod mprotect;
 pub mod uffd_wp;
 

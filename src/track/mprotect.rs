@@ -1,1 +1,387 @@
-//! (being written)
+//! The portable tracker: `mprotect(PROT_READ)` and a SIGSEGV handler, in the process
+//! that writes the mapping (the client library runs it; the agent asks it to collect).
+//!
+//! The first write to a protected granule faults; the handler (async-signal-safe: atomic
+//! loads and a `fetch_or`, one `mprotect(2)`) makes the granule writable and *then* sets
+//! its bit in a bitmap. [`MprotectTracker::collect`] swaps each bitmap word to zero and
+//! *then* protects the granules it took, so a granule is never writable without a bit a
+//! later `collect` will see (a write between the swap and the protect is in this
+//! answer, whose bytes are read after `collect` returns).
+//!
+//! **Granules, not pages.** Protection changes split VMAs; page-granular protection of a
+//! 1 GiB region written in random order makes tens of thousands of VMAs and `mprotect`
+//! fails with ENOMEM past `vm.max_map_count` (65530 by default). The granule is the page
+//! size or, for large regions, `len / 16384` rounded up to a power of two (64 KiB for
+//! 1 GiB), so a region never has more than ~16k VMAs, and `collect` protects runs of
+//! granules in one call (neighbours merge back). If `mprotect` still fails in the handler
+//! (the process made many mappings of its own), the handler opens the whole region and
+//! flags it: the next `collect` reports the whole region and protects it again, so
+//! nothing is lost, only over-reported.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+
+use super::{DirtyTracker, Ranges, TrackError};
+
+/// Tracked mappings at once, per process.
+pub const MAX_SLOTS: usize = 64;
+/// Granules per region at most (bounds the VMA count a region can make).
+pub const MAX_GRANULES: usize = 16384;
+
+struct Slot {
+    base: AtomicUsize,
+    len: AtomicUsize,
+    shift: AtomicU32,
+    bits: AtomicPtr<AtomicU64>,
+    overflow: AtomicPtr<AtomicBool>,
+    /// Handlers running on this slot (the tracker waits for zero before freeing).
+    busy: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Slot = Slot {
+    base: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    shift: AtomicU32::new(0),
+    bits: AtomicPtr::new(std::ptr::null_mut()),
+    overflow: AtomicPtr::new(std::ptr::null_mut()),
+    busy: AtomicUsize::new(0),
+};
+
+static SLOTS: [Slot; MAX_SLOTS] = [EMPTY; MAX_SLOTS];
+static REGISTER: Mutex<()> = Mutex::new(());
+static INSTALL: Once = Once::new();
+static mut PREVIOUS: Option<libc::sigaction> = None;
+
+fn install() -> Result<(), TrackError> {
+    let mut err = None;
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; we fill handler, flags and mask, then
+        // install it, keeping the previous action to chain to.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGSEGV, &sa, &mut old) != 0 {
+                err = Some(std::io::Error::last_os_error());
+                return;
+            }
+            PREVIOUS = Some(old);
+        }
+    });
+    match err {
+        Some(source) => Err(TrackError::Setup {
+            what: "installing the SIGSEGV handler",
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
+extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; we restore what the interrupted code saw.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let mut handled = false;
+    for s in SLOTS.iter() {
+        let (len, base) = (
+            s.len.load(Ordering::Acquire),
+            s.base.load(Ordering::Acquire),
+        );
+        if len == 0 || addr < base || addr >= base + len {
+            continue;
+        }
+        // Announce ourselves, then look again: a tracker being dropped opened the
+        // region before leaving the slot, so if it left, retrying the access succeeds.
+        s.busy.fetch_add(1, Ordering::AcqRel);
+        if s.len.load(Ordering::Acquire) == len && s.base.load(Ordering::Acquire) == base {
+            mark(s, base, len, addr);
+        }
+        s.busy.fetch_sub(1, Ordering::AcqRel);
+        handled = true;
+        break;
+    }
+    if !handled {
+        chain(sig, info, ctx);
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Opens the granule at `addr`, then marks it.
+fn mark(s: &Slot, base: usize, len: usize, addr: usize) {
+    let shift = s.shift.load(Ordering::Acquire);
+    let g = (addr - base) >> shift;
+    let start = base + (g << shift);
+    let glen = (1usize << shift).min(base + len - start);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: mprotect is async-signal-safe; the range lies in the registered mapping.
+    let ok = unsafe { libc::mprotect(start as *mut libc::c_void, glen, rw) } == 0;
+    if ok {
+        let bits = s.bits.load(Ordering::Acquire);
+        // SAFETY: `bits` has one bit per granule and lives until `busy` drops to zero
+        // after the slot is cleared.
+        unsafe { (*bits.add(g / 64)).fetch_or(1 << (g % 64), Ordering::AcqRel) };
+    } else {
+        // Out of VMAs (or memory): open the whole region (one VMA again) and flag it.
+        // SAFETY: as above.
+        unsafe {
+            libc::mprotect(base as *mut libc::c_void, len, rw);
+            (*s.overflow.load(Ordering::Acquire)).store(true, Ordering::Release);
+        }
+    }
+}
+
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: PREVIOUS is written once, before our handler is installed; calling the
+    // previous handler with our arguments is what the kernel would have done.
+    unsafe {
+        match *std::ptr::addr_of!(PREVIOUS) {
+            Some(old) if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN => {
+                if old.sa_flags & libc::SA_SIGINFO != 0 {
+                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                        std::mem::transmute(old.sa_sigaction);
+                    f(sig, info, ctx);
+                } else {
+                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(old.sa_sigaction);
+                    f(sig);
+                }
+            }
+            _ => {
+                // Restore the default action; the access faults again and the process
+                // dies as it would have without us.
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+/// Tracks writes to `[base, base+len)` of this process (see the module docs).
+pub struct MprotectTracker {
+    slot: usize,
+    base: usize,
+    len: usize,
+    shift: u32,
+    granules: usize,
+    bits: Box<[AtomicU64]>,
+    overflow: Box<AtomicBool>,
+}
+
+// SAFETY: the raw address is only passed to mprotect; the bitmap is atomic.
+unsafe impl Send for MprotectTracker {}
+
+/// The granule for a region of `len` bytes: the page size, or `len / MAX_GRANULES`
+/// rounded up to a power of two.
+pub fn granule_for(len: usize, page: usize) -> usize {
+    page.max(len.div_ceil(MAX_GRANULES).next_power_of_two())
+}
+
+impl MprotectTracker {
+    /// Protects `[base, base+len)` (page-aligned, mapped read-write) and starts
+    /// tracking; `granule` (a power of two, at least a page) overrides the default.
+    pub fn new(base: *mut u8, len: usize, granule: Option<usize>) -> Result<Self, TrackError> {
+        let page = crate::fault::uffd::page_size() as usize;
+        let g = granule.unwrap_or_else(|| granule_for(len, page));
+        let bad = |m: &str| TrackError::Setup {
+            what: "mprotect tracker",
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string()),
+        };
+        if base.is_null() || (base as usize) % page != 0 || len == 0 || len % page != 0 {
+            return Err(bad("the range must be page-aligned and non-empty"));
+        }
+        if !g.is_power_of_two() || g < page {
+            return Err(bad("the granule must be a power of two of at least a page"));
+        }
+        install()?;
+        let granules = len.div_ceil(g);
+        let bits: Box<[AtomicU64]> = (0..granules.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let overflow = Box::new(AtomicBool::new(false));
+        let _g = REGISTER.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = SLOTS
+            .iter()
+            .position(|s| s.len.load(Ordering::Acquire) == 0)
+            .ok_or_else(|| bad("too many tracked mappings in this process"))?;
+        let s = &SLOTS[slot];
+        s.base.store(base as usize, Ordering::Release);
+        s.shift.store(g.trailing_zeros(), Ordering::Release);
+        s.bits
+            .store(bits.as_ptr() as *mut AtomicU64, Ordering::Release);
+        s.overflow.store(
+            &*overflow as *const AtomicBool as *mut AtomicBool,
+            Ordering::Release,
+        );
+        s.len.store(len, Ordering::Release);
+        let t = MprotectTracker {
+            slot,
+            base: base as usize,
+            len,
+            shift: g.trailing_zeros(),
+            granules,
+            bits,
+            overflow,
+        };
+        // Protect only once the handler knows the range.
+        t.protect(0, granules).map_err(|source| TrackError::Setup {
+            what: "mprotect(PROT_READ)",
+            source,
+        })?;
+        Ok(t)
+    }
+
+    /// The protection granule in bytes.
+    pub fn granule(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// Protects granules `[first, first+n)`.
+    fn protect(&self, first: usize, n: usize) -> std::io::Result<()> {
+        let start = self.base + (first << self.shift);
+        let len = (n << self.shift).min(self.base + self.len - start);
+        // SAFETY: inside our mapping.
+        if unsafe { libc::mprotect(start as *mut libc::c_void, len, libc::PROT_READ) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl DirtyTracker for MprotectTracker {
+    fn name(&self) -> &'static str {
+        "mprotect"
+    }
+
+    fn collect(&mut self) -> Result<Ranges, TrackError> {
+        let collect_err = |source| TrackError::Collect {
+            what: "mprotect(PROT_READ)",
+            source,
+        };
+        if self.overflow.swap(false, Ordering::AcqRel) {
+            // Clear every bit, then protect everything: the whole region is reported.
+            for w in self.bits.iter() {
+                w.store(0, Ordering::Release);
+            }
+            self.protect(0, self.granules).map_err(collect_err)?;
+            return Ok(vec![0..self.len as u64]);
+        }
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, w) in self.bits.iter().enumerate() {
+            if w.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let g = i * 64 + b;
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == g => *n += 1,
+                    _ => runs.push((g, 1)),
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(runs.len());
+        for (first, n) in runs {
+            self.protect(first, n).map_err(collect_err)?;
+            let a = (first << self.shift) as u64;
+            out.push(a..((first + n) << self.shift).min(self.len) as u64);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for MprotectTracker {
+    fn drop(&mut self) {
+        // Open the region first (no new faults), then leave the slot, then wait for
+        // handlers still reading our bitmap.
+        // SAFETY: inside our mapping.
+        unsafe {
+            libc::mprotect(
+                self.base as *mut libc::c_void,
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        let _g = REGISTER.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &SLOTS[self.slot];
+        s.len.store(0, Ordering::Release);
+        while s.busy.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        s.bits.store(std::ptr::null_mut(), Ordering::Release);
+        s.overflow.store(std::ptr::null_mut(), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn write(p: *mut u8, off: usize, b: u8) {
+        // SAFETY: callers stay inside their mapping.
+        unsafe { std::ptr::write_volatile(p.add(off), b) }
+    }
+
+    #[test]
+    fn reports_written_granules_and_reprotects() {
+        let page = crate::fault::uffd::page_size() as usize;
+        let m = memmap2::MmapMut::map_anon(64 * page).unwrap();
+        let p = m.as_ptr() as *mut u8;
+        let mut t = MprotectTracker::new(p, m.len(), None).unwrap();
+        assert_eq!(t.granule(), page);
+        assert_eq!(t.collect().unwrap(), vec![]);
+        write(p, 5 * page + 7, 1);
+        write(p, 6 * page, 2);
+        write(p, 40 * page + 1, 3);
+        let pg = page as u64;
+        assert_eq!(t.collect().unwrap(), vec![5 * pg..7 * pg, 40 * pg..41 * pg]);
+        assert_eq!(t.collect().unwrap(), vec![]);
+        write(p, 40 * page + 2, 4);
+        assert_eq!(t.collect().unwrap(), vec![40 * pg..41 * pg]);
+        drop(t);
+        write(p, 0, 9); // writable again, no handler
+    }
+
+    /// 1 GiB written at random pages: page-granular protection would pass
+    /// vm.max_map_count; the coarse granule keeps the VMA count bounded and every
+    /// written page is reported.
+    #[test]
+    fn one_gib_random_writes_stay_under_the_map_count() {
+        let len = 1usize << 30;
+        let page = crate::fault::uffd::page_size() as usize;
+        let m = memmap2::MmapOptions::new().len(len).map_anon().unwrap();
+        let p = m.as_ptr() as *mut u8;
+        let mut t = MprotectTracker::new(p, len, None).unwrap();
+        assert_eq!(t.granule(), 64 << 10);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut written = std::collections::BTreeSet::new();
+        for round in 0..3 {
+            for _ in 0..40_000 {
+                let pg = rng.gen_range(0..len / page);
+                write(p, pg * page + 3, round as u8 + 1);
+                written.insert(pg);
+            }
+            let maps = std::fs::read_to_string("/proc/self/maps")
+                .unwrap()
+                .lines()
+                .count();
+            assert!(maps < 40_000, "{maps} mappings");
+            let got = t.collect().unwrap();
+            for &pg in &written {
+                let off = (pg * page) as u64;
+                assert!(
+                    got.iter().any(|r| r.start <= off && off < r.end),
+                    "page {pg} written but not reported"
+                );
+            }
+            written.clear();
+        }
+    }
+}

@@ -1,1 +1,556 @@
-//! (being written)
+//! userfaultfd write-protect trackers for a mapping of the application that wrote it.
+//!
+//! **Async** (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+): the kernel resolves a write to a
+//! protected page by itself (no message, no signal, ~1 µs) and clears the page's
+//! uffd-wp bit. [`UffdWpAsync::collect`] issues one `PAGEMAP_SCAN` ioctl on the
+//! application's `/proc/PID/pagemap` with `PM_SCAN_WP_MATCHING`: it lists the pages whose
+//! bit is clear (`PAGE_IS_WRITTEN`) and sets it again in the same walk, page-table lock
+//! held, so a write is either in this answer or faults into the next.
+//!
+//! **Sync** (`UFFD_FEATURE_PAGEFAULT_FLAG_WP`): the first write to a protected page
+//! stops the writing thread and sends a message; a thread here marks the page, removes
+//! the protection (which wakes the writer). `collect` takes the marks and protects those
+//! pages again. Order matters for not losing a write: the handler unprotects *before*
+//! it marks, and `collect` clears a mark *before* it protects, so a page is never
+//! writable without a mark that a later `collect` will see (a write between the clear
+//! and the protect is in this answer, whose bytes are read after `collect` returns).
+//!
+//! Who does what: the application creates the uffd, registers and protects its mapping
+//! ([`prepare_async`], [`prepare_sync`]) and passes the descriptors to its agent; the
+//! agent builds the tracker from them ([`UffdWpAsync::from_fds`],
+//! [`UffdWpSync::from_fd`]). Every ioctl acts on the application's address space. If the
+//! agent goes away, the last uffd descriptor closes, the registration goes with it and
+//! the application's writes never wait on anyone.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::{DirtyTracker, Ranges, TrackError};
+use crate::fault::uffd::{self, UffdError};
+
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `_UFFDIO_WRITEPROTECT` in the ioctls a registration offers.
+const IOCTL_WRITEPROTECT: u64 = 1 << 0x06;
+
+/// `struct pm_scan_arg` (linux/fs.h).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
+const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | ((b'f' as u64) << 8) | 16;
+const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+/// Regions returned per `PAGEMAP_SCAN` call (24 bytes each).
+const SCAN_VEC: usize = 4096;
+
+fn setup(what: &'static str) -> impl Fn(UffdError) -> TrackError {
+    move |e| TrackError::Setup {
+        what,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn check_range(base: *mut u8, len: usize) -> Result<(), TrackError> {
+    let page = uffd::page_size() as usize;
+    if base.is_null() || (base as usize) % page != 0 || len == 0 || len % page != 0 {
+        return Err(TrackError::Setup {
+            what: "write-protect tracking",
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
+    Ok(())
+}
+
+/// Creates a uffd for this process with `features` (all of them required), registers
+/// `[base, base+len)` for write-protect faults and protects it.
+fn prepare(base: *mut u8, len: usize, features: u64) -> Result<OwnedFd, TrackError> {
+    check_range(base, len)?;
+    let fd = uffd::create().map_err(setup("userfaultfd"))?;
+    let raw = fd.as_raw_fd();
+    let have = uffd::api_features(raw, features).map_err(setup("UFFDIO_API"))?;
+    if have & features != features {
+        return Err(TrackError::Setup {
+            what: "UFFDIO_API",
+            source: std::io::Error::other(format!(
+                "kernel lacks userfaultfd features {:#x}",
+                features & !have
+            )),
+        });
+    }
+    let ioctls = uffd::register_mode(raw, base as u64, len as u64, UFFDIO_REGISTER_MODE_WP)
+        .map_err(setup("UFFDIO_REGISTER (write-protect)"))?;
+    if ioctls & IOCTL_WRITEPROTECT == 0 {
+        return Err(TrackError::Setup {
+            what: "UFFDIO_REGISTER (write-protect)",
+            source: std::io::Error::other("the mapping does not support UFFDIO_WRITEPROTECT"),
+        });
+    }
+    uffd::writeprotect(raw, base as u64, len as u64, true).map_err(setup("UFFDIO_WRITEPROTECT"))?;
+    Ok(fd)
+}
+
+/// Application side of the async tracker: a registered, protected uffd and this
+/// process's pagemap, to hand to the agent.
+pub fn prepare_async(base: *mut u8, len: usize) -> Result<(OwnedFd, File), TrackError> {
+    let fd = prepare(
+        base,
+        len,
+        UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    )?;
+    let pagemap = File::open("/proc/self/pagemap").map_err(|source| TrackError::Setup {
+        what: "opening /proc/self/pagemap",
+        source,
+    })?;
+    Ok((fd, pagemap))
+}
+
+/// Application side of the sync tracker: a registered, protected uffd for the agent.
+pub fn prepare_sync(base: *mut u8, len: usize) -> Result<OwnedFd, TrackError> {
+    prepare(
+        base,
+        len,
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP
+            | UFFD_FEATURE_WP_UNPOPULATED
+            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    )
+}
+
+/// Whether this kernel offers the async tracker (WP_ASYNC and PAGEMAP_SCAN), tried once
+/// on a scratch mapping.
+pub fn async_supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let page = uffd::page_size() as usize;
+        let Ok(map) = memmap2::MmapMut::map_anon(page) else {
+            return false;
+        };
+        let Ok(mut t) = UffdWpAsync::new(map.as_ptr() as *mut u8, page) else {
+            return false;
+        };
+        t.collect().is_ok()
+    })
+}
+
+/// Whether this kernel offers the sync tracker, tried once.
+pub fn sync_supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let page = uffd::page_size() as usize;
+        let Ok(map) = memmap2::MmapMut::map_anon(page) else {
+            return false;
+        };
+        prepare_sync(map.as_ptr() as *mut u8, page).is_ok()
+    })
+}
+
+fn pages_to_ranges(base: u64, start: u64, end: u64) -> std::ops::Range<u64> {
+    start - base..end - base
+}
+
+/// The async tracker (see the module docs).
+pub struct UffdWpAsync {
+    /// Kept open: closing the last copy would end the registration.
+    _uffd: OwnedFd,
+    pagemap: File,
+    base: u64,
+    len: u64,
+    vec: Vec<PageRegion>,
+}
+
+impl UffdWpAsync {
+    /// Tracks `[base, base+len)` of this process (page-aligned, mapped).
+    pub fn new(base: *mut u8, len: usize) -> Result<UffdWpAsync, TrackError> {
+        let (uffd, pagemap) = prepare_async(base, len)?;
+        UffdWpAsync::from_fds(uffd, pagemap, base, len)
+    }
+
+    /// The agent's side: `uffd` and `pagemap` come from the application that called
+    /// [`prepare_async`] for `[base, base+len)` of its address space. Checks them with
+    /// one scan (which also tells whether the range really is registered async).
+    pub fn from_fds(
+        uffd: OwnedFd,
+        pagemap: File,
+        base: *mut u8,
+        len: usize,
+    ) -> Result<UffdWpAsync, TrackError> {
+        check_range(base, len)?;
+        let t = UffdWpAsync {
+            _uffd: uffd,
+            pagemap,
+            base: base as u64,
+            len: len as u64,
+            vec: vec![PageRegion::default(); SCAN_VEC],
+        };
+        // A zero-length probe: fails with ENOTTY where PAGEMAP_SCAN is missing.
+        let mut probe = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: t.base,
+            end: t.base,
+            ..Default::default()
+        };
+        scan_ioctl(t.pagemap.as_raw_fd(), &mut probe).map_err(|source| TrackError::Setup {
+            what: "PAGEMAP_SCAN",
+            source,
+        })?;
+        Ok(t)
+    }
+}
+
+fn scan_ioctl(fd: RawFd, arg: &mut PmScanArg) -> std::io::Result<u64> {
+    // SAFETY: `arg` is a live `#[repr(C)]` pm_scan_arg of the size encoded in the request
+    // (checked above); `vec`, if non-zero, points at `vec_len` page_regions we own.
+    let r = unsafe { libc::ioctl(fd, PAGEMAP_SCAN as libc::c_ulong, arg as *mut PmScanArg) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
+}
+
+impl DirtyTracker for UffdWpAsync {
+    fn name(&self) -> &'static str {
+        "uffd-wp-async"
+    }
+
+    fn collect(&mut self) -> Result<Ranges, TrackError> {
+        let end = self.base + self.len;
+        let mut start = self.base;
+        let mut out = Vec::new();
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start,
+                end,
+                vec: self.vec.as_mut_ptr() as u64,
+                vec_len: self.vec.len() as u64,
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN,
+                ..Default::default()
+            };
+            let n = match scan_ioctl(self.pagemap.as_raw_fd(), &mut arg) {
+                Ok(n) => n as usize,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    return Err(TrackError::Gone("the application exited".into()))
+                }
+                Err(source) => {
+                    return Err(TrackError::Collect {
+                        what: "PAGEMAP_SCAN",
+                        source,
+                    })
+                }
+            };
+            for r in &self.vec[..n.min(self.vec.len())] {
+                let (a, b) = (r.start.max(self.base), r.end.min(end));
+                if a < b {
+                    out.push(pages_to_ranges(self.base, a, b));
+                }
+            }
+            if arg.walk_end <= start || arg.walk_end > end {
+                // Walked everything (some kernels leave walk_end at `end`), or nothing
+                // more can be made of it.
+                break;
+            }
+            start = arg.walk_end;
+        }
+        Ok(super::normalize(out))
+    }
+}
+
+/// Dirty marks shared by the sync tracker's fault thread and `collect`.
+struct Marks {
+    words: Box<[AtomicU64]>,
+}
+
+impl Marks {
+    fn new(pages: usize) -> Marks {
+        Marks {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn set(&self, page: usize) {
+        if let Some(w) = self.words.get(page / 64) {
+            w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Takes every mark: runs of marked pages `(first, count)`, marks cleared.
+    fn take_runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, w) in self.words.iter().enumerate() {
+            if w.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let p = i * 64 + b;
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+        }
+        runs
+    }
+}
+
+/// The sync tracker (see the module docs).
+pub struct UffdWpSync {
+    uffd: Arc<OwnedFd>,
+    base: u64,
+    len: u64,
+    page: u64,
+    marks: Arc<Marks>,
+    stop: Arc<AtomicBool>,
+    /// Set by the fault thread when it gave up (the uffd failed): everything is dirty.
+    broken: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UffdWpSync {
+    /// Tracks `[base, base+len)` of this process.
+    pub fn new(base: *mut u8, len: usize) -> Result<UffdWpSync, TrackError> {
+        let uffd = prepare_sync(base, len)?;
+        UffdWpSync::from_fd(uffd, base, len)
+    }
+
+    /// The agent's side: `uffd` comes from the application that called
+    /// [`prepare_sync`] for `[base, base+len)`. Starts the fault thread.
+    pub fn from_fd(uffd: OwnedFd, base: *mut u8, len: usize) -> Result<UffdWpSync, TrackError> {
+        check_range(base, len)?;
+        let page = uffd::page_size();
+        let uffd = Arc::new(uffd);
+        let marks = Arc::new(Marks::new(len / page as usize));
+        let stop = Arc::new(AtomicBool::new(false));
+        let broken = Arc::new(AtomicBool::new(false));
+        let (u, m, s, b) = (uffd.clone(), marks.clone(), stop.clone(), broken.clone());
+        let (base, len) = (base as u64, len as u64);
+        let thread = std::thread::Builder::new()
+            .name("pagewire-uffd-wp".into())
+            .spawn(move || fault_loop(&u, base, len, page, &m, &s, &b))
+            .map_err(|source| TrackError::Setup {
+                what: "starting the write-fault thread",
+                source,
+            })?;
+        Ok(UffdWpSync {
+            uffd,
+            base,
+            len,
+            page,
+            marks,
+            stop,
+            broken,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn fault_loop(
+    uffd: &OwnedFd,
+    base: u64,
+    len: u64,
+    page: u64,
+    marks: &Marks,
+    stop: &AtomicBool,
+    broken: &AtomicBool,
+) {
+    let fd = uffd.as_raw_fd();
+    while !stop.load(Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 100) };
+        if r <= 0 {
+            continue;
+        }
+        if p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            broken.store(true, Ordering::Release);
+            return;
+        }
+        loop {
+            match uffd::read_event(fd) {
+                Ok(Some(uffd::Event::Fault { addr, wp: true, .. })) => {
+                    let a = addr & !(page - 1);
+                    if a < base || a >= base + len {
+                        continue;
+                    }
+                    // Unprotect first, then mark (see the module docs).
+                    match uffd::writeprotect(fd, a, page, false) {
+                        Ok(()) => marks.set(((a - base) / page) as usize),
+                        Err(UffdError::Gone) => return,
+                        Err(e) => {
+                            tracing::warn!("uffd-wp: unprotecting a written page: {e}");
+                            broken.store(true, Ordering::Release);
+                            let _ = uffd::writeprotect(fd, base, len, false);
+                            return;
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!("uffd-wp: reading events: {e}");
+                    broken.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl DirtyTracker for UffdWpSync {
+    fn name(&self) -> &'static str {
+        "uffd-wp-sync"
+    }
+
+    fn collect(&mut self) -> Result<Ranges, TrackError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(TrackError::Gone(
+                "the write-fault thread stopped (the application's mapping is gone)".into(),
+            ));
+        }
+        let fd = self.uffd.as_raw_fd();
+        let mut out = Vec::new();
+        // Clear, then protect (see the module docs).
+        for (first, n) in self.marks.take_runs() {
+            let (a, l) = (first as u64 * self.page, n as u64 * self.page);
+            match uffd::writeprotect(fd, self.base + a, l, true) {
+                Ok(()) => {}
+                Err(UffdError::Gone) => {
+                    return Err(TrackError::Gone("the application's mapping is gone".into()))
+                }
+                Err(e) => {
+                    return Err(TrackError::Collect {
+                        what: "UFFDIO_WRITEPROTECT",
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                }
+            }
+            out.push(a..(a + l).min(self.len));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for UffdWpSync {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Let writers go before the thread that would have let them go stops.
+        let _ = uffd::writeprotect(self.uffd.as_raw_fd(), self.base, self.len, false);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(len: usize) -> memmap2::MmapMut {
+        memmap2::MmapMut::map_anon(len).unwrap()
+    }
+
+    fn write(m: &memmap2::MmapMut, off: usize, b: u8) {
+        // SAFETY: inside the mapping; a volatile write so it really happens.
+        unsafe { std::ptr::write_volatile((m.as_ptr() as *mut u8).add(off), b) }
+    }
+
+    fn check(t: &mut dyn DirtyTracker, m: &memmap2::MmapMut) {
+        let page = uffd::page_size() as usize;
+        assert_eq!(t.collect().unwrap(), vec![]);
+        write(m, 5 * page + 7, 1);
+        write(m, 6 * page, 2);
+        write(m, 40 * page + 1, 3);
+        let got = t.collect().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (5 * page) as u64..(7 * page) as u64,
+                (40 * page) as u64..(41 * page) as u64
+            ]
+        );
+        assert_eq!(t.collect().unwrap(), vec![], "collect re-protects");
+        write(m, 40 * page + 2, 4);
+        assert_eq!(
+            t.collect().unwrap(),
+            vec![(40 * page) as u64..(41 * page) as u64]
+        );
+    }
+
+    #[test]
+    fn async_tracker_reports_written_pages() {
+        if !async_supported() {
+            eprintln!("skipped: kernel lacks WP_ASYNC/PAGEMAP_SCAN");
+            return;
+        }
+        let m = map(64 * uffd::page_size() as usize);
+        let mut t = UffdWpAsync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
+        check(&mut t, &m);
+    }
+
+    #[test]
+    fn sync_tracker_reports_written_pages() {
+        if !sync_supported() {
+            eprintln!("skipped: kernel lacks userfaultfd write-protect");
+            return;
+        }
+        let m = map(64 * uffd::page_size() as usize);
+        let mut t = UffdWpSync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
+        check(&mut t, &m);
+    }
+
+    #[test]
+    fn async_tracker_on_a_shared_memfd() {
+        if !async_supported() {
+            return;
+        }
+        let page = uffd::page_size() as usize;
+        let f = crate::fault::memfd("wp-test", 64 * page as u64).unwrap();
+        let m = unsafe { memmap2::MmapOptions::new().map_mut(&f) }.unwrap();
+        let mut t = UffdWpAsync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
+        check(&mut t, &m);
+    }
+}

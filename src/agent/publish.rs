@@ -1,0 +1,207 @@
+//! Applications that publish a region they write in memory (see
+//! [`crate::client::publish`]): the agent serves the application's memfd as a region,
+//! builds the tracker from the descriptors it was given (or asks the application to
+//! collect, for the mprotect tracker, which must run in the application's process), and
+//! replicates it. The session ends when the application's connection does: the
+//! replication stops and the region is no longer served.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::Inner;
+use crate::control::PublishArgs;
+use crate::region::FileRegion;
+use crate::track::{uffd_wp, DirtyTracker, Ranges, TrackError};
+
+type CollectReply = Result<Ranges, String>;
+
+/// The mprotect tracker's proxy: `collect` asks the application over its control
+/// connection and waits for the answer.
+struct RemoteTracker {
+    tx: mpsc::Sender<oneshot::Sender<CollectReply>>,
+}
+
+impl DirtyTracker for RemoteTracker {
+    fn name(&self) -> &'static str {
+        "mprotect"
+    }
+
+    fn collect(&mut self) -> Result<Ranges, TrackError> {
+        let gone = |why: &str| TrackError::Gone(why.into());
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(tx)
+            .map_err(|_| gone("the application detached"))?;
+        match rx.blocking_recv() {
+            Ok(Ok(r)) => Ok(crate::track::normalize(r)),
+            Ok(Err(e)) => Err(TrackError::Collect {
+                what: "collect in the application",
+                source: std::io::Error::other(e),
+            }),
+            Err(_) => Err(gone("the application detached")),
+        }
+    }
+}
+
+/// A published region's session, as the control server drives it.
+pub(crate) struct PublishSession {
+    pub(crate) region: String,
+    pub(crate) chunk_size: u32,
+    /// Collect requests for the application (mprotect); `None` for uffd trackers.
+    pub(crate) collects: Option<mpsc::Receiver<oneshot::Sender<CollectReply>>>,
+}
+
+/// Validates and starts a publication.
+pub(crate) fn start(
+    inner: &Arc<Inner>,
+    args: &PublishArgs,
+    fds: Vec<OwnedFd>,
+) -> Result<PublishSession, String> {
+    if !crate::proto::valid_name(&args.region) {
+        return Err(format!("invalid region name {:?}", args.region));
+    }
+    if inner.region(&args.region).is_some() {
+        return Err(format!(
+            "this agent already serves a region named {:?}",
+            args.region
+        ));
+    }
+    let page = crate::fault::uffd::page_size();
+    if args.size == 0
+        || args.map_len != args.size.next_multiple_of(page)
+        || args.base == 0
+        || args.base % page != 0
+    {
+        return Err("the mapping does not fit the region size".into());
+    }
+    let mut fds = fds.into_iter();
+    let memfd = std::fs::File::from(fds.next().ok_or("no memfd passed")?);
+    let len = memfd.metadata().map_err(|e| e.to_string())?.len();
+    if len != args.size {
+        return Err(format!("memfd is {len} bytes, the region {}", args.size));
+    }
+    let label = PathBuf::from(format!("memfd:{}", args.region));
+    let region = FileRegion::from_file(&args.region, &label, memfd, inner.config.chunk_size)
+        .map_err(|e| e.to_string())?;
+    let chunk_size = region.geometry().chunk_size;
+    let (tracker, collects): (Box<dyn DirtyTracker>, _) = match args.tracker.as_str() {
+        "uffd-wp-async" => {
+            let uffd = fds.next().ok_or("no uffd passed")?;
+            let pagemap = std::fs::File::from(fds.next().ok_or("no pagemap passed")?);
+            let t = uffd_wp::UffdWpAsync::from_fds(
+                uffd,
+                pagemap,
+                args.base as *mut u8,
+                args.map_len as usize,
+            )
+            .map_err(|e| e.to_string())?;
+            (Box::new(t), None)
+        }
+        "uffd-wp-sync" => {
+            let uffd = fds.next().ok_or("no uffd passed")?;
+            let t = uffd_wp::UffdWpSync::from_fd(uffd, args.base as *mut u8, args.map_len as usize)
+                .map_err(|e| e.to_string())?;
+            (Box::new(t), None)
+        }
+        "mprotect" => {
+            let (tx, rx) = mpsc::channel(1);
+            (Box::new(RemoteTracker { tx }), Some(rx))
+        }
+        o => return Err(format!("unknown tracker {o:?}")),
+    };
+    if let Ok(mut r) = inner.regions.write() {
+        r.insert(args.region.clone(), Arc::new(region));
+    }
+    let opts = super::ReplicateOptions {
+        to: args.to.clone(),
+        interval: Duration::from_millis(args.interval_ms.max(1)),
+        ..Default::default()
+    };
+    if let Err(e) = super::replicate::start(inner, &args.region, tracker, &opts) {
+        if let Ok(mut r) = inner.regions.write() {
+            r.remove(&args.region);
+        }
+        return Err(e.to_string());
+    }
+    tracing::info!(region = %args.region, tracker = %args.tracker, to = ?args.to, "region published by an application");
+    Ok(PublishSession {
+        region: args.region.clone(),
+        chunk_size,
+        collects,
+    })
+}
+
+/// Ends a publication: stops replicating and serving the region.
+pub(crate) fn end(inner: &Inner, region: &str) {
+    inner.publications.stop(region);
+    if let Ok(mut r) = inner.regions.write() {
+        r.remove(region);
+    }
+    tracing::info!(
+        region,
+        "published region withdrawn (the application detached)"
+    );
+}
+
+/// Drives a publish session on the application's control connection until it closes.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    args: PublishArgs,
+    fds: Vec<OwnedFd>,
+    reader: &mut super::control_server::LineReader,
+    r: &tokio::net::unix::OwnedReadHalf,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    use super::control_server::send;
+    use crate::control::{ControlEvent, ControlRequest};
+    let mut s = match start(&inner, &args, fds) {
+        Ok(s) => s,
+        Err(message) => {
+            let _ = send(w, &ControlEvent::Error { message }).await;
+            return;
+        }
+    };
+    let published = ControlEvent::Published {
+        chunk_size: s.chunk_size,
+    };
+    if send(w, &published).await.is_err() {
+        return end(&inner, &s.region);
+    }
+    let mut pending: std::collections::VecDeque<oneshot::Sender<CollectReply>> = Default::default();
+    loop {
+        let collect = async {
+            match s.collects.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            req = collect => {
+                let Some(tx) = req else { continue };
+                if send(w, &ControlEvent::Collect).await.is_err() {
+                    break;
+                }
+                pending.push_back(tx);
+            }
+            l = reader.next(r) => match l {
+                Ok(Some((line, _))) => {
+                    if let Ok(ControlRequest::Collected { ranges, error }) = serde_json::from_slice(&line) {
+                        if let Some(tx) = pending.pop_front() {
+                            let _ = tx.send(match error {
+                                None => Ok(ranges.into_iter().map(|(a, b)| a..b).collect()),
+                                Some(e) => Err(e),
+                            });
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            },
+            _ = inner.shutdown.cancelled() => break,
+        }
+    }
+    end(&inner, &s.region);
+}
