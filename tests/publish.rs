@@ -101,7 +101,12 @@ fn random_writes_replicate(tracker: TrackerKind) {
                 p.write_at(off as usize, &vec![byte; len]);
             }
             let e = p.flush(Duration::from_secs(30)).unwrap();
-            prop_assert!(e > last.get(), "epochs move forward: {} after {}", e, last.get());
+            prop_assert!(
+                e > last.get(),
+                "epochs move forward: {} after {}",
+                e,
+                last.get()
+            );
             last.set(e);
             prop_assert!(b.replica_epoch("p") >= e);
             let want = contents(&p);
@@ -116,7 +121,10 @@ fn random_writes_replicate(tracker: TrackerKind) {
     let a = s.a.as_ref().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while a.status().replications.iter().any(|r| r.region == "p") {
-        assert!(std::time::Instant::now() < deadline, "publication not withdrawn");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publication not withdrawn"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -169,7 +177,9 @@ fn writes_racing_collects_are_not_lost() {
             sc.spawn(|| {
                 let mut x = 1u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let off = (x >> 20) % (SIZE - 8);
                     p.write_at(off as usize, &x.to_le_bytes());
                 }

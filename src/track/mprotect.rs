@@ -2,11 +2,12 @@
 //! that writes the mapping (the client library runs it; the agent asks it to collect).
 //!
 //! The first write to a protected granule faults; the handler (async-signal-safe: atomic
-//! loads and a `fetch_or`, one `mprotect(2)`) makes the granule writable and *then* sets
-//! its bit in a bitmap. [`MprotectTracker::collect`] swaps each bitmap word to zero and
-//! *then* protects the granules it took, so a granule is never writable without a bit a
-//! later `collect` will see (a write between the swap and the protect is in this
-//! answer, whose bytes are read after `collect` returns).
+//! operations, one `mprotect(2)`) sets the granule's bit in a bitmap and makes it
+//! writable. [`MprotectTracker::collect`] takes the bits and protects the granules it
+//! took. Handler and collector hold a per-region spin lock (never held by a thread that
+//! writes the region, so a handler cannot interrupt its own holder): the faulting store
+//! lands only after its bit is set, so a `collect` that starts after the write returns
+//! it, and no handler can open a granule between a collect's take and protect.
 //!
 //! **Granules, not pages.** Protection changes split VMAs; page-granular protection of a
 //! 1 GiB region written in random order makes tens of thousands of VMAs and `mprotect`
@@ -36,6 +37,8 @@ struct Slot {
     overflow: AtomicPtr<AtomicBool>,
     /// Handlers running on this slot (the tracker waits for zero before freeing).
     busy: AtomicUsize,
+    /// Spin lock: a handler around mark + unprotect, `collect` around take + protect.
+    lock: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -46,7 +49,22 @@ const EMPTY: Slot = Slot {
     bits: AtomicPtr::new(std::ptr::null_mut()),
     overflow: AtomicPtr::new(std::ptr::null_mut()),
     busy: AtomicUsize::new(0),
+    lock: AtomicBool::new(false),
 };
+
+fn spin_lock(l: &AtomicBool) {
+    while l
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        // SAFETY: sched_yield is async-signal-safe and has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+fn spin_unlock(l: &AtomicBool) {
+    l.store(false, Ordering::Release);
+}
 
 static SLOTS: [Slot; MAX_SLOTS] = [EMPTY; MAX_SLOTS];
 static REGISTER: Mutex<()> = Mutex::new(());
@@ -111,28 +129,27 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Opens the granule at `addr`, then marks it.
+/// Marks the granule at `addr`, then opens it, under the slot's lock.
 fn mark(s: &Slot, base: usize, len: usize, addr: usize) {
     let shift = s.shift.load(Ordering::Acquire);
     let g = (addr - base) >> shift;
     let start = base + (g << shift);
     let glen = (1usize << shift).min(base + len - start);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
-    // SAFETY: mprotect is async-signal-safe; the range lies in the registered mapping.
-    let ok = unsafe { libc::mprotect(start as *mut libc::c_void, glen, rw) } == 0;
-    if ok {
-        let bits = s.bits.load(Ordering::Acquire);
-        // SAFETY: `bits` has one bit per granule and lives until `busy` drops to zero
-        // after the slot is cleared.
-        unsafe { (*bits.add(g / 64)).fetch_or(1 << (g % 64), Ordering::AcqRel) };
-    } else {
-        // Out of VMAs (or memory): open the whole region (one VMA again) and flag it.
-        // SAFETY: as above.
-        unsafe {
-            libc::mprotect(base as *mut libc::c_void, len, rw);
+    spin_lock(&s.lock);
+    let bits = s.bits.load(Ordering::Acquire);
+    // SAFETY: `bits` has one bit per granule and lives until `busy` drops to zero after
+    // the slot is cleared; mprotect is async-signal-safe and the range lies in the
+    // registered mapping.
+    unsafe {
+        (*bits.add(g / 64)).fetch_or(1 << (g % 64), Ordering::AcqRel);
+        if libc::mprotect(start as *mut libc::c_void, glen, rw) != 0 {
+            // Out of VMAs (or memory): flag it and open the whole region (one VMA).
             (*s.overflow.load(Ordering::Acquire)).store(true, Ordering::Release);
+            libc::mprotect(base as *mut libc::c_void, len, rw);
         }
     }
+    spin_unlock(&s.lock);
 }
 
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -258,12 +275,23 @@ impl DirtyTracker for MprotectTracker {
     }
 
     fn collect(&mut self) -> Result<Ranges, TrackError> {
+        let lock = &SLOTS[self.slot].lock;
+        spin_lock(lock);
+        let r = self.take_and_protect();
+        spin_unlock(lock);
+        r
+    }
+}
+
+impl MprotectTracker {
+    /// `collect` with the slot's lock held.
+    fn take_and_protect(&self) -> Result<Ranges, TrackError> {
         let collect_err = |source| TrackError::Collect {
             what: "mprotect(PROT_READ)",
             source,
         };
         if self.overflow.swap(false, Ordering::AcqRel) {
-            // Clear every bit, then protect everything: the whole region is reported.
+            // The whole region is reported and protected again.
             for w in self.bits.iter() {
                 w.store(0, Ordering::Release);
             }
