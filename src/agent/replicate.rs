@@ -539,15 +539,22 @@ fn lost(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// Small pieces are gathered into one buffer of about this size before going to quinn:
+/// thousands of tiny writes per epoch (one 4 KiB page each, a few dozen bytes once
+/// compressed) made quinn's stream-frame assembly the hottest code in the agent.
+const SEND_BATCH: usize = 256 << 10;
+
 async fn send_epoch(send: &mut quinn::SendStream, e: &EpochData) -> Result<(), std::io::Error> {
-    write_frame(
-        send,
+    let mut buf: Vec<u8> = Vec::with_capacity(SEND_BATCH);
+    let frame =
+        |buf: &mut Vec<u8>, msg: &Push| buf.extend_from_slice(&crate::proto::codec::encode(msg));
+    frame(
+        &mut buf,
         &Push::Begin {
             epoch: e.epoch,
             catch_up: e.catch_up,
         },
-    )
-    .await?;
+    );
     for piece in &e.pieces {
         match piece {
             Piece::Data {
@@ -557,33 +564,40 @@ async fn send_epoch(send: &mut quinn::SendStream, e: &EpochData) -> Result<(), s
                 compressed,
                 hash,
             } => {
-                write_frame(
-                    send,
+                frame(
+                    &mut buf,
                     &Push::Data {
                         offset: *offset,
                         len: *len,
                         compressed: *compressed,
                         hash: *hash,
                     },
-                )
-                .await?;
-                send.write_chunk(bytes.clone())
-                    .await
-                    .map_err(std::io::Error::from)?;
+                );
+                if bytes.len() >= SEND_BATCH / 4 {
+                    // Large payloads go as they are (no copy).
+                    send.write_all(&std::mem::take(&mut buf)).await?;
+                    send.write_chunk(bytes.clone())
+                        .await
+                        .map_err(std::io::Error::from)?;
+                } else {
+                    buf.extend_from_slice(bytes);
+                }
             }
-            Piece::Zero { offset, len } => {
-                write_frame(
-                    send,
-                    &Push::Zero {
-                        offset: *offset,
-                        len: *len,
-                    },
-                )
-                .await?
-            }
+            Piece::Zero { offset, len } => frame(
+                &mut buf,
+                &Push::Zero {
+                    offset: *offset,
+                    len: *len,
+                },
+            ),
+        }
+        if buf.len() >= SEND_BATCH {
+            send.write_all(&std::mem::take(&mut buf)).await?;
+            buf.reserve(SEND_BATCH);
         }
     }
-    write_frame(send, &Push::End { epoch: e.epoch }).await
+    frame(&mut buf, &Push::End { epoch: e.epoch });
+    send.write_all(&buf).await.map_err(std::io::Error::from)
 }
 
 /// One stream to the replica: catch-up by hash, then epochs as produced.
