@@ -10,7 +10,8 @@
 //! # Ok::<(), pagewire::client::AttachError>(())
 //! ```
 //!
-//! Trackers: `uffd-wp-async` (default where the kernel has WP_ASYNC and PAGEMAP_SCAN:
+//! Trackers (`PublishOptions::tracker`; with `Auto`, the `PAGEWIRE_TRACKER` environment
+//! variable can choose): `uffd-wp-async` (default where the kernel has WP_ASYNC and PAGEMAP_SCAN:
 //! no signal per write; the agent reads and re-protects written pages in one ioctl on
 //! this process's pagemap), `uffd-wp-sync` (a write fault per page per epoch, handled by
 //! the agent), `mprotect` (PROT_READ granules and a SIGSEGV handler in this process; the
@@ -133,6 +134,12 @@ pub fn publish(opts: &PublishOptions) -> Result<Published, AttachError> {
         .map_err(AttachError::Map)?;
     let base = map.as_mut_ptr();
     let mut tracker = opts.tracker;
+    if tracker == TrackerKind::Auto {
+        // Operators and tests can pick the tracker without changing the application.
+        if let Ok(v) = std::env::var("PAGEWIRE_TRACKER") {
+            tracker = TrackerKind::parse(&v).map_err(AttachError::Agent)?;
+        }
+    }
     if tracker == TrackerKind::Auto {
         tracker = if uffd_wp::async_supported() {
             TrackerKind::UffdWpAsync

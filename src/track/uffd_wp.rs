@@ -568,7 +568,11 @@ mod tests {
             for i in 0..pages {
                 write(&m, i * page, round);
             }
-            assert_eq!(t.collect().unwrap(), vec![0..m.len() as u64], "round {round}");
+            assert_eq!(
+                t.collect().unwrap(),
+                vec![0..m.len() as u64],
+                "round {round}"
+            );
         }
     }
 
