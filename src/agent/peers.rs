@@ -286,6 +286,7 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, spec: PeerSpec) {
                         .spawn(serve_connection(inner.clone(), spec.name.clone(), conn));
                 }
             }
+            Err(_) if inner.shutdown.is_cancelled() => return,
             Err(e) => {
                 let msg = e.to_string();
                 if last_logged.as_deref() != Some(&msg) {
