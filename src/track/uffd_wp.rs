@@ -576,6 +576,34 @@ mod tests {
         }
     }
 
+    /// WP_ASYNC works on shared file mappings too: tmpfs and a disk file system (the
+    /// sync mode refuses ext4 with EINVAL).
+    #[test]
+    fn async_tracker_on_tmpfs_and_disk_file_mappings() {
+        if !async_supported() {
+            return;
+        }
+        let page = uffd::page_size() as usize;
+        let tmp = std::env::temp_dir(); // a disk file system on our machines (ext4 here)
+        for dir in [std::path::Path::new("/dev/shm"), tmp.as_path()] {
+            let Ok(d) = tempfile::tempdir_in(dir) else {
+                continue;
+            };
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(d.path().join("wp"))
+                .unwrap();
+            f.set_len(64 * page as u64).unwrap();
+            let m = unsafe { memmap2::MmapOptions::new().map_mut(&f) }.unwrap();
+            let mut t = UffdWpAsync::new(m.as_ptr() as *mut u8, m.len())
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            check(&mut t, &m);
+        }
+    }
+
     #[test]
     fn async_tracker_on_a_shared_memfd() {
         if !async_supported() {
