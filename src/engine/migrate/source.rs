@@ -1,0 +1,759 @@
+//! Host A's side of a migration: pre-copy rounds, convergence, freeze, handover and
+//! post-copy serving.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::{
+    check_bitmap, check_chunks, ms, Config, Message, MigrateError, Outcome, Report, Window,
+    BW_SAMPLES, HOT_STREAK,
+};
+use crate::region::{Bitmap, Geometry};
+
+/// Where host A is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePhase {
+    /// No migration yet; A owns the region.
+    Idle,
+    /// Copying while the app runs; `round` 0 is the full copy.
+    Precopy { round: u32 },
+    /// Asked the app to pause; waiting for [`SourceEvent::Frozen`].
+    Freezing,
+    /// Frozen; waiting for the final dirty list.
+    FinalSync,
+    /// Sent `Handover`; ownership is in doubt until B answers.
+    HandingOver,
+    /// B owns the region; A serves what B has not confirmed.
+    Postcopy,
+    /// Every chunk confirmed; A let go of the region.
+    Released,
+    /// The migration ended early; A owns the region and its app runs.
+    Aborted(Outcome),
+}
+
+impl SourcePhase {
+    fn name(&self) -> &'static str {
+        match self {
+            SourcePhase::Idle => "idle",
+            SourcePhase::Precopy { .. } => "precopy",
+            SourcePhase::Freezing => "freezing",
+            SourcePhase::FinalSync => "final-sync",
+            SourcePhase::HandingOver => "handing-over",
+            SourcePhase::Postcopy => "postcopy",
+            SourcePhase::Released => "released",
+            SourcePhase::Aborted(_) => "aborted",
+        }
+    }
+}
+
+/// What happens to host A.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// Migrate the region (the driver has armed dirty tracking already).
+    Start(Config),
+    /// The chunks written since the previous collection (answer to `CollectDirty`).
+    Dirty(Vec<u64>),
+    /// B confirmed these chunks; `bytes` is what the driver counts as delivered.
+    Acked {
+        bytes: u64,
+        chunks: Vec<u64>,
+    },
+    LinkDown,
+    LinkUp,
+    /// The app is paused (answer to `Freeze`).
+    Frozen,
+    Message(Message),
+    /// Time passes.
+    Tick,
+}
+
+/// What host A's driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceAction {
+    Send(Message),
+    /// Read these chunks and send them (`urgent`: on the urgent lane, for B's faults).
+    SendChunks {
+        chunks: Vec<u64>,
+        urgent: bool,
+    },
+    /// Collect the dirty chunks and answer with [`SourceEvent::Dirty`].
+    CollectDirty,
+    /// Pause the app and answer with [`SourceEvent::Frozen`].
+    Freeze,
+    /// Let the app run again (also cancels a freeze in progress).
+    Resume,
+    /// The region belongs to B now: drop it.
+    Release,
+    /// The migration is over.
+    Report(Report),
+}
+
+/// For a progress display.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub phase: SourcePhase,
+    /// Pre-copy rounds completed.
+    pub rounds: u32,
+    /// Bytes dirtied per second in the last round.
+    pub dirty_rate: f64,
+    /// Delivered bytes per second.
+    pub bandwidth: f64,
+    /// Downtime if A switched over now (None before bandwidth is known).
+    pub expected_downtime: Option<Duration>,
+    /// Bytes B does not have current.
+    pub remaining: u64,
+    pub bytes_sent: u64,
+}
+
+/// Host A's migration engine.
+#[derive(Debug)]
+pub struct MigrateSource {
+    phase: SourcePhase,
+    generation: u64,
+    run: Option<Run>,
+}
+
+#[derive(Debug)]
+struct Run {
+    cfg: Config,
+    geo: Geometry,
+    started: Duration,
+    /// B's copy is not current (needs sending).
+    dirty: Bitmap,
+    hot: Bitmap,
+    streak: Vec<u8>,
+    /// When a collection last reported the chunk dirty.
+    last_dirty: Vec<Duration>,
+    longest_round: Duration,
+    /// Unacknowledged sends per chunk, and when the latest was sent.
+    outstanding: Vec<u16>,
+    sent_at: Vec<Duration>,
+    inflight: u64,
+    cursor: u64,
+    /// The current round still has chunks to send.
+    sending: bool,
+    collecting: bool,
+    /// The time limit passed: switch over at the end of this round.
+    forced: bool,
+    link_up: bool,
+    /// After a reconnect, until B's `Status` arrives.
+    awaiting_status: bool,
+    sent_on_conn: u64,
+    round_started: Duration,
+    dirty_rate: f64,
+    acked_total: u64,
+    sample: Option<(Duration, u64)>,
+    samples: VecDeque<f64>,
+    min_rtt: Option<Duration>,
+    rounds: u32,
+    bytes_sent: u64,
+    faulted: Bitmap,
+    faults: u64,
+    deferred: u64,
+    frozen_at: Option<Duration>,
+    accepted_at: Option<Duration>,
+}
+
+impl Default for MigrateSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MigrateSource {
+    /// The engine of a region this host owns.
+    pub fn new() -> MigrateSource {
+        MigrateSource {
+            phase: SourcePhase::Idle,
+            generation: 0,
+            run: None,
+        }
+    }
+
+    pub fn phase(&self) -> SourcePhase {
+        self.phase
+    }
+
+    /// The ownership generation of the latest migration.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// True while this host holds the ownership token (its app may run, or is paused
+    /// before handover).
+    pub fn owns(&self) -> bool {
+        !matches!(
+            self.phase,
+            SourcePhase::HandingOver | SourcePhase::Postcopy | SourcePhase::Released
+        )
+    }
+
+    /// Figures for a progress display, while a migration exists.
+    pub fn progress(&self) -> Option<Progress> {
+        let run = self.run.as_ref()?;
+        let remaining = run.bytes_of(&run.dirty, false);
+        let bw = run.bandwidth();
+        Some(Progress {
+            phase: self.phase,
+            rounds: run.rounds,
+            dirty_rate: run.dirty_rate,
+            bandwidth: bw,
+            expected_downtime: (bw > 0.0)
+                .then(|| Duration::from_secs_f64(remaining as f64 / bw) + run.rtt()),
+            remaining,
+            bytes_sent: run.bytes_sent,
+        })
+    }
+
+    /// Handles one event at `now`; returns what to do, in order. On error nothing changed.
+    pub fn handle(
+        &mut self,
+        now: Duration,
+        ev: SourceEvent,
+    ) -> Result<Vec<SourceAction>, MigrateError> {
+        let mut out = Vec::new();
+        match ev {
+            SourceEvent::Start(cfg) => self.start(now, cfg, &mut out)?,
+            SourceEvent::Dirty(chunks) => self.dirty(now, chunks, &mut out)?,
+            SourceEvent::Acked { bytes, chunks } => {
+                if let Some(run) = self.run.as_mut() {
+                    check_chunks(&run.geo, &chunks)?;
+                    run.acked(now, bytes, &chunks);
+                    self.pump(now, &mut out);
+                }
+            }
+            SourceEvent::LinkDown => self.link_down(now, &mut out),
+            SourceEvent::LinkUp => {
+                if let Some(run) = self.run.as_mut() {
+                    run.link_up = true;
+                    run.sent_on_conn = 0;
+                    if matches!(self.phase, SourcePhase::HandingOver | SourcePhase::Postcopy) {
+                        run.awaiting_status = true;
+                        out.push(SourceAction::Send(Message::Query {
+                            generation: self.generation,
+                        }));
+                    }
+                }
+            }
+            SourceEvent::Frozen => match (self.phase, self.run.as_mut()) {
+                (SourcePhase::Freezing, Some(run)) => {
+                    run.frozen_at = Some(now);
+                    self.phase = SourcePhase::FinalSync;
+                    out.push(SourceAction::CollectDirty);
+                }
+                // A freeze that completed after the abort's Resume: nothing to do.
+                (SourcePhase::Aborted(_), _) => {}
+                _ => return Err(self.unexpected("Frozen")),
+            },
+            SourceEvent::Message(m) => self.message(now, m, &mut out)?,
+            SourceEvent::Tick => {
+                if let (SourcePhase::Precopy { .. }, Some(run)) = (self.phase, self.run.as_mut()) {
+                    if !run.forced && now.saturating_sub(run.started) >= run.cfg.max_time {
+                        run.forced = true;
+                        run.sending = false;
+                    }
+                }
+                self.pump(now, &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    fn unexpected(&self, what: &'static str) -> MigrateError {
+        MigrateError::Unexpected {
+            what,
+            phase: self.phase.name(),
+        }
+    }
+
+    fn start(
+        &mut self,
+        now: Duration,
+        cfg: Config,
+        out: &mut Vec<SourceAction>,
+    ) -> Result<(), MigrateError> {
+        match self.phase {
+            SourcePhase::Idle | SourcePhase::Aborted(_) => {}
+            SourcePhase::Released => return Err(MigrateError::NotOwner),
+            p => return Err(MigrateError::Busy(p.name())),
+        }
+        let geo = Geometry::new(cfg.size, cfg.chunk_size as u64)?;
+        let n = geo.chunks();
+        self.generation += 1;
+        self.run = Some(Run {
+            cfg,
+            geo,
+            started: now,
+            dirty: Bitmap::full(n),
+            hot: Bitmap::new(n),
+            streak: vec![0; n as usize],
+            last_dirty: vec![now; n as usize],
+            longest_round: Duration::ZERO,
+            outstanding: vec![0; n as usize],
+            sent_at: vec![Duration::ZERO; n as usize],
+            inflight: 0,
+            cursor: 0,
+            sending: true,
+            collecting: false,
+            forced: false,
+            link_up: true,
+            awaiting_status: false,
+            sent_on_conn: 0,
+            round_started: now,
+            dirty_rate: 0.0,
+            acked_total: 0,
+            sample: None,
+            samples: VecDeque::new(),
+            min_rtt: None,
+            rounds: 0,
+            bytes_sent: 0,
+            faulted: Bitmap::new(n),
+            faults: 0,
+            deferred: 0,
+            frozen_at: None,
+            accepted_at: None,
+        });
+        out.push(SourceAction::Send(Message::Begin {
+            generation: self.generation,
+            size: geo.size,
+            chunk_size: geo.chunk_size,
+        }));
+        if cfg.max_rounds == 0 {
+            // Pure post-copy: freeze at once.
+            self.phase = SourcePhase::Freezing;
+            out.push(SourceAction::Freeze);
+        } else {
+            self.phase = SourcePhase::Precopy { round: 0 };
+            self.pump(now, out);
+        }
+        Ok(())
+    }
+
+    fn dirty(
+        &mut self,
+        now: Duration,
+        chunks: Vec<u64>,
+        out: &mut Vec<SourceAction>,
+    ) -> Result<(), MigrateError> {
+        let Some(run) = self.run.as_mut() else {
+            return Err(self.unexpected("Dirty"));
+        };
+        check_chunks(&run.geo, &chunks)?;
+        match self.phase {
+            SourcePhase::Precopy { .. } if run.collecting => {
+                run.collecting = false;
+                run.collected(now, &chunks);
+                self.decide(now, out);
+            }
+            SourcePhase::FinalSync => {
+                for &c in &chunks {
+                    run.dirty.set(c);
+                }
+                // Hot chunks first (B's app is likely to touch them at once), then the
+                // others in order, as many as the budget lets through.
+                let mut order: Vec<u64> = Vec::with_capacity(run.dirty.count_ones() as usize);
+                for hot_pass in [true, false] {
+                    let mut c = 0;
+                    while let Some(d) = run.dirty.next_set(c) {
+                        if run.hot.get(d) == hot_pass {
+                            order.push(d);
+                        }
+                        c = d + 1;
+                    }
+                }
+                let cap = if run.cfg.postcopy {
+                    let t = run.cfg.budget.saturating_sub(run.rtt());
+                    (t.as_secs_f64() * run.bandwidth()) as u64
+                } else {
+                    u64::MAX
+                };
+                let mut batch = Vec::new();
+                let mut bytes = 0u64;
+                for c in order {
+                    let len = run.geo.chunk_len(c) as u64;
+                    if bytes.saturating_add(len) > cap {
+                        break;
+                    }
+                    bytes += len;
+                    run.mark_sent(now, c);
+                    batch.push(c);
+                }
+                if !batch.is_empty() {
+                    out.push(SourceAction::SendChunks {
+                        chunks: batch,
+                        urgent: false,
+                    });
+                }
+                run.deferred = run.dirty.count_ones();
+                out.push(SourceAction::Send(Message::Handover {
+                    generation: self.generation,
+                    stale: run.dirty.clone(),
+                    sent: run.sent_on_conn,
+                }));
+                self.phase = SourcePhase::HandingOver;
+            }
+            // A collection asked for before an abort.
+            SourcePhase::Aborted(_) => {}
+            _ => return Err(self.unexpected("Dirty")),
+        }
+        Ok(())
+    }
+
+    /// At a round's end: switch over, or run another round.
+    fn decide(&mut self, now: Duration, out: &mut Vec<SourceAction>) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let remaining = run.bytes_of(&run.dirty, true);
+        let bw = run.bandwidth();
+        let fits = remaining == 0
+            || (bw > 0.0
+                && Duration::from_secs_f64(remaining as f64 / bw) + run.rtt() <= run.cfg.budget);
+        let limit = run.rounds >= run.cfg.max_rounds
+            || run.forced
+            || now.saturating_sub(run.started) >= run.cfg.max_time;
+        if fits || limit {
+            self.phase = SourcePhase::Freezing;
+            out.push(SourceAction::Freeze);
+        } else {
+            run.cursor = 0;
+            run.sending = true;
+            run.round_started = now;
+            self.phase = SourcePhase::Precopy { round: run.rounds };
+            self.pump(now, out);
+        }
+    }
+
+    /// Sends what the window allows; ends rounds; releases when everything is confirmed.
+    fn pump(&mut self, now: Duration, out: &mut Vec<SourceAction>) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        match self.phase {
+            SourcePhase::Precopy { .. } => {
+                if run.sending && run.link_up {
+                    let window = run.window();
+                    let mut batch = Vec::new();
+                    while run.inflight < window {
+                        match run.next_precopy() {
+                            Some(c) => {
+                                run.mark_sent(now, c);
+                                batch.push(c);
+                            }
+                            None => {
+                                run.sending = false;
+                                break;
+                            }
+                        }
+                    }
+                    if !batch.is_empty() {
+                        out.push(SourceAction::SendChunks {
+                            chunks: batch,
+                            urgent: false,
+                        });
+                    }
+                }
+                if !run.sending && run.inflight == 0 && !run.collecting {
+                    run.collecting = true;
+                    out.push(SourceAction::CollectDirty);
+                }
+            }
+            SourcePhase::Postcopy => {
+                if run.link_up && !run.awaiting_status {
+                    let window = run.window();
+                    let mut batch = Vec::new();
+                    while run.inflight < window {
+                        let Some(c) = run.dirty.next_set_wrapping(run.cursor) else {
+                            break;
+                        };
+                        run.cursor = c + 1;
+                        run.mark_sent(now, c);
+                        batch.push(c);
+                    }
+                    if !batch.is_empty() {
+                        out.push(SourceAction::SendChunks {
+                            chunks: batch,
+                            urgent: false,
+                        });
+                    }
+                }
+                if run.dirty.count_ones() == 0
+                    && run.inflight == 0
+                    && run.link_up
+                    && !run.awaiting_status
+                {
+                    self.phase = SourcePhase::Released;
+                    out.push(SourceAction::Release);
+                    out.push(SourceAction::Report(run.report(now, Outcome::Migrated)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn abort(&mut self, now: Duration, outcome: Outcome, out: &mut Vec<SourceAction>) {
+        let resume = !matches!(self.phase, SourcePhase::Precopy { .. });
+        if resume {
+            out.push(SourceAction::Resume);
+        }
+        self.phase = SourcePhase::Aborted(outcome);
+        if let Some(run) = self.run.as_ref() {
+            out.push(SourceAction::Report(run.report(now, outcome)));
+        }
+    }
+
+    fn link_down(&mut self, now: Duration, out: &mut Vec<SourceAction>) {
+        match self.phase {
+            SourcePhase::Precopy { .. } | SourcePhase::Freezing | SourcePhase::FinalSync => {
+                self.abort(now, Outcome::LinkLost, out)
+            }
+            SourcePhase::HandingOver | SourcePhase::Postcopy => {
+                if let Some(run) = self.run.as_mut() {
+                    // Unacknowledged sends are lost with the connection.
+                    run.link_up = false;
+                    for c in 0..run.geo.chunks() {
+                        if run.outstanding[c as usize] > 0 {
+                            run.outstanding[c as usize] = 0;
+                            run.dirty.set(c);
+                        }
+                    }
+                    run.inflight = 0;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn message(
+        &mut self,
+        now: Duration,
+        m: Message,
+        out: &mut Vec<SourceAction>,
+    ) -> Result<(), MigrateError> {
+        let check_gen = |got: u64| {
+            if got == self.generation {
+                Ok(())
+            } else {
+                Err(MigrateError::Generation {
+                    got,
+                    want: self.generation,
+                })
+            }
+        };
+        match m {
+            Message::Accept { generation } => {
+                check_gen(generation)?;
+                match (self.phase, self.run.as_mut()) {
+                    (SourcePhase::HandingOver, Some(run)) => {
+                        run.accepted_at = Some(now);
+                        run.cursor = 0;
+                        self.phase = SourcePhase::Postcopy;
+                        self.pump(now, out);
+                    }
+                    (SourcePhase::Postcopy, _) => {}
+                    _ => return Err(self.unexpected("Accept")),
+                }
+            }
+            Message::Status {
+                generation,
+                missing,
+            } => {
+                check_gen(generation)?;
+                let phase = self.phase;
+                let (true, Some(run)) = (
+                    matches!(phase, SourcePhase::HandingOver | SourcePhase::Postcopy),
+                    self.run.as_mut(),
+                ) else {
+                    return Err(self.unexpected("Status"));
+                };
+                match missing {
+                    Some(missing) => {
+                        check_bitmap(&run.geo, &missing)?;
+                        run.dirty = missing;
+                        run.outstanding.iter_mut().for_each(|o| *o = 0);
+                        run.inflight = 0;
+                        run.awaiting_status = false;
+                        if phase == SourcePhase::HandingOver {
+                            // B resumed during the outage; this is an upper bound.
+                            run.accepted_at = Some(now);
+                            run.cursor = 0;
+                            self.phase = SourcePhase::Postcopy;
+                        }
+                        self.pump(now, out);
+                    }
+                    None if phase == SourcePhase::HandingOver => {
+                        self.abort(now, Outcome::HandoverRefused, out)
+                    }
+                    None => self.abort(now, Outcome::DestinationLost, out),
+                }
+            }
+            Message::Fetch { chunks } => {
+                let (SourcePhase::Postcopy, Some(run)) = (self.phase, self.run.as_mut()) else {
+                    return Err(self.unexpected("Fetch"));
+                };
+                check_chunks(&run.geo, &chunks)?;
+                let mut urgent = Vec::new();
+                for c in chunks {
+                    if run.dirty.get(c) || run.outstanding[c as usize] > 0 {
+                        // Counted once per chunk (B asks again after a reconnect).
+                        run.faults += run.faulted.set(c) as u64;
+                        run.mark_sent(now, c);
+                        urgent.push(c);
+                    }
+                }
+                if !urgent.is_empty() {
+                    out.push(SourceAction::SendChunks {
+                        chunks: urgent,
+                        urgent: true,
+                    });
+                }
+            }
+            Message::Begin { .. } => return Err(self.unexpected("Begin")),
+            Message::Handover { .. } => return Err(self.unexpected("Handover")),
+            Message::Query { .. } => return Err(self.unexpected("Query")),
+        }
+        Ok(())
+    }
+}
+
+impl Run {
+    /// Bytes of the chunks set in `b` (without the hot ones if `skip_hot`).
+    fn bytes_of(&self, b: &Bitmap, skip_hot: bool) -> u64 {
+        let mut bytes = 0;
+        let mut c = 0;
+        while let Some(d) = b.next_set(c) {
+            if !(skip_hot && self.hot.get(d)) {
+                bytes += self.geo.chunk_len(d) as u64;
+            }
+            c = d + 1;
+        }
+        bytes
+    }
+
+    /// Delivered bytes per second: the largest of the recent samples.
+    fn bandwidth(&self) -> f64 {
+        self.samples.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn rtt(&self) -> Duration {
+        self.min_rtt.unwrap_or_default()
+    }
+
+    fn window(&self) -> u64 {
+        let chunk = self.geo.chunk_size as u64;
+        match self.cfg.window {
+            Window::Fixed(w) => w.max(chunk),
+            Window::Auto { min, max } => {
+                let floor = min.max(4 * chunk);
+                let target = (2.0 * self.bandwidth() * self.rtt().as_secs_f64()) as u64;
+                target.clamp(floor, max.max(floor))
+            }
+        }
+    }
+
+    /// The next chunk of this pre-copy round (dirty, not hot).
+    fn next_precopy(&mut self) -> Option<u64> {
+        loop {
+            let c = self.dirty.next_set(self.cursor)?;
+            self.cursor = c + 1;
+            if !self.hot.get(c) {
+                return Some(c);
+            }
+        }
+    }
+
+    fn mark_sent(&mut self, now: Duration, c: u64) {
+        let len = self.geo.chunk_len(c) as u64;
+        self.dirty.clear(c);
+        let o = &mut self.outstanding[c as usize];
+        *o = o.saturating_add(1);
+        self.sent_at[c as usize] = now;
+        self.inflight += len;
+        self.bytes_sent += len;
+        self.sent_on_conn += 1;
+    }
+
+    fn acked(&mut self, now: Duration, bytes: u64, chunks: &[u64]) {
+        for &c in chunks {
+            let o = &mut self.outstanding[c as usize];
+            if *o == 0 {
+                continue; // not ours (a send forgotten with a dead connection)
+            }
+            *o -= 1;
+            self.inflight = self.inflight.saturating_sub(self.geo.chunk_len(c) as u64);
+            if *o == 0 {
+                let rtt = now.saturating_sub(self.sent_at[c as usize]);
+                self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+            }
+        }
+        self.acked_total += bytes;
+        let interval = self.rtt().max(Duration::from_millis(10));
+        match self.sample {
+            None => self.sample = Some((now, self.acked_total)),
+            Some((t0, b0)) if now.saturating_sub(t0) >= interval => {
+                let rate = (self.acked_total - b0) as f64 / (now - t0).as_secs_f64();
+                if self.samples.len() == BW_SAMPLES {
+                    self.samples.pop_front();
+                }
+                self.samples.push_back(rate);
+                self.sample = Some((now, self.acked_total));
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// A round's dirty list arrived.
+    fn collected(&mut self, now: Duration, chunks: &[u64]) {
+        let mut this = Bitmap::new(self.geo.chunks());
+        let mut bytes = 0;
+        for &c in chunks {
+            if this.set(c) {
+                bytes += self.geo.chunk_len(c) as u64;
+            }
+            self.dirty.set(c);
+        }
+        let round = now.saturating_sub(self.round_started);
+        self.longest_round = self.longest_round.max(round);
+        for (c, s) in self.streak.iter_mut().enumerate() {
+            let i = c as u64;
+            if this.get(i) {
+                *s = s.saturating_add(1);
+                self.last_dirty[c] = now;
+            } else {
+                *s = 0;
+            }
+            if *s >= HOT_STREAK {
+                self.hot.set(i);
+            } else if now.saturating_sub(self.last_dirty[c]) >= self.longest_round {
+                // Cooled off: clean for as long as the longest round took.
+                self.hot.clear(i);
+            }
+        }
+        let dt = round.as_secs_f64();
+        self.dirty_rate = if dt > 0.0 { bytes as f64 / dt } else { 0.0 };
+        self.rounds += 1;
+    }
+
+    fn report(&self, now: Duration, outcome: Outcome) -> Report {
+        let downtime = match (self.frozen_at, self.accepted_at) {
+            (Some(f), Some(a)) => ms(a.saturating_sub(f).saturating_sub(self.rtt() / 2)),
+            _ => 0.0,
+        };
+        Report {
+            outcome,
+            total_ms: ms(now.saturating_sub(self.started)),
+            precopy_ms: self
+                .frozen_at
+                .map_or(0.0, |f| ms(f.saturating_sub(self.started))),
+            downtime_ms: downtime,
+            postcopy_ms: self.accepted_at.map_or(0.0, |a| ms(now.saturating_sub(a))),
+            bytes_sent: self.bytes_sent,
+            bytes_acked: self.acked_total,
+            rounds: self.rounds,
+            postcopy_faults: self.faults,
+            deferred_chunks: self.deferred,
+            bandwidth: self.bandwidth(),
+            rtt_ms: ms(self.rtt()),
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! The engines' tests, on the simulated link of [`super::sim`].
+
+use std::time::Duration;
+
+use super::sim::ms;
+use super::sim::*;
+use super::*;
+use crate::region::Bitmap;
+
+#[test]
+fn an_idle_writer_migrates_in_one_pass_at_link_rate() {
+    let size = 128 * MIB;
+    let rtt = ms(50);
+    let mut sim = Sim::new(size, rtt, Writer::idle(), Writer::uniform(1000.0), 1);
+    sim.start(cfg(size)).unwrap();
+    let r = sim.run(Duration::from_secs(10));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    let ideal = size as f64 / RATE * 1e3;
+    assert!(r.total_ms <= 1.3 * ideal, "{} vs {ideal}", r.total_ms);
+    assert_eq!(r.bytes_sent, size, "each chunk once");
+    assert_eq!(r.rounds, 1);
+    assert_eq!(r.deferred_chunks, 0);
+    assert_eq!(r.postcopy_faults, 0);
+    let truth = sim.true_downtime().as_secs_f64() * 1e3;
+    assert!(truth <= 50.0 + 70.0, "{truth}");
+    assert!(
+        close(r.downtime_ms, truth, 2.0),
+        "{} vs {truth}",
+        r.downtime_ms
+    );
+    assert!(close(r.bandwidth, RATE, RATE * 0.05), "{}", r.bandwidth);
+    assert!(close(r.rtt_ms, 50.0, 1.0), "{}", r.rtt_ms);
+    // Total time is the sum of its parts (B resumed RTT/2 before A heard of it).
+    let parts = r.precopy_ms + r.downtime_ms + r.rtt_ms / 2.0 + r.postcopy_ms;
+    assert!(close(r.total_ms, parts, 0.5), "{} vs {parts}", r.total_ms);
+}
+
+#[test]
+fn sizes_at_the_edges() {
+    for size in [
+        0,
+        1,
+        4095,
+        4096,
+        4097,
+        CHUNK as u64 - 1,
+        CHUNK as u64 + 1,
+        MIB,
+    ] {
+        let mut sim = Sim::new(size, ms(10), Writer::uniform(200.0), Writer::idle(), 2);
+        sim.start(cfg(size)).unwrap();
+        let r = sim.run(Duration::from_secs(5));
+        assert_eq!(r.outcome, Outcome::Migrated, "size {size}");
+        sim.check_b_has_everything();
+        assert!(sim.b.owns() && !sim.a.owns());
+    }
+}
+
+#[test]
+fn hot_chunks_are_deferred_not_resent_every_round() {
+    let size = 128 * MIB;
+    // 2000 writes/s, 90% of them into 64 hot chunks (4 MiB).
+    let w = Writer::hot(2000.0, 100..164, 0.9);
+    let mut sim = Sim::new(size, ms(50), w.clone(), w, 3);
+    sim.start(cfg(size)).unwrap();
+    let r = sim.run(Duration::from_secs(20));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    // A hot chunk goes in round 0 and once more at most before it is recognised.
+    for c in 100..164 {
+        assert!(
+            sim.precopy_sends[c] <= HOT_STREAK as u32,
+            "{c}: {}",
+            sim.precopy_sends[c]
+        );
+    }
+    assert!(r.rounds <= 5, "{}", r.rounds);
+    // The final sync sends what fits (70 − 50 ms at 125 MB/s ≈ 38 chunks), hot chunks
+    // first; the rest (hot ones and the few cold chunks of the last round) goes to
+    // post-copy, where B's writer faults on it.
+    assert!(
+        r.deferred_chunks > 0 && r.deferred_chunks <= 64 + 16,
+        "{r:?}"
+    );
+    assert!(r.postcopy_faults > 0, "{r:?}");
+    let truth = sim.true_downtime().as_secs_f64() * 1e3;
+    assert!(truth <= 50.0 + 70.0, "{truth}");
+    // The region once, the hot set twice more at most, and the cold writes (~200/s of
+    // 64 KiB over ~1.5 s ≈ 20 MB) once each.
+    let bound = size + 2 * 4 * MIB + 24 * MIB;
+    assert!(r.bytes_sent <= bound, "{r:?}");
+}
+
+#[test]
+fn a_writer_faster_than_the_link_does_not_make_rounds_grow() {
+    let size = 64 * MIB;
+    // 4000 chunks/s ≈ 262 MB/s, twice the link rate, all over the region.
+    let mut sim = Sim::new(
+        size,
+        ms(50),
+        Writer::uniform(4000.0),
+        Writer::uniform(4000.0),
+        4,
+    );
+    let mut c = cfg(size);
+    c.max_rounds = 4;
+    sim.start(c).unwrap();
+    let r = sim.run(Duration::from_secs(30));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert!(r.rounds <= 4);
+    // Rounds after the first shrink: chunks dirty round after round are hot.
+    for w in sim.round_bytes.windows(2).skip(1) {
+        assert!(w[1] <= w[0], "{:?}", sim.round_bytes);
+    }
+    let precopy: u64 = sim.round_bytes.iter().sum();
+    assert!(precopy <= 2 * size + size / 2, "{:?}", sim.round_bytes);
+    assert!(r.deferred_chunks > 0);
+    let truth = sim.true_downtime().as_secs_f64() * 1e3;
+    assert!(truth <= 50.0 + 70.0, "{truth}");
+}
+
+#[test]
+fn the_round_limit_switches_over_and_leaves_the_rest_to_postcopy() {
+    let size = 128 * MIB;
+    // A budget barely above the RTT never fits while ~20 chunks are dirtied per round.
+    let mut sim = Sim::new(
+        size,
+        ms(50),
+        Writer::uniform(300.0),
+        Writer::uniform(300.0),
+        5,
+    );
+    let mut c = cfg(size);
+    c.budget = ms(55);
+    c.max_rounds = 6;
+    sim.start(c).unwrap();
+    let r = sim.run(Duration::from_secs(20));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert_eq!(r.rounds, 6);
+    assert!(r.deferred_chunks > 0, "{r:?}");
+    // Later rounds stay small: they carry what was dirtied during the round before.
+    for b in &sim.round_bytes[2..] {
+        assert!(*b <= 4 * MIB, "{:?}", sim.round_bytes);
+    }
+    let truth = sim.true_downtime().as_secs_f64() * 1e3;
+    assert!(truth <= 50.0 + 55.0, "{truth}");
+}
+
+#[test]
+fn the_time_limit_stops_precopy_mid_round() {
+    let size = 128 * MIB;
+    let mut sim = Sim::new(size, ms(50), Writer::idle(), Writer::uniform(500.0), 6);
+    let mut c = cfg(size);
+    c.max_time = ms(300);
+    sim.start(c).unwrap();
+    let r = sim.run(Duration::from_secs(10));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    // The round stops at 300 ms, then drains what is in flight (a window) and freezes.
+    let drain = (12 * MIB) as f64 / RATE * 1e3 + 50.0 + 2.0;
+    assert!(
+        r.precopy_ms >= 300.0 && r.precopy_ms <= 300.0 + drain,
+        "{r:?}"
+    );
+    // About 70% of the region was left to post-copy, and went once.
+    let chunks = size / CHUNK as u64;
+    assert!(r.deferred_chunks > chunks / 2, "{r:?}");
+    // Each chunk once, plus a second copy of a faulted chunk already on its way.
+    assert!(r.bytes_sent >= size && r.bytes_sent <= size + r.postcopy_faults * CHUNK as u64);
+    let ideal = size as f64 / RATE * 1e3;
+    assert!(r.total_ms <= 1.3 * ideal, "{} vs {ideal}", r.total_ms);
+    let parts = r.precopy_ms + r.downtime_ms + r.rtt_ms / 2.0 + r.postcopy_ms;
+    assert!(close(r.total_ms, parts, 0.5), "{} vs {parts}", r.total_ms);
+}
+
+#[test]
+fn bandwidth_comes_from_acks_not_from_what_was_queued() {
+    // A window larger than the region: the whole region is queued at once.
+    let size = 32 * MIB;
+    let mut sim = Sim::new(size, ms(20), Writer::idle(), Writer::idle(), 7);
+    sim.rate = RATE / 10.0;
+    let mut c = cfg(size);
+    c.window = Window::Fixed(64 * MIB);
+    sim.start(c).unwrap();
+    sim.run_for(ms(300));
+    let p = sim.a.progress().unwrap();
+    assert_eq!(p.bytes_sent, size, "everything queued");
+    assert!(close(p.bandwidth, RATE / 10.0, RATE / 100.0), "{p:?}");
+    let r = sim.run(Duration::from_secs(10));
+    assert!(close(r.bandwidth, RATE / 10.0, RATE / 100.0), "{r:?}");
+}
+
+#[test]
+fn pure_postcopy_hands_over_at_once() {
+    let size = 16 * MIB;
+    let w = Writer::hot(2000.0, 0..16, 0.5);
+    let mut sim = Sim::new(size, ms(20), w.clone(), w, 8);
+    let mut c = cfg(size);
+    c.max_rounds = 0;
+    sim.start(c).unwrap();
+    let r = sim.run(Duration::from_secs(10));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert_eq!(r.rounds, 0);
+    assert_eq!(r.deferred_chunks, size / CHUNK as u64);
+    assert!(r.postcopy_faults > 0);
+    assert!(sim.true_downtime() <= ms(10) + FREEZE_LATENCY + ms(1));
+}
+
+#[test]
+fn without_postcopy_everything_is_sent_before_handover() {
+    let size = 32 * MIB;
+    let w = Writer::hot(2000.0, 0..64, 0.9);
+    let mut sim = Sim::new(size, ms(20), w.clone(), w, 9);
+    let mut c = cfg(size);
+    c.postcopy = false;
+    c.max_rounds = 3;
+    sim.start(c).unwrap();
+    let r = sim.run(Duration::from_secs(10));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert_eq!(r.deferred_chunks, 0);
+    assert_eq!(r.postcopy_faults, 0);
+    assert_eq!(sim.b.stats().faults, 0);
+}
+
+#[test]
+fn a_cut_during_precopy_aborts_and_a_runs_on_then_a_retry_succeeds() {
+    let size = 64 * MIB;
+    let mut sim = Sim::new(
+        size,
+        ms(50),
+        Writer::uniform(500.0),
+        Writer::uniform(500.0),
+        10,
+    );
+    sim.start(cfg(size)).unwrap();
+    sim.cut_when(|s| s.now >= ms(200), ms(100));
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::LinkLost);
+    assert!(!sim.ever_frozen && sim.a_running && sim.a.owns());
+    assert_eq!(sim.b.phase(), DestPhase::Aborted);
+    assert!(sim.b_data.iter().all(|d| d.is_none()), "B discarded");
+    // A's app keeps writing.
+    let before: u64 = sim.a_data.iter().sum();
+    sim.run_for(ms(100));
+    assert!(sim.a_data.iter().sum::<u64>() > before + 40);
+    // A second attempt after the abort is allowed and completes.
+    sim.start(cfg(size)).unwrap();
+    let r = sim.run(Duration::from_secs(10));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert_eq!(sim.a.generation(), 2);
+}
+
+#[test]
+fn b_dying_during_precopy_aborts() {
+    let size = 32 * MIB;
+    let mut sim = Sim::new(size, ms(50), Writer::uniform(500.0), Writer::idle(), 11);
+    sim.start(cfg(size)).unwrap();
+    sim.cut = Some(Cut {
+        when: Box::new(|s| s.now >= ms(100)),
+        length: ms(50),
+        kill_b: true,
+    });
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::LinkLost);
+    assert!(!sim.ever_frozen && sim.a_running && sim.a.owns());
+    assert_eq!(sim.b.phase(), DestPhase::Idle);
+}
+
+#[test]
+fn a_cut_while_freezing_resumes_a() {
+    let size = 8 * MIB;
+    let mut sim = Sim::new(size, ms(20), Writer::uniform(500.0), Writer::idle(), 12);
+    sim.start(cfg(size)).unwrap();
+    sim.cut_when(|s| s.a.phase() == SourcePhase::Freezing, ms(50));
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::LinkLost);
+    assert!(sim.a_running && sim.a.owns() && !sim.b.owns());
+    assert!(
+        !sim.ever_frozen,
+        "the freeze was cancelled before it took effect"
+    );
+    assert_eq!(r.downtime_ms, 0.0);
+}
+
+#[test]
+fn a_cut_that_loses_the_handover_leaves_a_the_owner() {
+    let size = 16 * MIB;
+    let mut sim = Sim::new(
+        size,
+        ms(50),
+        Writer::uniform(500.0),
+        Writer::uniform(500.0),
+        13,
+    );
+    sim.start(cfg(size)).unwrap();
+    // The Handover message is still on the wire when the link goes.
+    sim.cut_when(|s| s.a.phase() == SourcePhase::HandingOver, ms(200));
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::HandoverRefused);
+    assert!(sim.a.owns() && sim.a_running && !sim.b.owns() && !sim.b_running);
+    // A stayed frozen through the outage: never two owners, and A did not guess.
+    assert!(sim.ever_frozen);
+    assert_eq!(sim.b.phase(), DestPhase::Aborted);
+}
+
+#[test]
+fn a_cut_that_loses_the_accept_still_ends_with_b_the_owner() {
+    let size = 16 * MIB;
+    let mut sim = Sim::new(
+        size,
+        ms(50),
+        Writer::hot(1000.0, 0..32, 0.9),
+        Writer::hot(1000.0, 0..32, 0.9),
+        14,
+    );
+    sim.start(cfg(size)).unwrap();
+    // B accepted and resumed; its Accept is on the wire when the link goes.
+    sim.cut_when(|s| s.b.owns(), ms(200));
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    assert!(sim.b.owns() && !sim.a.owns());
+    sim.check_b_has_everything();
+    // A learnt of the handover only after the outage: its downtime figure is an upper
+    // bound that covers the outage.
+    assert!(r.downtime_ms >= 200.0, "{r:?}");
+}
+
+#[test]
+fn a_cut_during_postcopy_waits_and_resumes_without_losing_a_chunk() {
+    let size = 64 * MIB;
+    let w = Writer::hot(2000.0, 0..64, 0.5);
+    let mut sim = Sim::new(size, ms(50), w.clone(), w, 15);
+    let mut c = cfg(size);
+    c.max_time = ms(200); // leaves most of the region to post-copy
+    sim.start(c).unwrap();
+    sim.cut_when(
+        |s| s.a.phase() == SourcePhase::Postcopy && s.b.stats().faults > 2,
+        ms(300),
+    );
+    // Through the outage A keeps the region and B's faulting thread waits.
+    while sim.cut.is_some() {
+        sim.step();
+    }
+    let outage_end = sim.now + ms(300);
+    let stalled_faults = sim.b.stats().faults;
+    while sim.now < outage_end - STEP {
+        sim.step();
+        assert_eq!(sim.a.phase(), SourcePhase::Postcopy);
+        assert!(!sim.released);
+    }
+    assert!(
+        sim.b_blocked.is_some(),
+        "B's writer waits on a missing chunk"
+    );
+    assert!(sim.b.stats().faults <= stalled_faults + 1);
+    let r = sim.run(Duration::from_secs(10));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert!(r.deferred_chunks > 0 && r.postcopy_faults > 2);
+}
+
+#[test]
+fn b_lost_after_handover_gives_the_region_back_to_a() {
+    let size = 16 * MIB;
+    let mut sim = Sim::new(size, ms(20), Writer::idle(), Writer::uniform(100.0), 16);
+    let mut c = cfg(size);
+    c.max_rounds = 0;
+    sim.start(c).unwrap();
+    sim.cut = Some(Cut {
+        when: Box::new(|s| s.a.phase() == SourcePhase::Postcopy),
+        length: ms(50),
+        kill_b: true,
+    });
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::DestinationLost);
+    assert!(sim.a.owns() && sim.a_running && !sim.b.owns());
+}
+
+#[test]
+fn a_second_migration_is_refused() {
+    let size = 8 * MIB;
+    let mut sim = Sim::new(size, ms(20), Writer::idle(), Writer::idle(), 17);
+    sim.start(cfg(size)).unwrap();
+    sim.run_for(ms(5));
+    assert_eq!(
+        sim.start(cfg(size)),
+        Err(MigrateError::Busy("precopy")),
+        "while one runs"
+    );
+    let mut b = MigrateDest::new();
+    let begin = Message::Begin {
+        generation: 1,
+        size,
+        chunk_size: CHUNK,
+    };
+    b.handle(ms(0), DestEvent::Message(begin.clone())).unwrap();
+    assert_eq!(
+        b.handle(ms(0), DestEvent::Message(begin)),
+        Err(MigrateError::Busy("receiving"))
+    );
+    sim.run(Duration::from_secs(5));
+    assert_eq!(
+        sim.start(cfg(size)),
+        Err(MigrateError::NotOwner),
+        "handed over"
+    );
+}
+
+#[test]
+fn a_late_handover_is_fenced_by_the_answer_to_query() {
+    let geo_size = 10 * CHUNK as u64;
+    let mut b = MigrateDest::new();
+    let t = ms(0);
+    let msg = |m| DestEvent::Message(m);
+    b.handle(
+        t,
+        msg(Message::Begin {
+            generation: 3,
+            size: geo_size,
+            chunk_size: CHUNK,
+        }),
+    )
+    .unwrap();
+    b.handle(t, DestEvent::Arrived(vec![0, 1, 2])).unwrap();
+    let handover = Message::Handover {
+        generation: 3,
+        stale: Bitmap::new(10),
+        sent: 5,
+    };
+    // Two chunks are still on their way: B waits.
+    assert!(b.handle(t, msg(handover.clone())).unwrap().is_empty());
+    assert!(!b.owns());
+    // The link goes before they arrive: the handover is dropped with the migration.
+    assert_eq!(
+        b.handle(t, DestEvent::LinkDown).unwrap(),
+        vec![DestAction::Discard]
+    );
+    b.handle(t, DestEvent::LinkUp).unwrap();
+    assert_eq!(
+        b.handle(t, msg(Message::Query { generation: 3 })).unwrap(),
+        vec![DestAction::Send(Message::Status {
+            generation: 3,
+            missing: None
+        })]
+    );
+    assert_eq!(
+        b.handle(t, msg(handover)),
+        Err(MigrateError::Fenced { got: 3, fence: 3 })
+    );
+    assert!(!b.owns());
+}
+
+#[test]
+fn hostile_messages_are_rejected() {
+    let size = 4 * MIB;
+    let mut sim = Sim::new(size, ms(10), Writer::idle(), Writer::idle(), 18);
+    sim.start(cfg(size)).unwrap();
+    let t = sim.now;
+    let a = &mut sim.a;
+    let m = SourceEvent::Message;
+    assert!(matches!(
+        a.handle(t, m(Message::Accept { generation: 1 })),
+        Err(MigrateError::Unexpected { .. })
+    ));
+    assert!(matches!(
+        a.handle(t, m(Message::Accept { generation: 9 })),
+        Err(MigrateError::Generation { got: 9, want: 1 })
+    ));
+    assert!(matches!(
+        a.handle(t, m(Message::Fetch { chunks: vec![0] })),
+        Err(MigrateError::Unexpected { .. })
+    ));
+    assert!(matches!(
+        a.handle(
+            t,
+            SourceEvent::Acked {
+                bytes: 1,
+                chunks: vec![u64::MAX]
+            }
+        ),
+        Err(MigrateError::OutOfRange { .. })
+    ));
+    let r = sim.run(Duration::from_secs(5));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    let mut b = MigrateDest::new();
+    let t = ms(0);
+    assert!(matches!(
+        b.handle(
+            t,
+            DestEvent::Message(Message::Begin {
+                generation: 1,
+                size: 1,
+                chunk_size: 1000
+            })
+        ),
+        Err(MigrateError::Geometry(_))
+    ));
+    b.handle(
+        t,
+        DestEvent::Message(Message::Begin {
+            generation: 1,
+            size,
+            chunk_size: CHUNK,
+        }),
+    )
+    .unwrap();
+    assert!(matches!(
+        b.handle(
+            t,
+            DestEvent::Message(Message::Handover {
+                generation: 1,
+                stale: Bitmap::new(3),
+                sent: 0
+            })
+        ),
+        Err(MigrateError::BitmapLength { got: 3, want: 64 })
+    ));
+    assert!(matches!(
+        b.handle(t, DestEvent::Arrived(vec![64])),
+        Err(MigrateError::OutOfRange { .. })
+    ));
+    assert_eq!(
+        b.handle(t, DestEvent::Fault(0)),
+        Err(MigrateError::NotOwner)
+    );
+}
+
+#[test]
+fn after_a_reconnect_b_fetches_only_once_it_has_answered_the_query() {
+    let t = ms(0);
+    let mut b = MigrateDest::new();
+    let msg = DestEvent::Message;
+    b.handle(
+        t,
+        msg(Message::Begin {
+            generation: 1,
+            size: 4 * CHUNK as u64,
+            chunk_size: CHUNK,
+        }),
+    )
+    .unwrap();
+    b.handle(t, DestEvent::Arrived(vec![0, 1])).unwrap();
+    let mut stale = Bitmap::new(4);
+    stale.set(2);
+    stale.set(3);
+    let acts = b
+        .handle(
+            t,
+            msg(Message::Handover {
+                generation: 1,
+                stale: stale.clone(),
+                sent: 2,
+            }),
+        )
+        .unwrap();
+    assert_eq!(acts[0], DestAction::Resume);
+    b.handle(t, DestEvent::LinkDown).unwrap();
+    assert!(b.owns(), "B keeps ownership through a cut");
+    assert!(b.handle(t, DestEvent::Fault(2)).unwrap().is_empty());
+    b.handle(t, DestEvent::LinkUp).unwrap();
+    // A may still be in doubt: no fetch before B's Status.
+    assert!(b.handle(t, DestEvent::Fault(3)).unwrap().is_empty());
+    assert_eq!(
+        b.handle(t, msg(Message::Query { generation: 1 })).unwrap(),
+        vec![
+            DestAction::Send(Message::Status {
+                generation: 1,
+                missing: Some(stale)
+            }),
+            DestAction::Send(Message::Fetch { chunks: vec![2, 3] }),
+        ]
+    );
+    assert_eq!(b.stats().faults, 2);
+    // A duplicate of an installed chunk is acknowledged, not written.
+    assert_eq!(
+        b.handle(t, DestEvent::Arrived(vec![2, 2])).unwrap(),
+        vec![DestAction::Install(vec![2]), DestAction::Ack(vec![2, 2])]
+    );
+    assert_eq!(
+        b.handle(t, DestEvent::Arrived(vec![3])).unwrap(),
+        vec![
+            DestAction::Install(vec![3]),
+            DestAction::Ack(vec![3]),
+            DestAction::Complete
+        ]
+    );
+}
