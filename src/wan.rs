@@ -413,6 +413,7 @@ impl Shared {
         };
         let sock = std::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0))
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map(big_buffers)
             .and_then(UdpSocket::from_std);
         let sock = match sock {
             Ok(s) => Arc::new(s),
@@ -521,6 +522,17 @@ async fn run_reaper(shared: Arc<Shared>) {
     }
 }
 
+/// Socket buffers of 4 MiB each way (the kernel caps them at `net.core.[rw]mem_max`):
+/// the post-copy bench saw 2-5k UDP receive-buffer drops per GiB through the relay with
+/// the default ~208 KiB (which socket dropped was not established), which looks like
+/// path loss to QUIC.
+fn big_buffers(s: std::net::UdpSocket) -> std::net::UdpSocket {
+    let sock = socket2::SockRef::from(&s);
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    s
+}
+
 /// A running WAN relay. Stop it with [`Relay::shutdown`]; dropping it also
 /// aborts its tasks, but without waiting for them.
 pub struct Relay {
@@ -536,8 +548,10 @@ impl Relay {
             p.validate().map_err(RelayError::InvalidParams)?;
         }
         let addr = cfg.listen;
-        let listen = UdpSocket::bind(addr)
-            .await
+        let listen = std::net::UdpSocket::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map(big_buffers)
+            .and_then(UdpSocket::from_std)
             .map_err(|source| RelayError::Bind { addr, source })?;
         let local_addr = listen.local_addr()?;
         let counters: Arc<Counters> = Arc::new(Default::default());
