@@ -67,6 +67,89 @@ pub enum ControlRequest {
         ranges: Vec<(u64, u64)>,
         error: Option<String>,
     },
+    /// Live-migrate a region this agent serves to a peer: answered with
+    /// [`ControlEvent::MigrateProgress`] lines, then [`ControlEvent::Migrated`] or an error.
+    Migrate(MigrateArgs),
+}
+
+/// `pagewire migrate` arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateArgs {
+    pub region: String,
+    /// The destination peer (it serves a region of the same name and size).
+    pub to: String,
+    /// Downtime budget (freeze on the source to resume on the destination), ms.
+    pub downtime_budget_ms: u64,
+    /// Pre-copy rounds at most (round 0 is the full copy).
+    pub max_rounds: u32,
+    /// Pre-copy stops and the migration switches over after this long, ms.
+    pub max_time_ms: u64,
+    /// Freeze the writer by SIGSTOP of this process (SIGCONT on abort; it stays stopped
+    /// after a successful migration). Without it, the freeze is the final snapshot.
+    pub freeze_pid: Option<i32>,
+}
+
+/// A migration running on its source, for a progress display.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationProgress {
+    pub region: String,
+    pub to: String,
+    /// `precopy`, `freezing`, `final-sync`, `handing-over`, `postcopy`, `released`,
+    /// `aborted`, or `in-doubt` (link lost during the handover; waiting for the peer).
+    pub phase: String,
+    /// Pre-copy rounds completed.
+    pub round: u32,
+    /// Bytes dirtied per second in the last round.
+    pub dirty_rate_bps: f64,
+    /// Delivered bandwidth (from acknowledgements), bytes per second.
+    pub bandwidth_bps: f64,
+    /// Predicted downtime if the source switched over now.
+    pub expected_downtime_ms: Option<f64>,
+    /// Bytes the destination does not have current.
+    pub remaining_bytes: u64,
+    pub bytes_sent: u64,
+    pub elapsed_ms: f64,
+}
+
+/// The end of a migration, as its source saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationReport {
+    pub region: String,
+    pub to: String,
+    /// `migrated`, `link-lost`, `handover-refused` or `destination-lost`.
+    pub outcome: String,
+    pub size: u64,
+    pub total_ms: f64,
+    pub precopy_ms: f64,
+    /// Freeze on the source to resume on the destination.
+    pub downtime_ms: f64,
+    pub postcopy_ms: f64,
+    pub bytes_sent: u64,
+    pub bytes_acked: u64,
+    pub rounds: u32,
+    /// Chunks the destination fetched on demand (0: this slice finishes the copy before
+    /// handover).
+    pub postcopy_faults: u64,
+    pub deferred_chunks: u64,
+    pub bandwidth_bps: f64,
+    pub rtt_ms: f64,
+    /// How the writer was frozen: `snapshot`, `pid N` or `hook`.
+    pub freeze: String,
+}
+
+/// A region's migration state on this agent, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationStatus {
+    pub region: String,
+    /// `source` or `destination`.
+    pub role: String,
+    pub peer: String,
+    /// The engine's phase (`precopy` ... `released` on a source; `receiving`, `owner`,
+    /// `complete`, `aborted` on a destination).
+    pub phase: String,
+    /// Whether this agent holds the region's ownership token (its copy may be written).
+    pub owner: bool,
+    pub generation: u64,
 }
 
 /// A region published by an application.
@@ -257,6 +340,8 @@ pub enum ControlEvent {
     /// To a publishing application with the mprotect tracker: collect now and answer
     /// [`ControlRequest::Collected`].
     Collect,
+    MigrateProgress(MigrationProgress),
+    Migrated(MigrationReport),
 }
 
 /// `pagewire status`.
@@ -276,6 +361,9 @@ pub struct StatusReport {
     /// Regions this agent holds as a replica.
     #[serde(default)]
     pub replicas: Vec<ReplicaStatus>,
+    /// Regions migrated from or to this agent (since it started).
+    #[serde(default)]
+    pub migrations: Vec<MigrationStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -502,6 +590,30 @@ impl ControlClient {
             other => Err(ControlError::Protocol(format!(
                 "expected epoch, got {other:?}"
             ))),
+        }
+    }
+}
+
+impl ControlClient {
+    /// Runs a migration to its end, calling `progress` on each progress event.
+    pub async fn migrate(
+        mut self,
+        args: MigrateArgs,
+        mut progress: impl FnMut(&MigrationProgress),
+    ) -> Result<MigrationReport, ControlError> {
+        self.send(&ControlRequest::Migrate(args)).await?;
+        loop {
+            match self.next_event().await? {
+                Some(ControlEvent::MigrateProgress(p)) => progress(&p),
+                Some(ControlEvent::Migrated(r)) => return Ok(r),
+                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
+                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
+                None => {
+                    return Err(ControlError::Protocol(
+                        "the agent closed the connection before the migration ended".into(),
+                    ))
+                }
+            }
         }
     }
 }

@@ -56,6 +56,40 @@ enum Command {
     /// On a replica: print the last epoch of a region applied in full (--wait N: wait for
     /// epoch N first).
     Epoch(EpochCmd),
+    /// Live-migrate a file region this agent serves to a peer that serves a file of the
+    /// same name and size: pre-copy rounds while the writer runs, freeze, final sync,
+    /// handover (the peer owns the region; this agent no longer does). Progress on
+    /// stderr; --json prints the report on stdout.
+    Migrate(MigrateCmd),
+}
+
+#[derive(Args)]
+struct MigrateCmd {
+    /// The region (served by the local agent).
+    #[arg(long)]
+    region: String,
+    /// The destination peer (serving a region of the same name and size).
+    #[arg(long)]
+    to: String,
+    /// Switch over once the predicted downtime (freeze to resume) fits this.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    downtime_budget: Duration,
+    /// Pre-copy rounds at most (round 0 is the full copy).
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Stop pre-copy and switch over after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    max_time: Duration,
+    /// Freeze the writer with SIGSTOP of this process before the final sync (SIGCONT if
+    /// the migration aborts; after a successful migration it STAYS STOPPED, since it must
+    /// not write the old copy: kill it or restart it against the new owner). Without it,
+    /// the final snapshot is the freeze and writes made after it are not migrated.
+    #[arg(long)]
+    freeze_pid: Option<i32>,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -328,6 +362,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Migrate(m) => {
+            init_logs("warn");
+            migrate(m).await
+        }
         Command::Epoch(e) => {
             init_logs("warn");
             let socket = e.control.unwrap_or_else(default_socket);
@@ -557,6 +595,65 @@ async fn replicate(r: ReplicateCmd) -> Result<()> {
     Ok(())
 }
 
+async fn migrate(m: MigrateCmd) -> Result<()> {
+    let socket = m.control.unwrap_or_else(default_socket);
+    let args = pagewire::control::MigrateArgs {
+        region: m.region.clone(),
+        to: m.to.clone(),
+        downtime_budget_ms: m.downtime_budget.as_millis() as u64,
+        max_rounds: m.max_rounds,
+        max_time_ms: m.max_time.as_millis() as u64,
+        freeze_pid: m.freeze_pid,
+    };
+    const MIB: f64 = (1 << 20) as f64;
+    let mut last = String::new();
+    let r = ControlClient::connect(&socket)
+        .await?
+        .migrate(args, |p| {
+            let line = format!(
+                "{:<13} round {:>3}  dirty {:>8.1} MiB/s  bandwidth {:>8.1} MiB/s  expected downtime {}  remaining {:.1} MiB  sent {:.1} MiB",
+                p.phase,
+                p.round,
+                p.dirty_rate_bps / MIB,
+                p.bandwidth_bps / MIB,
+                p.expected_downtime_ms
+                    .map(|d| format!("{d:.1} ms"))
+                    .unwrap_or_else(|| "?".into()),
+                p.remaining_bytes as f64 / MIB,
+                p.bytes_sent as f64 / MIB,
+            );
+            if line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+        })
+        .await?;
+    if m.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "migrated {} ({} bytes) to {} in {:.0} ms: downtime {:.1} ms, {} rounds, {:.1} MiB sent ({:.2}x the region), {} post-copy faults, freeze: {}",
+            r.region,
+            r.size,
+            r.to,
+            r.total_ms,
+            r.downtime_ms,
+            r.rounds,
+            r.bytes_sent as f64 / MIB,
+            r.bytes_sent as f64 / r.size.max(1) as f64,
+            r.postcopy_faults,
+            r.freeze,
+        );
+        if m.freeze_pid.is_some() {
+            println!(
+                "process {} stays stopped (SIGSTOP): it must not write the old copy",
+                m.freeze_pid.unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn status(s: StatusCmd) -> Result<()> {
     let socket = s.control.unwrap_or_else(default_socket);
     let report = ControlClient::connect(&socket).await?.status().await?;
@@ -675,6 +772,24 @@ fn print_status(r: &StatusReport) {
                     .as_deref()
                     .map(|e| format!("  ({e})"))
                     .unwrap_or_default()
+            );
+        }
+    }
+    if !r.migrations.is_empty() {
+        println!("migrations:");
+        for m in &r.migrations {
+            println!(
+                "  {} {} {} {}  {}  {}",
+                m.region,
+                m.role,
+                if m.role == "source" { "to" } else { "from" },
+                m.peer,
+                m.phase,
+                if m.owner {
+                    "owner"
+                } else {
+                    "NOT OWNER (handed over or incomplete)"
+                }
             );
         }
     }

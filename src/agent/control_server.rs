@@ -185,6 +185,7 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
         ControlRequest::Collected { .. } => {
             send_error(&mut w, "collected without a publish session".into()).await;
         }
+        ControlRequest::Migrate(args) => migrate(inner, args, w).await,
         ControlRequest::Flush { region, timeout_ms } => {
             let ev = match inner.publications.get(&region) {
                 None => ControlEvent::Error {
@@ -231,6 +232,44 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             let _ = send(&mut w, &ev).await;
         }
     }
+}
+
+/// Runs a migration, streaming progress lines. The migration goes on if the client
+/// goes away (stopping half-way is what an abort is for, and it needs the peer).
+async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: OwnedWriteHalf) {
+    let freeze = match args.freeze_pid {
+        Some(pid) if pid > 0 => super::Freeze::Pid(pid),
+        Some(pid) => return send_error(&mut w, format!("bad freeze pid {pid}")).await,
+        None => super::Freeze::Snapshot,
+    };
+    let opts = super::MigrateOptions {
+        to: args.to.clone(),
+        budget: Duration::from_millis(args.downtime_budget_ms),
+        max_rounds: args.max_rounds,
+        max_time: Duration::from_millis(args.max_time_ms),
+        freeze,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = super::migrate::source::run(inner.clone(), &args.region, opts, Some(tx));
+    tokio::pin!(run);
+    let mut client = true;
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            Some(p) = rx.recv() => {
+                if client && send(&mut w, &ControlEvent::MigrateProgress(p)).await.is_err() {
+                    client = false;
+                }
+            }
+        }
+    };
+    let ev = match result {
+        Ok(r) => ControlEvent::Migrated(r),
+        Err(e) => ControlEvent::Error {
+            message: e.to_string(),
+        },
+    };
+    let _ = send(&mut w, &ev).await;
 }
 
 /// Starts a replication and reports until every replica has caught up.

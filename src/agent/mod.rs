@@ -4,6 +4,7 @@
 
 pub mod config;
 mod control_server;
+mod migrate;
 mod mount;
 mod peers;
 mod publish;
@@ -13,6 +14,7 @@ mod replicate;
 mod serve;
 
 pub use config::{AgentConfig, ConfigError, Overrides, PeerSpec, ReplicationConfig};
+pub use migrate::{Freeze, MigrateOptions, MigrateRunError};
 pub use pull::{FetchError, Fetched, PullError, PullHandle};
 pub use replicate::{ReplicateError, ReplicateOptions};
 
@@ -73,6 +75,7 @@ pub(crate) struct Inner {
     mounts: Mutex<BTreeMap<u64, Arc<mount::Mount>>>,
     publications: replicate::Publications,
     replicas: replica::Replicas,
+    migrations: migrate::Migrations,
     next_transfer: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -112,6 +115,7 @@ impl Agent {
             mounts: Mutex::new(BTreeMap::new()),
             publications: Default::default(),
             replicas: Default::default(),
+            migrations: Default::default(),
             next_transfer: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -264,6 +268,30 @@ impl Agent {
         self.inner.replicas.entry(region).wait_epoch(n).await
     }
 
+    /// Live-migrates `region` (served by this agent) to `opts.to`, which serves a region
+    /// of the same name and size; `progress` is called about every 100 ms.
+    pub async fn migrate(
+        &self,
+        region: &str,
+        opts: MigrateOptions,
+        mut progress: impl FnMut(&crate::control::MigrationProgress),
+    ) -> Result<crate::control::MigrationReport, MigrateRunError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = migrate::source::run(self.inner.clone(), region, opts, Some(tx));
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => {
+                    while let Ok(p) = rx.try_recv() {
+                        progress(&p);
+                    }
+                    return r;
+                }
+                Some(p) = rx.recv() => progress(&p),
+            }
+        }
+    }
+
     /// A snapshot of peers, regions and transfers.
     pub fn status(&self) -> StatusReport {
         self.inner.status()
@@ -357,6 +385,7 @@ impl Inner {
             mounts,
             replications: self.publications.status(),
             replicas: self.replicas.status(),
+            migrations: self.migrations.status(),
             name: self.name.clone(),
             version: crate::VERSION.into(),
             listen: self.local_addr.to_string(),

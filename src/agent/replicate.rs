@@ -286,6 +286,11 @@ pub(crate) fn start(
             "region {region_name} is a replica here (its owner is replicating it to us); a region has one owner"
         )));
     }
+    if !inner.migrations.owns(region_name) {
+        return Err(ReplicateError::Conflict(format!(
+            "region {region_name} was handed over to another agent (or a migration into this agent did not complete): this agent does not own it"
+        )));
+    }
     let mut map = lock(&inner.publications.map);
     if let Some(p) = map.get(region_name) {
         let mut have: Vec<&str> = p.links.iter().map(|l| l.peer.as_str()).collect();

@@ -88,6 +88,7 @@ pub(crate) async fn handle_stream(
         Request::RegionInfo { region } | Request::Fetch { region, .. } => region,
         Request::Bulk(b) => &b.region,
         Request::Replicate(r) => &r.region,
+        Request::Migrate(m) => &m.region,
     };
     if !valid_name(region_name) {
         return reply_error(
@@ -126,6 +127,9 @@ pub(crate) async fn handle_stream(
         Request::Bulk(start) => serve_bulk(&peer, region, start, send, recv).await,
         Request::Replicate(start) => {
             super::replica::serve(inner.clone(), peer, region, start, send, recv).await
+        }
+        Request::Migrate(open) => {
+            super::migrate::dest::serve(inner.clone(), peer, region, open, send, recv).await
         }
         Request::Hello(_) => {}
     }

@@ -23,6 +23,12 @@
 //!     |<-- Reply::Done ---------------------------|  every wanted chunk sent
 //!     |--- bi stream (high priority): Fetch ----->|  urgent, one chunk
 //!     |<-- Chunk hdr + bytes | Zero | Error ------|
+//!     |--- bi stream: Request::Migrate ---------->|  live migration of one region
+//!     |<-- Reply::Migrating | Reply::Error -------|
+//!     |--- MigrateFrame: Begin, Chunk+bytes, ---->|  in order, one stream
+//!     |    Zero, Handover, Query                  |
+//!     |<-- MigrateBack: Ack, Accept, Status, -----|
+//!     |    Fetch, Error                           |
 //! ```
 //!
 //! Every request opens its own stream: a region's bulk copy never blocks another region's
@@ -100,6 +106,65 @@ pub enum Request {
     /// then the owner sends [`Push`] frames (epochs) and the replica answers each epoch
     /// with [`ReplicaAck`] on its side of the stream.
     Replicate(ReplicateStart),
+    /// A live migration of one region from the sender (its owner) to the receiver, which
+    /// serves a region of the same name, size and chunk size. The receiver answers
+    /// [`Reply::Migrating`] (or an error); then the sender sends [`MigrateFrame`]s and the
+    /// receiver answers with [`MigrateBack`] frames, both on this one stream, in order
+    /// (see `engine::migrate` for the protocol).
+    Migrate(MigrateOpen),
+}
+
+/// Opens a migration stream (a new migration, or a query after a reconnect).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MigrateOpen {
+    pub region: String,
+    /// The sender's region size and chunk size; the receiver's must match.
+    pub size: u64,
+    pub chunk_size: u32,
+}
+
+/// Sender (host A) to receiver (host B) on a migration stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum MigrateFrame {
+    /// A migration of generation `generation` begins.
+    Begin {
+        generation: u64,
+        size: u64,
+        chunk_size: u32,
+    },
+    /// One chunk: followed by exactly `len` raw bytes (`len` is the chunk's length).
+    Chunk(ChunkHeader),
+    /// One chunk of zero bytes.
+    Zero { chunk: u64 },
+    /// Ownership passes to the receiver once it has received `sent` chunks on this
+    /// stream. `stale`: bitmap (LSB first, `ceil(chunks/8)` bytes) of the chunks it must
+    /// fetch before use.
+    Handover {
+        generation: u64,
+        stale: Vec<u8>,
+        sent: u64,
+    },
+    /// After a reconnect: does the receiver own `generation`?
+    Query { generation: u64 },
+}
+
+/// Receiver (host B) to sender (host A) on a migration stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum MigrateBack {
+    /// These chunks arrived and were written.
+    Ack { chunks: Vec<u64> },
+    /// The receiver owns `generation` now.
+    Accept { generation: u64 },
+    /// Answer to `Query`: the bitmap of chunks still missing if the receiver owns
+    /// `generation`, `None` if it does not (and never will: the generation is fenced).
+    Status {
+        generation: u64,
+        missing: Option<Vec<u8>>,
+    },
+    /// The receiver's application waits for these chunks (post-copy).
+    Fetch { chunks: Vec<u64> },
+    /// The receiver refused a frame; the stream ends after this.
+    Error(ErrorReply),
 }
 
 /// Opens a replication stream.
@@ -192,6 +257,8 @@ pub enum Reply {
     Error(ErrorReply),
     /// Answer to [`Request::Replicate`].
     ReplicaState(ReplicaState),
+    /// Answer to [`Request::Migrate`]: the receiver takes the stream.
+    Migrating,
 }
 
 /// What a peer knows about one of its regions.
@@ -231,6 +298,9 @@ pub enum ErrorKind {
     Io,
     /// The request was not understood.
     BadRequest,
+    /// The region is busy (a migration of it is already running) or not in a state to
+    /// take the request.
+    Busy,
 }
 
 impl std::fmt::Display for ErrorKind {
@@ -241,6 +311,7 @@ impl std::fmt::Display for ErrorKind {
             ErrorKind::Mismatch => "region mismatch",
             ErrorKind::Io => "I/O error on the serving agent",
             ErrorKind::BadRequest => "bad request",
+            ErrorKind::Busy => "region busy",
         };
         f.write_str(s)
     }

@@ -1,0 +1,143 @@
+//! Live migration between agents (first slice): a **file region** served by this agent
+//! (`--region NAME=PATH`) moves to a peer that serves a file of the same name and size.
+//! The sans-IO engines in [`crate::engine::migrate`] decide everything; this module is
+//! their driver: one bidirectional QUIC stream per migration on the peers' connection
+//! ([`crate::proto::Request::Migrate`]) carries the control messages and the chunk data
+//! in order, as the engine requires.
+//!
+//! * Dirty detection on the source: xxh3 chunk hashes. A collection reports the chunks
+//!   whose hash changed since the previous collection, plus the chunks sent since then
+//!   whose content no longer matches what was sent; the final collection (after the
+//!   freeze) compares every chunk with the hash of what the destination was sent, so
+//!   what the destination ends with is exactly the source's content at the freeze.
+//! * Freeze: `Freeze::Pid` sends SIGSTOP to the writer and waits until it is stopped
+//!   (SIGCONT on abort; after a successful migration it stays stopped: it must not write
+//!   the old copy); `Freeze::Hook` calls the caller; `Freeze::Snapshot` freezes nothing,
+//!   and writes made after the final snapshot are not migrated.
+//! * The final sync sends everything (`Config::postcopy = false`): after the handover
+//!   nothing depends on the source, and there are no post-copy faults.
+//! * Ownership: the source's region is marked not owned once handed over (status
+//!   `owner: false`), the destination's owned once it accepted. The source agent goes on
+//!   serving its file's bytes to pulls; nothing stops a process from writing it — that
+//!   is what the freeze is for.
+
+pub(crate) mod dest;
+pub(crate) mod source;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::control::MigrationStatus;
+use crate::engine::migrate::{DestPhase, MigrateDest, MigrateSource, SourcePhase};
+
+pub use source::{Freeze, MigrateOptions, MigrateRunError};
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Most chunks acknowledged in one frame.
+pub(crate) const ACK_BATCH: usize = 1024;
+
+/// Cap on a migration frame for a region of `chunks` chunks: a bitmap plus headers, or an
+/// acknowledgement batch.
+pub(crate) fn frame_cap(chunks: u64) -> usize {
+    4096 + chunks.div_ceil(8) as usize + ACK_BATCH * 10
+}
+
+/// A region's migration on this agent.
+#[derive(Clone)]
+pub(crate) enum Slot {
+    Source {
+        peer: String,
+        engine: Arc<Mutex<MigrateSource>>,
+        /// Set while a driver task runs (a reconnect while the handover is in doubt).
+        in_doubt: Arc<std::sync::atomic::AtomicBool>,
+    },
+    Dest {
+        peer: String,
+        engine: Arc<Mutex<MigrateDest>>,
+    },
+}
+
+/// The migrations of an agent, by region.
+#[derive(Default)]
+pub(crate) struct Migrations {
+    pub(crate) map: Mutex<BTreeMap<String, Slot>>,
+}
+
+fn source_phase(p: SourcePhase) -> String {
+    match p {
+        SourcePhase::Idle => "idle".into(),
+        SourcePhase::Precopy { round } => format!("precopy (round {round})"),
+        SourcePhase::Freezing => "freezing".into(),
+        SourcePhase::FinalSync => "final-sync".into(),
+        SourcePhase::HandingOver => "handing-over".into(),
+        SourcePhase::Postcopy => "postcopy".into(),
+        SourcePhase::Released => "released".into(),
+        SourcePhase::Aborted(o) => format!("aborted ({})", source::outcome_name(o)),
+    }
+}
+
+fn dest_phase(p: DestPhase) -> &'static str {
+    match p {
+        DestPhase::Idle => "idle",
+        DestPhase::Receiving => "receiving",
+        DestPhase::Owner => "owner",
+        DestPhase::Complete => "complete",
+        DestPhase::Aborted => "aborted",
+    }
+}
+
+impl Migrations {
+    pub(crate) fn status(&self) -> Vec<MigrationStatus> {
+        lock(&self.map)
+            .iter()
+            .map(|(region, slot)| match slot {
+                Slot::Source {
+                    peer,
+                    engine,
+                    in_doubt,
+                } => {
+                    let e = lock(engine);
+                    let mut phase = source_phase(e.phase());
+                    if in_doubt.load(std::sync::atomic::Ordering::Relaxed) {
+                        phase = format!("{phase}, in doubt: waiting for {peer}");
+                    }
+                    MigrationStatus {
+                        region: region.clone(),
+                        role: "source".into(),
+                        peer: peer.clone(),
+                        phase,
+                        owner: e.owns(),
+                        generation: e.generation(),
+                    }
+                }
+                Slot::Dest { peer, engine } => {
+                    let e = lock(engine);
+                    MigrationStatus {
+                        region: region.clone(),
+                        role: "destination".into(),
+                        peer: peer.clone(),
+                        phase: dest_phase(e.phase()).into(),
+                        owner: e.owns(),
+                        generation: 0,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// False when this agent handed `region` over (or holds a partial incoming copy).
+    pub(crate) fn owns(&self, region: &str) -> bool {
+        match lock(&self.map).get(region) {
+            None => true,
+            Some(Slot::Source { engine, .. }) => lock(engine).owns(),
+            Some(Slot::Dest { engine, .. }) => lock(engine).owns(),
+        }
+    }
+}
+
+/// How long to wait for the peer's connection before giving up a migration start.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,881 @@
+//! The source side (host A): drives [`MigrateSource`] over one migration stream.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{frame_cap, lock, Slot, CONNECT_TIMEOUT};
+use crate::agent::{reason, Inner};
+use crate::control::{MigrationProgress, MigrationReport};
+use crate::engine::migrate::{
+    Config, Message, MigrateError, MigrateSource, Outcome, Report, SourceAction, SourceEvent,
+    SourcePhase, Window,
+};
+use crate::proto::codec::{encode, read_frame, FrameError, FrameReader};
+use crate::proto::{ChunkHeader, MigrateBack, MigrateFrame, MigrateOpen, Reply, Request, WireCode};
+use crate::region::{chunk_hash, is_zero, Bitmap, FileRegion};
+
+/// How the writer of the region is paused for the final sync.
+#[derive(Clone)]
+pub enum Freeze {
+    /// Nothing is paused: the final snapshot is the freeze; writes after it are not
+    /// migrated.
+    Snapshot,
+    /// SIGSTOP this process (and wait until it is stopped); SIGCONT if the migration
+    /// aborts. After a successful migration it stays stopped.
+    Pid(i32),
+    /// Called with `true` to pause (return once the writer is at a safe point) and with
+    /// `false` to resume after an abort. Runs on a blocking thread.
+    Hook(Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>),
+}
+
+impl Freeze {
+    fn label(&self) -> String {
+        match self {
+            Freeze::Snapshot => "snapshot".into(),
+            Freeze::Pid(p) => format!("pid {p}"),
+            Freeze::Hook(_) => "hook".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Freeze {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// The destination peer.
+    pub to: String,
+    /// Downtime budget (freeze to resume).
+    pub budget: Duration,
+    /// Pre-copy rounds at most.
+    pub max_rounds: u32,
+    /// Pre-copy stops after this long and the migration switches over.
+    pub max_time: Duration,
+    pub freeze: Freeze,
+}
+
+impl MigrateOptions {
+    pub fn new(to: &str) -> MigrateOptions {
+        MigrateOptions {
+            to: to.into(),
+            budget: Duration::from_millis(50),
+            max_rounds: 30,
+            max_time: Duration::from_secs(60),
+            freeze: Freeze::Snapshot,
+        }
+    }
+}
+
+/// A migration could not start or did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateRunError {
+    /// The region is not served by this agent.
+    #[error("this agent has no region {0:?} (serve it with --region {0}=PATH)")]
+    UnknownRegion(String),
+    /// The destination is not a peer (or is this agent).
+    #[error("{0:?} is not a peer of this agent")]
+    UnknownPeer(String),
+    /// A migration of the region is already running here, or it was handed over.
+    #[error("region {region}: {why}")]
+    Busy { region: String, why: String },
+    /// The destination refused the migration.
+    #[error("{peer} refused the migration: {why}")]
+    Refused { peer: String, why: String },
+    /// The migration ended early; the region stays on this agent.
+    #[error("migration of {region} to {peer} aborted ({outcome}): {why}; the region stays here{resumed}")]
+    Aborted {
+        region: String,
+        peer: String,
+        outcome: &'static str,
+        why: String,
+        resumed: &'static str,
+    },
+    /// Pausing the writer failed (the migration was aborted).
+    #[error("freeze: {0}")]
+    Freeze(String),
+    /// Reading or hashing the region failed.
+    #[error("reading the region: {0}")]
+    Region(String),
+    /// The agent is shutting down.
+    #[error("agent shutting down")]
+    Shutdown,
+}
+
+pub(crate) fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Migrated => "migrated",
+        Outcome::LinkLost => "link-lost",
+        Outcome::HandoverRefused => "handover-refused",
+        Outcome::DestinationLost => "destination-lost",
+    }
+}
+
+/// What B has of each chunk (the hash of what was sent) and what the file had at the
+/// previous collection.
+struct Scanner {
+    region: Arc<FileRegion>,
+    prev: Vec<u64>,
+    sent: Vec<Option<u64>>,
+    sent_since: Vec<bool>,
+}
+
+impl Scanner {
+    fn new(region: Arc<FileRegion>) -> Result<Scanner, String> {
+        let prev = region.chunk_hashes().map_err(|e| e.to_string())?;
+        let n = prev.len();
+        Ok(Scanner {
+            region,
+            prev,
+            sent: vec![None; n],
+            sent_since: vec![false; n],
+        })
+    }
+
+    /// Pre-copy: chunks changed since the previous collection, and chunks sent since then
+    /// whose content is not what was sent. Final: every chunk B's copy differs in.
+    fn collect(&mut self, last: bool) -> Result<Vec<u64>, String> {
+        let now = self.region.chunk_hashes().map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for (c, h) in now.iter().enumerate() {
+            let stale = self.sent[c] != Some(*h);
+            let dirty = if last {
+                stale
+            } else {
+                *h != self.prev[c] || (self.sent_since[c] && stale)
+            };
+            if dirty {
+                out.push(c as u64);
+            }
+        }
+        self.prev = now;
+        self.sent_since.iter_mut().for_each(|s| *s = false);
+        Ok(out)
+    }
+}
+
+/// Stops `pid` and waits until the kernel reports it stopped.
+fn stop_pid(pid: i32) -> Result<(), String> {
+    // SAFETY: kill(2) with a pid and a signal number.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        return Err(format!(
+            "SIGSTOP {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+        // The state follows the last ')' (the command name may contain anything).
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next());
+        if matches!(state, Some('T') | Some('t')) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("process {pid} did not stop within 5 s"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn cont_pid(pid: i32) {
+    // SAFETY: kill(2) with a pid and a signal number.
+    if unsafe { libc::kill(pid, libc::SIGCONT) } != 0 {
+        tracing::warn!(pid, "SIGCONT failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// A blocking step the driver waits for.
+enum Pending {
+    Collect(tokio::task::JoinHandle<Result<Vec<u64>, String>>),
+    Freeze(tokio::task::JoinHandle<Result<(), String>>),
+}
+
+struct Stream {
+    send: quinn::SendStream,
+    reader: FrameReader<quinn::RecvStream>,
+    conn: quinn::Connection,
+}
+
+/// Why a stream ended.
+fn lost(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> String {
+    match conn.close_reason() {
+        Some(r) => reason(&r),
+        None => e.to_string(),
+    }
+}
+
+/// Opens a migration stream to `peer` and waits for its answer.
+async fn open(
+    inner: &Inner,
+    peer: &str,
+    region: &FileRegion,
+    wait: Option<Duration>,
+) -> Result<Stream, (bool, String)> {
+    let waited = async { inner.peers.wait(peer, &inner.shutdown).await };
+    let conn = match wait {
+        Some(t) => tokio::time::timeout(t, waited).await.ok().flatten(),
+        None => waited.await,
+    };
+    let Some(conn) = conn else {
+        return Err((false, format!("no connection to {peer}")));
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (false, lost(&conn, &e)))?;
+    let g = region.geometry();
+    let req = Request::Migrate(MigrateOpen {
+        region: region.name().into(),
+        size: g.size,
+        chunk_size: g.chunk_size,
+    });
+    crate::proto::codec::write_frame(&mut send, &req)
+        .await
+        .map_err(|e| (false, lost(&conn, &e)))?;
+    match read_frame::<_, Reply>(&mut recv, 4096).await {
+        Ok(Some(Reply::Migrating)) => {}
+        Ok(Some(Reply::Error(e))) => return Err((true, format!("{}: {}", e.kind, e.message))),
+        Ok(Some(_)) => {
+            let _ = recv.stop(WireCode::UnexpectedFrame.varint());
+            return Err((true, "unexpected reply to migrate".into()));
+        }
+        Ok(None) => return Err((false, "the peer closed the stream".into())),
+        Err(FrameError::Io(e)) => return Err((false, lost(&conn, &e))),
+        Err(e) => {
+            let _ = recv.stop(e.code().varint());
+            return Err((true, format!("bad reply: {e}")));
+        }
+    }
+    Ok(Stream {
+        send,
+        reader: FrameReader::new(recv, frame_cap(g.chunks())),
+        conn,
+    })
+}
+
+fn progress(
+    region: &str,
+    to: &str,
+    engine: &MigrateSource,
+    elapsed: Duration,
+    in_doubt: bool,
+) -> MigrationProgress {
+    let p = engine.progress();
+    let phase = if in_doubt {
+        "in-doubt".to_string()
+    } else {
+        match engine.phase() {
+            SourcePhase::Precopy { .. } => "precopy".into(),
+            SourcePhase::Freezing => "freezing".into(),
+            SourcePhase::FinalSync => "final-sync".into(),
+            SourcePhase::HandingOver => "handing-over".into(),
+            SourcePhase::Postcopy => "postcopy".into(),
+            SourcePhase::Released => "released".into(),
+            SourcePhase::Aborted(_) => "aborted".into(),
+            SourcePhase::Idle => "idle".into(),
+        }
+    };
+    MigrationProgress {
+        region: region.into(),
+        to: to.into(),
+        phase,
+        round: p.map_or(0, |p| p.rounds),
+        dirty_rate_bps: p.map_or(0.0, |p| p.dirty_rate),
+        bandwidth_bps: p.map_or(0.0, |p| p.bandwidth),
+        expected_downtime_ms: p.and_then(|p| p.expected_downtime.map(|d| d.as_secs_f64() * 1e3)),
+        remaining_bytes: p.map_or(0, |p| p.remaining),
+        bytes_sent: p.map_or(0, |p| p.bytes_sent),
+        elapsed_ms: elapsed.as_secs_f64() * 1e3,
+    }
+}
+
+/// Runs one migration of `region_name` to `opts.to`; progress goes to `progress_tx`.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    region_name: &str,
+    opts: MigrateOptions,
+    progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
+) -> Result<MigrationReport, MigrateRunError> {
+    let region = inner
+        .region(region_name)
+        .ok_or_else(|| MigrateRunError::UnknownRegion(region_name.into()))?;
+    if opts.to == inner.name || !inner.peers.is_expected(&opts.to) {
+        return Err(MigrateRunError::UnknownPeer(opts.to.clone()));
+    }
+    let g = region.geometry();
+    let cfg = Config {
+        size: g.size,
+        chunk_size: g.chunk_size,
+        budget: opts.budget,
+        max_rounds: opts.max_rounds,
+        max_time: opts.max_time,
+        window: Window::Auto {
+            min: 1 << 20,
+            max: 16 << 20,
+        },
+        postcopy: false,
+    };
+    let busy = |why: String| MigrateRunError::Busy {
+        region: region_name.into(),
+        why,
+    };
+    // The dirty baseline is taken before the engine starts copying.
+    let scanner = {
+        let r = region.clone();
+        tokio::task::spawn_blocking(move || Scanner::new(r))
+            .await
+            .map_err(|e| MigrateRunError::Region(e.to_string()))?
+            .map_err(MigrateRunError::Region)?
+    };
+    let scanner = Arc::new(Mutex::new(scanner));
+    let started = Instant::now();
+    // Registering and starting under the map's lock: a second migrate sees Busy.
+    let (engine, in_doubt, first) = {
+        let mut map = lock(&inner.migrations.map);
+        let engine = match map.get(region_name) {
+            None => Arc::new(Mutex::new(MigrateSource::new())),
+            Some(Slot::Source { engine, .. }) => engine.clone(),
+            Some(Slot::Dest { engine, peer }) => {
+                let e = lock(engine);
+                if !e.owns() {
+                    return Err(busy(format!(
+                        "this agent does not own it (an incoming migration from {peer} is {:?})",
+                        e.phase()
+                    )));
+                }
+                Arc::new(Mutex::new(MigrateSource::new()))
+            }
+        };
+        let first = lock(&engine).handle(Duration::ZERO, SourceEvent::Start(cfg));
+        let first = match first {
+            Ok(a) => a,
+            Err(MigrateError::Busy(phase)) => {
+                return Err(busy(format!(
+                    "a migration of it is already running (phase {phase})"
+                )))
+            }
+            Err(MigrateError::NotOwner) => {
+                return Err(busy(
+                    "it was migrated away from this agent; this agent no longer owns it".into(),
+                ))
+            }
+            Err(e) => return Err(busy(e.to_string())),
+        };
+        let in_doubt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        map.insert(
+            region_name.into(),
+            Slot::Source {
+                peer: opts.to.clone(),
+                engine: engine.clone(),
+                in_doubt: in_doubt.clone(),
+            },
+        );
+        (engine, in_doubt, first)
+    };
+    tracing::info!(region = region_name, to = %opts.to, size = g.size, freeze = ?opts.freeze, "migration started");
+    let mut d = Driver {
+        inner: inner.clone(),
+        region,
+        opts,
+        engine,
+        in_doubt,
+        scanner,
+        started,
+        queue: first.into(),
+        pending: None,
+        frozen: false,
+        report: None,
+        last_error: None,
+        progress_tx,
+    };
+    let r = d.drive().await;
+    tracing::info!(region = region_name, result = ?r.as_ref().map(|r| &r.outcome), "migration ended");
+    r
+}
+
+struct Driver {
+    inner: Arc<Inner>,
+    region: Arc<FileRegion>,
+    opts: MigrateOptions,
+    engine: Arc<Mutex<MigrateSource>>,
+    in_doubt: Arc<std::sync::atomic::AtomicBool>,
+    scanner: Arc<Mutex<Scanner>>,
+    started: Instant,
+    queue: VecDeque<SourceAction>,
+    pending: Option<Pending>,
+    /// The writer is paused by us.
+    frozen: bool,
+    report: Option<Report>,
+    last_error: Option<String>,
+    progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
+}
+
+impl Driver {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Feeds one event; queues the actions. An error from a peer message means the peer
+    /// broke the protocol: the caller drops the stream.
+    fn feed(&mut self, ev: SourceEvent) -> Result<(), MigrateError> {
+        let now = self.now();
+        let actions = lock(&self.engine).handle(now, ev)?;
+        self.queue.extend(actions);
+        Ok(())
+    }
+
+    fn link_down(&mut self, why: String) {
+        tracing::info!(region = %self.region.name(), peer = %self.opts.to, "migration stream lost: {why}");
+        self.last_error = Some(why);
+        let _ = self.feed(SourceEvent::LinkDown);
+    }
+
+    fn send_progress(&self) {
+        if let Some(tx) = &self.progress_tx {
+            let p = progress(
+                self.region.name(),
+                &self.opts.to,
+                &lock(&self.engine),
+                self.now(),
+                self.in_doubt.load(Ordering::Relaxed),
+            );
+            let _ = tx.send(p);
+        }
+    }
+
+    async fn drive(&mut self) -> Result<MigrationReport, MigrateRunError> {
+        // A connection replaced just then (both agents dialed each other at once, and
+        // one of the two connections is closed as a duplicate) is worth another try;
+        // nothing was sent yet.
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let opened = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match open(&self.inner, &self.opts.to, &self.region, Some(left)).await {
+                Err((false, why))
+                    if Instant::now() < deadline && !self.inner.shutdown.is_cancelled() =>
+                {
+                    tracing::debug!(peer = %self.opts.to, "migration stream not opened, trying again: {why}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => break r,
+            }
+        };
+        let mut stream = match opened {
+            Ok(s) => Some(s),
+            Err((refused, why)) => {
+                let _ = self.feed(SourceEvent::LinkDown);
+                self.queue.clear();
+                return Err(if refused {
+                    MigrateRunError::Refused {
+                        peer: self.opts.to.clone(),
+                        why,
+                    }
+                } else {
+                    MigrateRunError::Aborted {
+                        region: self.region.name().into(),
+                        peer: self.opts.to.clone(),
+                        outcome: "link-lost",
+                        why,
+                        resumed: "",
+                    }
+                });
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_progress = Instant::now();
+        loop {
+            self.run_actions(&mut stream).await;
+            if self.report.is_some() {
+                break;
+            }
+            // Lost the stream while B may own the region: never two owners, so wait for
+            // the peer and ask it (the engine sends `Query` on `LinkUp`).
+            if stream.is_none() && !lock(&self.engine).owns() {
+                self.in_doubt.store(true, Ordering::Relaxed);
+                self.send_progress();
+                let s = tokio::select! {
+                    s = open(&self.inner, &self.opts.to, &self.region, None) => s,
+                    _ = self.inner.shutdown.cancelled() => return Err(MigrateRunError::Shutdown),
+                };
+                match s {
+                    Ok(s) => {
+                        self.in_doubt.store(false, Ordering::Relaxed);
+                        stream = Some(s);
+                        let _ = self.feed(SourceEvent::LinkUp);
+                    }
+                    Err((_, why)) => {
+                        tracing::info!(region = %self.region.name(), "handover in doubt, peer not reachable: {why}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                continue;
+            }
+            enum Got {
+                Frame(Result<Option<MigrateBack>, FrameError>),
+                Collected(Result<Vec<u64>, String>),
+                Frozen(Result<(), String>),
+                Tick,
+                Shutdown,
+            }
+            let shutdown = self.inner.shutdown.clone();
+            let pending_slot = &mut self.pending;
+            let got = {
+                let pending = async {
+                    match pending_slot.as_mut() {
+                        Some(Pending::Collect(h)) => {
+                            Got::Collected(h.await.unwrap_or_else(|e| Err(e.to_string())))
+                        }
+                        Some(Pending::Freeze(h)) => {
+                            Got::Frozen(h.await.unwrap_or_else(|e| Err(e.to_string())))
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let frame = async {
+                    match stream.as_mut() {
+                        Some(s) => Got::Frame(s.reader.next::<MigrateBack>().await),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    g = frame => g,
+                    g = pending => g,
+                    _ = tick.tick() => Got::Tick,
+                    _ = shutdown.cancelled() => Got::Shutdown,
+                }
+            };
+            match got {
+                Got::Frame(f) => {
+                    let Some(s) = stream.as_mut() else { continue };
+                    let conn = s.conn.clone();
+                    match self.on_frame(f) {
+                        Ok(()) => {}
+                        Err((code, why)) => {
+                            if let Some(code) = code {
+                                tracing::warn!(peer = %self.opts.to, code = code.name(), "closing migration stream: {why}");
+                                let _ = s.reader.get_mut().stop(code.varint());
+                                let _ = s.send.reset(code.varint());
+                            }
+                            let why = if code.is_none() {
+                                lost(&conn, &why)
+                            } else {
+                                why
+                            };
+                            stream = None;
+                            self.link_down(why);
+                        }
+                    }
+                }
+                Got::Collected(r) => {
+                    self.pending = None;
+                    match r {
+                        Ok(chunks) => {
+                            let _ = self.feed(SourceEvent::Dirty(chunks));
+                        }
+                        Err(e) => {
+                            // Cannot know what changed: give up (as a link loss would).
+                            self.last_error = Some(format!("collecting changes: {e}"));
+                            if let Some(mut s) = stream.take() {
+                                let _ = s.send.reset(WireCode::Cancelled.varint());
+                            }
+                            let _ = self.feed(SourceEvent::LinkDown);
+                        }
+                    }
+                }
+                Got::Frozen(r) => {
+                    self.pending = None;
+                    match r {
+                        Ok(()) => {
+                            self.frozen = true;
+                            let _ = self.feed(SourceEvent::Frozen);
+                        }
+                        Err(e) => {
+                            self.last_error = Some(format!("freeze failed: {e}"));
+                            // A half-done freeze is undone by the abort's Resume.
+                            self.frozen = true;
+                            if let Some(mut s) = stream.take() {
+                                let _ = s.send.reset(WireCode::Cancelled.varint());
+                            }
+                            let _ = self.feed(SourceEvent::LinkDown);
+                        }
+                    }
+                }
+                Got::Tick => {
+                    let _ = self.feed(SourceEvent::Tick);
+                    if last_progress.elapsed() >= Duration::from_millis(100) {
+                        last_progress = Instant::now();
+                        self.send_progress();
+                    }
+                }
+                Got::Shutdown => {
+                    if let Some(mut s) = stream.take() {
+                        let _ = s.send.reset(WireCode::Shutdown.varint());
+                    }
+                    self.link_down("agent shutting down".into());
+                    self.run_actions(&mut stream).await;
+                    if self.report.is_none() {
+                        return Err(MigrateRunError::Shutdown);
+                    }
+                }
+            }
+        }
+        if let Some(mut s) = stream.take() {
+            let _ = s.send.finish();
+            // Let B read to the end before the stream handles go.
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.send.stopped()).await;
+        }
+        self.send_progress();
+        let r = self.report.take().ok_or(MigrateRunError::Shutdown)?;
+        let report = MigrationReport {
+            region: self.region.name().into(),
+            to: self.opts.to.clone(),
+            outcome: outcome_name(r.outcome).into(),
+            size: self.region.geometry().size,
+            total_ms: r.total_ms,
+            precopy_ms: r.precopy_ms,
+            downtime_ms: r.downtime_ms,
+            postcopy_ms: r.postcopy_ms,
+            bytes_sent: r.bytes_sent,
+            bytes_acked: r.bytes_acked,
+            rounds: r.rounds,
+            postcopy_faults: r.postcopy_faults,
+            deferred_chunks: r.deferred_chunks,
+            bandwidth_bps: r.bandwidth,
+            rtt_ms: r.rtt_ms,
+            freeze: self.opts.freeze.label(),
+        };
+        if r.outcome == Outcome::Migrated {
+            Ok(report)
+        } else {
+            Err(MigrateRunError::Aborted {
+                region: self.region.name().into(),
+                peer: self.opts.to.clone(),
+                outcome: outcome_name(r.outcome),
+                why: self
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the destination did not take it".into()),
+                resumed: if matches!(self.opts.freeze, Freeze::Snapshot) {
+                    ""
+                } else {
+                    " and its writer runs on"
+                },
+            })
+        }
+    }
+
+    /// A frame from B. `Err((Some(code), why))`: B broke the protocol; `Err((None, why))`:
+    /// the stream ended.
+    fn on_frame(
+        &mut self,
+        f: Result<Option<MigrateBack>, FrameError>,
+    ) -> Result<(), (Option<WireCode>, String)> {
+        let g = self.region.geometry();
+        let m = match f {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err((None, "the destination closed the stream".into())),
+            Err(FrameError::Io(e)) => return Err((None, e.to_string())),
+            Err(e) => return Err((Some(e.code()), e.to_string())),
+        };
+        let ev = match m {
+            MigrateBack::Ack { chunks } => {
+                if chunks.len() > super::ACK_BATCH {
+                    return Err((
+                        Some(WireCode::ProtocolViolation),
+                        format!("ack of {} chunks", chunks.len()),
+                    ));
+                }
+                let bytes = chunks
+                    .iter()
+                    .filter(|c| **c < g.chunks())
+                    .map(|c| g.chunk_len(*c) as u64)
+                    .sum();
+                SourceEvent::Acked { bytes, chunks }
+            }
+            MigrateBack::Accept { generation } => {
+                SourceEvent::Message(Message::Accept { generation })
+            }
+            MigrateBack::Status {
+                generation,
+                missing,
+            } => {
+                let missing = match missing {
+                    None => None,
+                    Some(b) => Some(Bitmap::from_bytes(&b, g.chunks()).map_err(|e| {
+                        (
+                            Some(WireCode::ProtocolViolation),
+                            format!("status bitmap: {e}"),
+                        )
+                    })?),
+                };
+                SourceEvent::Message(Message::Status {
+                    generation,
+                    missing,
+                })
+            }
+            MigrateBack::Fetch { chunks } => {
+                if chunks.len() > super::ACK_BATCH {
+                    return Err((
+                        Some(WireCode::ProtocolViolation),
+                        format!("fetch of {} chunks", chunks.len()),
+                    ));
+                }
+                SourceEvent::Message(Message::Fetch { chunks })
+            }
+            MigrateBack::Error(e) => {
+                let mut m = e.message;
+                m.truncate(crate::proto::MAX_MESSAGE_LEN);
+                return Err((None, format!("the destination refused: {}: {m}", e.kind)));
+            }
+        };
+        self.feed(ev)
+            .map_err(|e| (Some(WireCode::ProtocolViolation), e.to_string()))
+    }
+
+    /// Performs queued actions in order.
+    async fn run_actions(&mut self, stream: &mut Option<Stream>) {
+        while let Some(a) = self.queue.pop_front() {
+            match a {
+                SourceAction::Send(m) => {
+                    let frame = match m {
+                        Message::Begin {
+                            generation,
+                            size,
+                            chunk_size,
+                        } => MigrateFrame::Begin {
+                            generation,
+                            size,
+                            chunk_size,
+                        },
+                        Message::Handover {
+                            generation,
+                            stale,
+                            sent,
+                        } => MigrateFrame::Handover {
+                            generation,
+                            stale: stale.to_bytes(),
+                            sent,
+                        },
+                        Message::Query { generation } => MigrateFrame::Query { generation },
+                        other => {
+                            tracing::warn!("source engine asked to send {other:?}: ignored");
+                            continue;
+                        }
+                    };
+                    if let Some(s) = stream.as_mut() {
+                        if let Err(e) = s.send.write_all(&encode(&frame)).await {
+                            let why = lost(&s.conn, &e);
+                            *stream = None;
+                            self.link_down(why);
+                        }
+                    }
+                }
+                SourceAction::SendChunks { chunks, .. } => {
+                    if let Some(s) = stream.as_mut() {
+                        if let Err(e) = self.send_chunks(s, &chunks).await {
+                            let why = lost(&s.conn, &e);
+                            *stream = None;
+                            self.link_down(why);
+                        }
+                    }
+                }
+                SourceAction::CollectDirty => {
+                    let last = lock(&self.engine).phase() == SourcePhase::FinalSync;
+                    let sc = self.scanner.clone();
+                    self.pending = Some(Pending::Collect(tokio::task::spawn_blocking(move || {
+                        lock(&sc).collect(last)
+                    })));
+                }
+                SourceAction::Freeze => {
+                    let f = self.opts.freeze.clone();
+                    tracing::info!(region = %self.region.name(), freeze = ?f, "freezing the writer");
+                    self.pending = Some(Pending::Freeze(tokio::task::spawn_blocking(
+                        move || match f {
+                            Freeze::Snapshot => Ok(()),
+                            Freeze::Pid(p) => stop_pid(p),
+                            Freeze::Hook(h) => h(true),
+                        },
+                    )));
+                }
+                SourceAction::Resume => {
+                    // A freeze still running is waited for, then undone.
+                    if let Some(Pending::Freeze(h)) = self.pending.take() {
+                        let _ = h.await;
+                        self.frozen = true;
+                    }
+                    if self.frozen {
+                        self.frozen = false;
+                        let f = self.opts.freeze.clone();
+                        tracing::info!(region = %self.region.name(), freeze = ?f, "resuming the writer");
+                        let _ = tokio::task::spawn_blocking(move || match f {
+                            Freeze::Snapshot => {}
+                            Freeze::Pid(p) => cont_pid(p),
+                            Freeze::Hook(h) => {
+                                if let Err(e) = h(false) {
+                                    tracing::warn!("resume hook: {e}");
+                                }
+                            }
+                        })
+                        .await;
+                    }
+                }
+                SourceAction::Release => {
+                    tracing::info!(region = %self.region.name(), to = %self.opts.to, "region handed over: this agent no longer owns it");
+                }
+                SourceAction::Report(r) => {
+                    self.pending = None;
+                    self.report = Some(r);
+                }
+            }
+        }
+    }
+
+    /// Reads and sends chunks in order, recording the hash of what was sent.
+    async fn send_chunks(&mut self, s: &mut Stream, chunks: &[u64]) -> Result<(), std::io::Error> {
+        let g = self.region.geometry();
+        let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
+        for &c in chunks {
+            let len = g.chunk_len(c) as usize;
+            let mut data = vec![0u8; len];
+            self.region
+                .read_at(g.offset(c), &mut data)
+                .map_err(std::io::Error::other)?;
+            {
+                let mut sc = lock(&self.scanner);
+                sc.sent[c as usize] = Some(chunk_hash(&data));
+                sc.sent_since[c as usize] = true;
+            }
+            if is_zero(&data) {
+                buf.extend_from_slice(&encode(&MigrateFrame::Zero { chunk: c }));
+            } else {
+                buf.extend_from_slice(&encode(&MigrateFrame::Chunk(ChunkHeader {
+                    chunk: c,
+                    len: len as u32,
+                    hash: *blake3::hash(&data).as_bytes(),
+                })));
+                s.send.write_all(&std::mem::take(&mut buf)).await?;
+                s.send
+                    .write_chunk(bytes::Bytes::from(data))
+                    .await
+                    .map_err(std::io::Error::from)?;
+            }
+            if buf.len() >= 64 << 10 {
+                s.send.write_all(&std::mem::take(&mut buf)).await?;
+            }
+        }
+        if !buf.is_empty() {
+            s.send.write_all(&buf).await?;
+        }
+        tokio::task::yield_now().await;
+        Ok(())
+    }
+}

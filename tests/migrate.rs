@@ -1,0 +1,706 @@
+//! Live migration of a file region between two agents on loopback: a writer modifies the
+//! file during pre-copy; after the migration B's file equals A's content at the freeze
+//! and B owns the region. A cut link during pre-copy aborts and leaves A's file intact; a
+//! second migrate of a region already migrating is refused.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use pagewire::agent::{Freeze, MigrateOptions, MigrateRunError};
+use pagewire::control::{ControlClient, MigrateArgs};
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+/// Writes random 4 KiB pieces at random offsets of `path`, about one per `pace`, until
+/// `stop`; keeps `mirror` (if any) equal to what it wrote.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    /// Set by the writer thread when it has seen `stop` (no write in progress).
+    idle: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(
+        path: &Path,
+        size: u64,
+        seed: u64,
+        pace: Duration,
+        mirror: Option<Arc<Mutex<Vec<u8>>>>,
+    ) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let (s, i, w) = (stop.clone(), idle.clone(), writes.clone());
+        let thread = std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut b = vec![0u8; 4096];
+            while !s.load(Ordering::SeqCst) {
+                let off = rng.gen_range(0..size - 4096);
+                rng.fill(&mut b[..]);
+                f.write_all_at(&b, off).unwrap();
+                if let Some(m) = &mirror {
+                    m.lock().unwrap()[off as usize..off as usize + 4096].copy_from_slice(&b);
+                }
+                w.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(pace);
+            }
+            i.store(true, Ordering::SeqCst);
+        });
+        Writer {
+            stop,
+            idle,
+            writes,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the writer and waits until no write is in progress.
+    fn pause(stop: &AtomicBool, idle: &AtomicBool) {
+        stop.store(true, Ordering::SeqCst);
+        while !idle.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn join(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+/// A safety net, not a timing assertion: a hung migration fails the test instead of
+/// hanging the suite.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .expect("the migration did not end within 120 s")
+}
+
+/// Both agents connected, on a connection that has lasted a second: when both dial at
+/// once at start-up, one connection replaces the other a moment later, and a migration
+/// stream on the replaced one is a link loss (the migration aborts, by design).
+async fn settled(a: &pagewire::agent::Agent, b: &pagewire::agent::Agent) {
+    connected(a, "b").await;
+    connected(b, "a").await;
+    let steady = |ag: &pagewire::agent::Agent, peer: &str| {
+        ag.status()
+            .peers
+            .iter()
+            .any(|p| p.name == peer && p.connected_for_s.is_some_and(|s| s >= 1.0))
+    };
+    within(async {
+        while !(steady(a, "b") && steady(b, "a")) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+struct Pair {
+    mesh: Mesh,
+    pa: u16,
+    pb: u16,
+    da: tempfile::TempDir,
+    db: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        Pair {
+            mesh: Mesh::new(&["a", "b"]),
+            pa: free_port(),
+            pb: free_port(),
+            da: region_dir(),
+            db: region_dir(),
+        }
+    }
+
+    fn a_file(&self) -> PathBuf {
+        self.da.path().join("r")
+    }
+
+    fn b_file(&self) -> PathBuf {
+        self.db.path().join("r")
+    }
+
+    fn config_a(&self) -> pagewire::agent::AgentConfig {
+        let mut c = self.mesh.config("a", self.pa, &[("b", self.pb)]);
+        c.regions.push(("r".into(), self.a_file()));
+        c.control = Some(self.da.path().join("a.sock"));
+        c
+    }
+
+    fn config_b(&self) -> pagewire::agent::AgentConfig {
+        let mut c = self.mesh.config("b", self.pb, &[("a", self.pa)]);
+        c.regions.push(("r".into(), self.b_file()));
+        c
+    }
+}
+
+fn opts(budget_ms: u64, max_rounds: u32, freeze: Freeze) -> MigrateOptions {
+    MigrateOptions {
+        budget: Duration::from_millis(budget_ms),
+        max_rounds,
+        max_time: Duration::from_secs(20),
+        freeze,
+        ..MigrateOptions::new("b")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
+    logs();
+    let p = Pair::new();
+    let size = 64 * MIB;
+    random_file(&p.a_file(), size, 1);
+    random_file(&p.b_file(), size, 2);
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+
+    let w = Writer::start(&p.a_file(), size, 7, Duration::from_micros(500), None);
+    // The freeze hook pauses the writer, then lets the test try a second migrate while
+    // this one is provably running (frozen, before the final sync).
+    let (at_freeze_tx, mut at_freeze_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let (stop, idle) = (w.stop.clone(), w.idle.clone());
+    let froze = Arc::new(AtomicU64::new(0));
+    let froze2 = froze.clone();
+    let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
+        if freeze {
+            froze2.fetch_add(1, Ordering::SeqCst);
+            Writer::pause(&stop, &idle);
+            let _ = at_freeze_tx.blocking_send(());
+            go_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }));
+    let socket = p.da.path().join("a.sock");
+    let second = async {
+        at_freeze_rx.recv().await.unwrap();
+        let r = ControlClient::connect(&socket)
+            .await
+            .unwrap()
+            .migrate(
+                MigrateArgs {
+                    region: "r".into(),
+                    to: "b".into(),
+                    downtime_budget_ms: 50,
+                    max_rounds: 5,
+                    max_time_ms: 10_000,
+                    freeze_pid: None,
+                },
+                |_| {},
+            )
+            .await;
+        go_tx.send(()).unwrap();
+        r
+    };
+    let mut rounds_seen = 0;
+    let (report, second) = within(async {
+        tokio::join!(
+            a.migrate("r", opts(50, 8, hook), |pr| rounds_seen =
+                rounds_seen.max(pr.round)),
+            second
+        )
+    })
+    .await;
+    let report = report.unwrap();
+    let err = second.unwrap_err().to_string();
+    assert!(err.contains("already running"), "{err}");
+    let writes = w.join();
+    assert!(writes > 0, "the writer wrote during pre-copy");
+    assert_eq!(froze.load(Ordering::SeqCst), 1);
+    // B's file is A's content at the freeze (the writer has not written since).
+    assert_same(&p.a_file(), &p.b_file());
+    assert_eq!(report.outcome, "migrated");
+    assert_eq!(report.postcopy_faults, 0);
+    assert_eq!(report.deferred_chunks, 0);
+    assert!(report.rounds >= 1, "{report:?}");
+    assert!(report.bytes_sent >= size, "{report:?}");
+    assert_eq!(report.freeze, "hook");
+    assert!(rounds_seen <= report.rounds);
+
+    let sa = a.status();
+    let ma = sa.migrations.iter().find(|m| m.region == "r").unwrap();
+    assert_eq!((ma.role.as_str(), ma.owner), ("source", false), "{ma:?}");
+    assert_eq!(ma.phase, "released");
+    let sb = b.status();
+    let mb = sb.migrations.iter().find(|m| m.region == "r").unwrap();
+    assert_eq!(
+        (mb.role.as_str(), mb.owner),
+        ("destination", true),
+        "{mb:?}"
+    );
+    assert_eq!(mb.phase, "complete");
+
+    // A handed the region over: it cannot migrate (or replicate) it again.
+    let again = a.migrate("r", opts(50, 2, Freeze::Snapshot), |_| {}).await;
+    match again {
+        Err(MigrateRunError::Busy { why, .. }) => assert!(why.contains("no longer owns"), "{why}"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert!(a
+        .replicate_file(
+            "r",
+            "hash-scan",
+            None,
+            &pagewire::agent::ReplicateOptions {
+                to: vec!["b".into()],
+                ..Default::default()
+            }
+        )
+        .is_err());
+
+    // B owns it now and can migrate it back (no writer: one round and done).
+    let back = within(b.migrate("r", MigrateOptions::new("a"), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(back.outcome, "migrated");
+    assert_same(&p.a_file(), &p.b_file());
+    let ma = a
+        .status()
+        .migrations
+        .into_iter()
+        .find(|m| m.region == "r")
+        .unwrap();
+    assert_eq!(
+        (ma.role.as_str(), ma.owner),
+        ("destination", true),
+        "{ma:?}"
+    );
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_during_precopy_aborts_and_the_source_is_intact() {
+    logs();
+    let p = Pair::new();
+    let size = 64 * MIB;
+    random_file(&p.a_file(), size, 3);
+    random_file(&p.b_file(), size, 4);
+    let mirror = Arc::new(Mutex::new(std::fs::read(p.a_file()).unwrap()));
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+    let w = Writer::start(
+        &p.a_file(),
+        size,
+        9,
+        Duration::from_micros(500),
+        Some(mirror.clone()),
+    );
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f2 = frozen.clone();
+    let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
+        f2.store(freeze, Ordering::SeqCst);
+        Ok(())
+    }));
+    // A zero budget never fits while the writer runs: pre-copy goes on until B dies.
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut cut_tx = Some(cut_tx);
+    let mut phases = Vec::new();
+    // And no time limit: a switch-over (and a handover in doubt with a dead B, which A
+    // would wait out forever, by design) cannot happen before the cut.
+    let mut o = opts(0, 100_000, hook);
+    o.max_time = Duration::from_secs(3600);
+    let migrate = a.migrate("r", o, |pr| {
+        phases.push(pr.phase.clone());
+        if pr.round >= 1 && pr.phase == "precopy" {
+            if let Some(t) = cut_tx.take() {
+                let _ = t.send(());
+            }
+        }
+    });
+    let kill = async {
+        cut_rx.await.unwrap();
+        b.shutdown().await;
+    };
+    let (r, ()) = within(async { tokio::join!(migrate, kill) }).await;
+    match r {
+        Err(MigrateRunError::Aborted { outcome, .. }) => assert_eq!(outcome, "link-lost"),
+        other => panic!("expected an abort, got {other:?}"),
+    }
+    assert!(
+        phases.iter().all(|p| p == "precopy" || p == "aborted"),
+        "{phases:?}"
+    );
+    assert!(
+        !frozen.load(Ordering::SeqCst),
+        "the writer is not left frozen"
+    );
+    // The writer ran on through the abort; A's file is exactly what it wrote.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let writes = w.join();
+    assert!(writes > 0);
+    let now = std::fs::read(p.a_file()).unwrap();
+    assert!(now == *mirror.lock().unwrap(), "A's file is intact");
+    let ma = a
+        .status()
+        .migrations
+        .into_iter()
+        .find(|m| m.region == "r")
+        .unwrap();
+    assert!(ma.owner, "{ma:?}");
+    assert!(ma.phase.starts_with("aborted"), "{ma:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_of_another_size_refuses() {
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), 4 * MIB, 5);
+    random_file(&p.b_file(), 4 * MIB + 4096, 6);
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+    let r = a.migrate("r", MigrateOptions::new("b"), |_| {}).await;
+    match r {
+        Err(MigrateRunError::Refused { why, .. }) => assert!(why.contains("mismatch"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing was handed over: A still owns it, and may try again.
+    let st = a.status();
+    assert!(st.migrations.iter().all(|m| m.owner));
+    let r = a.migrate("nope", MigrateOptions::new("b"), |_| {}).await;
+    assert!(matches!(r, Err(MigrateRunError::UnknownRegion(_))), "{r:?}");
+    let r = a.migrate("r", MigrateOptions::new("zz"), |_| {}).await;
+    assert!(matches!(r, Err(MigrateRunError::UnknownPeer(_))), "{r:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_through_the_wan_relay_at_a_few_ms_rtt() {
+    use pagewire::wan::{LinkParams, Relay, RelayConfig};
+    logs();
+    let p = Pair::new();
+    let size = 16 * MIB + 12345;
+    random_file(&p.a_file(), size, 11);
+    sparse_file(&p.b_file(), size, &[]);
+    // A and B reach each other only through relays: 4 ms RTT, 400 Mbit/s.
+    let link = LinkParams {
+        delay: Duration::from_millis(2),
+        rate_bps: Some(400_000_000),
+        ..Default::default()
+    };
+    let any = "127.0.0.1:0".parse().unwrap();
+    let to_b = Relay::start(RelayConfig::symmetric(
+        any,
+        format!("127.0.0.1:{}", p.pb).parse().unwrap(),
+        link.clone(),
+    ))
+    .await
+    .unwrap();
+    let to_a = Relay::start(RelayConfig::symmetric(
+        any,
+        format!("127.0.0.1:{}", p.pa).parse().unwrap(),
+        link,
+    ))
+    .await
+    .unwrap();
+    let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
+    ca.regions.push(("r".into(), p.a_file()));
+    let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
+    cb.regions.push(("r".into(), p.b_file()));
+    let a = start(ca).await;
+    let b = start(cb).await;
+    settled(&a, &b).await;
+    let w = Writer::start(&p.a_file(), size, 12, Duration::from_millis(1), None);
+    let (stop, idle) = (w.stop.clone(), w.idle.clone());
+    let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
+        if freeze {
+            Writer::pause(&stop, &idle);
+        }
+        Ok(())
+    }));
+    let report = within(a.migrate("r", opts(20, 10, hook), |_| {}))
+        .await
+        .unwrap();
+    w.join();
+    assert_same(&p.a_file(), &p.b_file());
+    assert_eq!(report.outcome, "migrated");
+    assert!(report.rtt_ms > 0.0, "{report:?}");
+    eprintln!("through the relay: {report:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    to_a.shutdown().await;
+    to_b.shutdown().await;
+}
+
+/// A writer process (perl: one syscall per 4 KiB write, so SIGSTOP leaves no write half
+/// done) scribbling over `path` until killed.
+fn perl_writer(path: &Path, size: u64) -> Option<std::process::Child> {
+    let script = r#"use Fcntl; sysopen(my $f, $ARGV[0], O_WRONLY) or die "open: $!"; my $n = $ARGV[1];
+while (1) { my $d = pack("N*", map { int(rand(4294967296)) } 1..1024);
+  sysseek($f, int(rand($n)) * 4096, 0) or die "seek: $!"; syswrite($f, $d) == 4096 or die "write: $!";
+  select(undef, undef, undef, 0.0005); }"#;
+    std::process::Command::new("perl")
+        .args(["-e", script])
+        .arg(path)
+        .arg((size / 4096).to_string())
+        .spawn()
+        .ok()
+}
+
+fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_migrates_with_freeze_pid_and_the_writer_stays_stopped() {
+    logs();
+    let p = Pair::new();
+    let size = 32 * MIB;
+    random_file(&p.a_file(), size, 21);
+    random_file(&p.b_file(), size, 22);
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+    let Some(mut writer) = perl_writer(&p.a_file(), size) else {
+        eprintln!("no perl here: skipping the --freeze-pid test");
+        a.shutdown().await;
+        b.shutdown().await;
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = writer.id();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
+        .args([
+            "migrate",
+            "--region",
+            "r",
+            "--to",
+            "b",
+            "--downtime-budget",
+            "30ms",
+        ])
+        .args([
+            "--max-rounds",
+            "6",
+            "--freeze-pid",
+            &pid.to_string(),
+            "--json",
+        ])
+        .arg("--control")
+        .arg(p.da.path().join("a.sock"))
+        .output()
+        .await
+        .unwrap();
+    let state = proc_state(pid);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pagewire migrate failed: {stderr}");
+    assert!(
+        stderr.contains("round"),
+        "progress lines on stderr: {stderr}"
+    );
+    let r: pagewire::control::MigrationReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r.outcome, "migrated");
+    assert_eq!(r.postcopy_faults, 0);
+    assert_eq!(r.freeze, format!("pid {pid}"));
+    assert!(
+        matches!(state, Some('T') | Some('t')),
+        "writer left stopped: {state:?}"
+    );
+    // The writer was stopped before the final sync: B has A's last content.
+    assert_same(&p.a_file(), &p.b_file());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Sends `frames` on a new migration stream for `r` (after the open) and returns the
+/// first frame B answers with after `Migrating`, or the stream error.
+async fn hostile_stream(
+    conn: &quinn::Connection,
+    open: pagewire::proto::MigrateOpen,
+    bytes: &[u8],
+) -> Result<pagewire::proto::MigrateBack, String> {
+    use pagewire::proto::codec::{read_frame, write_frame};
+    use pagewire::proto::{MigrateBack, Reply, Request};
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    write_frame(&mut s, &Request::Migrate(open)).await.unwrap();
+    match read_frame::<_, Reply>(&mut r, 1 << 16).await {
+        Ok(Some(Reply::Migrating)) => {}
+        Ok(Some(Reply::Error(e))) => return Err(format!("refused: {:?}: {}", e.kind, e.message)),
+        other => return Err(format!("unexpected answer: {other:?}")),
+    }
+    let _ = s.write_all(bytes).await;
+    let _ = s.finish();
+    match within(read_frame::<_, MigrateBack>(&mut r, 1 << 16)).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err("stream ended".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_source_gets_named_errors_and_a_real_migration_still_works() {
+    use pagewire::proto::codec::encode;
+    use pagewire::proto::{ChunkHeader, ErrorKind, MigrateBack, MigrateFrame, MigrateOpen};
+    use pagewire::transport::{endpoint, Identity, Tuning};
+    logs();
+    let mesh = Mesh::new(&["a", "b", "h"]);
+    let (pa, pb) = (free_port(), free_port());
+    let (da, db) = (region_dir(), region_dir());
+    let size = 4 * MIB;
+    let (fa, fb) = (da.path().join("r"), db.path().join("r"));
+    random_file(&fa, size, 31);
+    random_file(&fb, size, 32);
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.regions.push(("r".into(), fa.clone()));
+    let mut cb = mesh.config("b", pb, &[("a", pa), ("h", free_port())]);
+    cb.regions.push(("r".into(), fb.clone()));
+    let a = start(ca).await;
+    let b = start(cb).await;
+    settled(&a, &b).await;
+
+    let d = mesh.path();
+    let id = Identity::load("h", &d.join("ca.pem"), &d.join("h.pem"), &d.join("h.key")).unwrap();
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), &id, &Tuning::default()).unwrap();
+    let conn = ep.connect(b.local_addr(), "b").unwrap().await.unwrap();
+    {
+        use pagewire::proto::codec::{read_frame, write_frame};
+        use pagewire::proto::{Hello, Reply, Request, PROTOCOL_VERSION};
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        let hello = Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            name: "h".into(),
+            software: "hostile".into(),
+            boot: 1,
+        });
+        write_frame(&mut s, &hello).await.unwrap();
+        let _ = s.finish();
+        let reply: Option<Reply> = read_frame(&mut r, 4096).await.unwrap();
+        assert!(matches!(reply, Some(Reply::Hello(_))), "{reply:?}");
+    }
+    let open = || MigrateOpen {
+        region: "r".into(),
+        size,
+        chunk_size: 64 << 10,
+    };
+    let begin = encode(&MigrateFrame::Begin {
+        generation: 1,
+        size,
+        chunk_size: 64 << 10,
+    });
+    let bad = |r: Result<MigrateBack, String>, kind: ErrorKind| match r {
+        Ok(MigrateBack::Error(e)) => assert_eq!(e.kind, kind, "{e:?}"),
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    // Another size: refused before anything is written.
+    let mut wrong = open();
+    wrong.size += 4096;
+    let r = hostile_stream(&conn, wrong, &[]).await;
+    assert!(r.as_ref().is_err_and(|e| e.contains("Mismatch")), "{r:?}");
+    // A chunk whose bytes do not match its hash.
+    let mut bytes = begin.clone();
+    bytes.extend(encode(&MigrateFrame::Chunk(ChunkHeader {
+        chunk: 3,
+        len: 64 << 10,
+        hash: [7; 32],
+    })));
+    bytes.extend(vec![1u8; 64 << 10]);
+    bad(
+        hostile_stream(&conn, open(), &bytes).await,
+        ErrorKind::BadRequest,
+    );
+    // A chunk past the end, and a chunk of the wrong length.
+    for (chunk, len) in [(64u64, 64u32 << 10), (1, 100)] {
+        let mut bytes = begin.clone();
+        bytes.extend(encode(&MigrateFrame::Chunk(ChunkHeader {
+            chunk,
+            len,
+            hash: [0; 32],
+        })));
+        bad(
+            hostile_stream(&conn, open(), &bytes).await,
+            ErrorKind::BadRequest,
+        );
+    }
+    // A handover whose bitmap has the wrong length, and one before any Begin.
+    let mut bytes = begin.clone();
+    bytes.extend(encode(&MigrateFrame::Handover {
+        generation: 1,
+        stale: vec![0; 3],
+        sent: 0,
+    }));
+    bad(
+        hostile_stream(&conn, open(), &bytes).await,
+        ErrorKind::BadRequest,
+    );
+    let early = encode(&MigrateFrame::Handover {
+        generation: 1,
+        stale: vec![0; 8],
+        sent: 0,
+    });
+    bad(
+        hostile_stream(&conn, open(), &early).await,
+        ErrorKind::BadRequest,
+    );
+    // A second Begin while the first migration stream of the region is open: busy.
+    let (mut s1, mut r1) = conn.open_bi().await.unwrap();
+    {
+        use pagewire::proto::codec::{read_frame, write_frame};
+        use pagewire::proto::{Reply, Request};
+        write_frame(&mut s1, &Request::Migrate(open()))
+            .await
+            .unwrap();
+        let ok = read_frame::<_, Reply>(&mut r1, 4096).await.unwrap();
+        assert!(matches!(ok, Some(Reply::Migrating)), "{ok:?}");
+        s1.write_all(&begin).await.unwrap();
+    }
+    bad(hostile_stream(&conn, open(), &begin).await, ErrorKind::Busy);
+    drop((s1, r1));
+    // A frame length far over the cap: the stream is reset.
+    let mut bytes = begin.clone();
+    bytes.extend([0xff, 0xff, 0xff, 0x7f]);
+    let r = hostile_stream(&conn, open(), &bytes).await;
+    assert!(r.is_err(), "{r:?}");
+    conn.close(0u32.into(), b"done");
+
+    // Nothing the hostile peer sent made B own the region, and once B has seen its
+    // streams end, a real migration works.
+    let hostile_done = || {
+        let st = b.status();
+        let mb = st.migrations.iter().find(|m| m.region == "r").unwrap();
+        assert!(!mb.owner, "{mb:?}");
+        mb.phase != "receiving"
+    };
+    within(async {
+        while !hostile_done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let r = within(a.migrate("r", MigrateOptions::new("b"), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, "migrated");
+    assert_same(&fa, &fb);
+    a.shutdown().await;
+    b.shutdown().await;
+}
