@@ -704,3 +704,133 @@ async fn a_hostile_source_gets_named_errors_and_a_real_migration_still_works() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_during_the_handover_never_leaves_two_owners() {
+    use pagewire::wan::{LinkParams, Relay, RelayConfig};
+    logs();
+    let p = Pair::new();
+    let size = 4 * MIB;
+    random_file(&p.a_file(), size, 41);
+    random_file(&p.b_file(), size, 42);
+    // A -> B is slow (150 ms), B -> A fast: a Handover already on its way reaches B after
+    // the cut, and B's Accept is lost, so A is left in doubt.
+    let slow = LinkParams {
+        delay: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let fast = LinkParams {
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let any = "127.0.0.1:0".parse().unwrap();
+    // Relay in front of B: upstream = A->B; in front of A: upstream = B->A.
+    let to_b = Arc::new(
+        Relay::start(RelayConfig {
+            to_upstream: slow.clone(),
+            to_client: fast.clone(),
+            ..RelayConfig::symmetric(
+                any,
+                format!("127.0.0.1:{}", p.pb).parse().unwrap(),
+                fast.clone(),
+            )
+        })
+        .await
+        .unwrap(),
+    );
+    let to_a = Arc::new(
+        Relay::start(RelayConfig {
+            to_upstream: fast.clone(),
+            to_client: slow.clone(),
+            ..RelayConfig::symmetric(
+                any,
+                format!("127.0.0.1:{}", p.pa).parse().unwrap(),
+                fast.clone(),
+            )
+        })
+        .await
+        .unwrap(),
+    );
+    let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
+    ca.regions.push(("r".into(), p.a_file()));
+    let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
+    cb.regions.push(("r".into(), p.b_file()));
+    let a = start(ca).await;
+    let b = start(cb).await;
+    settled(&a, &b).await;
+    let cut = LinkParams {
+        loss: 1.0,
+        ..Default::default()
+    };
+    let saved = (to_b.params(), to_a.params());
+    // The freeze hook cuts both relays a moment after the writer is "paused".
+    let (r1, r2, c2) = (to_b.clone(), to_a.clone(), cut.clone());
+    let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
+        if freeze {
+            let (r1, r2, c) = (r1.clone(), r2.clone(), c2.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(40));
+                r1.set_params(c.clone(), c.clone());
+                r2.set_params(c.clone(), c);
+            });
+        }
+        Ok(())
+    }));
+    let mut o = opts(1000, 2, hook);
+    o.max_time = Duration::from_secs(60);
+    let restore = async {
+        // Once both agents saw the connection die, heal the link.
+        within(async {
+            loop {
+                let cut_now = to_b.params().0.loss >= 1.0;
+                if cut_now && !a.is_connected("b") && !b.is_connected("a") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        to_b.set_params(saved.0 .0.clone(), saved.0 .1.clone());
+        to_a.set_params(saved.1 .0.clone(), saved.1 .1.clone());
+    };
+    let mut phases = Vec::new();
+    let (r, ()) = within(async {
+        tokio::join!(
+            a.migrate("r", o, |pr| {
+                if phases.last() != Some(&pr.phase) {
+                    phases.push(pr.phase.clone());
+                }
+            }),
+            restore
+        )
+    })
+    .await;
+    eprintln!("phases {phases:?}, result {r:?}");
+    let st = |ag: &pagewire::agent::Agent| {
+        ag.status()
+            .migrations
+            .into_iter()
+            .find(|m| m.region == "r")
+            .unwrap()
+    };
+    let (ma, mb) = (st(&a), st(&b));
+    // Exactly one owner, whatever the outcome.
+    assert_ne!(ma.owner, mb.owner, "a {ma:?} b {mb:?}");
+    match r {
+        Ok(report) => {
+            assert_eq!(report.outcome, "migrated");
+            assert!(mb.owner);
+            assert_same(&p.a_file(), &p.b_file());
+        }
+        Err(MigrateRunError::Aborted { outcome, .. }) => {
+            assert!(
+                outcome == "handover-refused" || outcome == "link-lost",
+                "{outcome}"
+            );
+            assert!(ma.owner);
+        }
+        Err(e) => panic!("unexpected {e:?}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
