@@ -14,7 +14,7 @@
 //! region can exceed `vm.max_map_count`, see DESIGN.md).
 
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::Duration;
 
 use super::state;
@@ -45,8 +45,84 @@ const EMPTY: Slot = Slot {
 
 static SLOTS: [Slot; MAX_SLOTS] = [EMPTY; MAX_SLOTS];
 static REGISTER: Mutex<()> = Mutex::new(());
-static INSTALL: Once = Once::new();
-static mut PREVIOUS: Option<libc::sigaction> = None;
+static CHAIN: SegvHandler = SegvHandler::new();
+
+/// The signature of an `SA_SIGINFO` handler.
+pub(crate) type SigInfoHandler =
+    extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// One of our SIGSEGV handlers, installed once per process, and the action it was
+/// installed over (to which it passes faults that are not its own). Shared by this
+/// demand-paging handler and the mprotect dirty tracker's; each chains to whichever was
+/// there before it.
+pub(crate) struct SegvHandler {
+    once: Once,
+    previous: OnceLock<libc::sigaction>,
+}
+
+impl SegvHandler {
+    pub(crate) const fn new() -> SegvHandler {
+        SegvHandler {
+            once: Once::new(),
+            previous: OnceLock::new(),
+        }
+    }
+
+    /// Installs `handler` for SIGSEGV the first time it is called.
+    pub(crate) fn install(&self, handler: SigInfoHandler) -> std::io::Result<()> {
+        let mut err = None;
+        self.once.call_once(|| {
+            // SAFETY: a zeroed sigaction is valid; we fill handler, flags and mask, then
+            // install it, keeping the previous action for chaining.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = handler as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGSEGV, &sa, &mut old) != 0 {
+                    err = Some(std::io::Error::last_os_error());
+                    return;
+                }
+                let _ = self.previous.set(old);
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Passes a fault that is not ours to the previous action (async-signal-safe: an
+    /// atomic load and a call, or restoring the default action so the access faults
+    /// again and the process dies as it would have without us).
+    pub(crate) fn chain(
+        &self,
+        sig: libc::c_int,
+        info: *mut libc::siginfo_t,
+        ctx: *mut libc::c_void,
+    ) {
+        // SAFETY: calling the previous handler with our arguments is what the kernel
+        // would have done; sigaction is async-signal-safe.
+        unsafe {
+            match self.previous.get() {
+                Some(old)
+                    if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN =>
+                {
+                    if old.sa_flags & libc::SA_SIGINFO != 0 {
+                        let f: SigInfoHandler = std::mem::transmute(old.sa_sigaction);
+                        f(sig, info, ctx);
+                    } else {
+                        let f: extern "C" fn(libc::c_int) = std::mem::transmute(old.sa_sigaction);
+                        f(sig);
+                    }
+                }
+                _ => {
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(sig, &sa, std::ptr::null_mut());
+                }
+            }
+        }
+    }
+}
 
 /// Registering a mapping with the handler failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,27 +178,7 @@ impl Drop for Registration {
 }
 
 fn install() -> Result<(), HandlerError> {
-    let mut err = None;
-    INSTALL.call_once(|| {
-        // SAFETY: a zeroed sigaction is valid; we fill handler, flags and mask, then
-        // install it, saving the previous action for chaining.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGSEGV, &sa, &mut old) != 0 {
-                err = Some(std::io::Error::last_os_error());
-                return;
-            }
-            PREVIOUS = Some(old);
-        }
-    });
-    match err {
-        Some(e) => Err(HandlerError::Sigaction(e)),
-        None => Ok(()),
-    }
+    CHAIN.install(handler).map_err(HandlerError::Sigaction)
 }
 
 extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -141,7 +197,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         }
     }
     if !handled {
-        chain(sig, info, ctx);
+        CHAIN.chain(sig, info, ctx);
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
@@ -239,33 +295,5 @@ fn sigbus() {
         let pid = libc::getpid();
         let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
         libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGBUS);
-    }
-}
-
-fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: PREVIOUS is written once, before the handler is installed, and only read
-    // after; calling the previous SA_SIGINFO handler with our arguments is what the
-    // kernel would have done.
-    unsafe {
-        let prev = *std::ptr::addr_of!(PREVIOUS);
-        match prev {
-            Some(old) if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN => {
-                if old.sa_flags & libc::SA_SIGINFO != 0 {
-                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                        std::mem::transmute(old.sa_sigaction);
-                    f(sig, info, ctx);
-                } else {
-                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(old.sa_sigaction);
-                    f(sig);
-                }
-            }
-            _ => {
-                // Default action: restore it and return; the access faults again and the
-                // process dies with SIGSEGV as it would have without us.
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
-        }
     }
 }

@@ -15,6 +15,7 @@ pub mod mprotect;
 pub mod uffd_wp;
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Byte ranges relative to the start of the region: sorted, non-overlapping, merged, each
 /// aligned to the tracker's granule (page, protection granule or chunk) and clipped to the
@@ -83,6 +84,29 @@ pub fn align(r: Vec<Range<u64>>, granule: u64, size: u64) -> Ranges {
             })
             .collect(),
     )
+}
+
+/// Clears a bitmap of atomic words (one bit per page or granule) and returns the runs of
+/// bits that were set, as `(first, count)`, in order. Words that read zero are skipped
+/// without a write.
+pub(crate) fn take_runs(words: &[AtomicU64]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if w.load(Ordering::Acquire) == 0 {
+            continue;
+        }
+        let mut bits = w.swap(0, Ordering::AcqRel);
+        while bits != 0 {
+            let b = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let x = i * 64 + b;
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == x => *n += 1,
+                _ => runs.push((x, 1)),
+            }
+        }
+    }
+    runs
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@
 //! nothing is lost, only over-reported.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::Mutex;
+
+use crate::fault::sigsegv::SegvHandler;
 
 use super::{DirtyTracker, Ranges, TrackError};
 
@@ -68,34 +70,13 @@ fn spin_unlock(l: &AtomicBool) {
 
 static SLOTS: [Slot; MAX_SLOTS] = [EMPTY; MAX_SLOTS];
 static REGISTER: Mutex<()> = Mutex::new(());
-static INSTALL: Once = Once::new();
-static mut PREVIOUS: Option<libc::sigaction> = None;
+static CHAIN: SegvHandler = SegvHandler::new();
 
 fn install() -> Result<(), TrackError> {
-    let mut err = None;
-    INSTALL.call_once(|| {
-        // SAFETY: a zeroed sigaction is valid; we fill handler, flags and mask, then
-        // install it, keeping the previous action to chain to.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGSEGV, &sa, &mut old) != 0 {
-                err = Some(std::io::Error::last_os_error());
-                return;
-            }
-            PREVIOUS = Some(old);
-        }
-    });
-    match err {
-        Some(source) => Err(TrackError::Setup {
-            what: "installing the SIGSEGV handler",
-            source,
-        }),
-        None => Ok(()),
-    }
+    CHAIN.install(handler).map_err(|source| TrackError::Setup {
+        what: "installing the SIGSEGV handler",
+        source,
+    })
 }
 
 extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -123,7 +104,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         break;
     }
     if !handled {
-        chain(sig, info, ctx);
+        CHAIN.chain(sig, info, ctx);
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
@@ -150,32 +131,6 @@ fn mark(s: &Slot, base: usize, len: usize, addr: usize) {
         }
     }
     spin_unlock(&s.lock);
-}
-
-fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: PREVIOUS is written once, before our handler is installed; calling the
-    // previous handler with our arguments is what the kernel would have done.
-    unsafe {
-        match *std::ptr::addr_of!(PREVIOUS) {
-            Some(old) if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN => {
-                if old.sa_flags & libc::SA_SIGINFO != 0 {
-                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                        std::mem::transmute(old.sa_sigaction);
-                    f(sig, info, ctx);
-                } else {
-                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(old.sa_sigaction);
-                    f(sig);
-                }
-            }
-            _ => {
-                // Restore the default action; the access faults again and the process
-                // dies as it would have without us.
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
-        }
-    }
 }
 
 /// Tracks writes to `[base, base+len)` of this process (see the module docs).
@@ -298,22 +253,7 @@ impl MprotectTracker {
             self.protect(0, self.granules).map_err(collect_err)?;
             return Ok(vec![0..self.len as u64]);
         }
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (i, w) in self.bits.iter().enumerate() {
-            if w.load(Ordering::Acquire) == 0 {
-                continue;
-            }
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let g = i * 64 + b;
-                match runs.last_mut() {
-                    Some((first, n)) if *first + *n == g => *n += 1,
-                    _ => runs.push((g, 1)),
-                }
-            }
-        }
+        let runs = super::take_runs(&self.bits);
         let mut out = Vec::with_capacity(runs.len());
         for (first, n) in runs {
             self.protect(first, n).map_err(collect_err)?;

@@ -312,23 +312,7 @@ impl Marks {
 
     /// Takes every mark: runs of marked pages `(first, count)`, marks cleared.
     fn take_runs(&self) -> Vec<(usize, usize)> {
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (i, w) in self.words.iter().enumerate() {
-            if w.load(Ordering::Acquire) == 0 {
-                continue;
-            }
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let p = i * 64 + b;
-                match runs.last_mut() {
-                    Some((first, n)) if *first + *n == p => *n += 1,
-                    _ => runs.push((p, 1)),
-                }
-            }
-        }
-        runs
+        super::take_runs(&self.words)
     }
 }
 
