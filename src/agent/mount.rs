@@ -271,8 +271,13 @@ impl Mount {
         }
     }
 
+    /// Moves to phase `p`; a failed mount stays "failed" when the application then
+    /// goes away (it usually dies of the SIGBUS the failure sent it).
     fn set_phase(&self, p: &'static str) {
-        *lock(&self.phase) = p;
+        let mut ph = lock(&self.phase);
+        if !(*ph == "failed" && p == "detached") {
+            *ph = p;
+        }
     }
 
     /// A fault on `chunk` (at page `addr`, by thread `tid`; 0/0 in mprotect mode).
