@@ -271,13 +271,8 @@ impl Mount {
         }
     }
 
-    /// Moves to phase `p`; a failed mount stays "failed" when the application then
-    /// goes away (it usually dies of the SIGBUS the failure sent it).
     fn set_phase(&self, p: &'static str) {
-        let mut ph = lock(&self.phase);
-        if !(*ph == "failed" && p == "detached") {
-            *ph = p;
-        }
+        *lock(&self.phase) = p;
     }
 
     /// A fault on `chunk` (at page `addr`, by thread `tid`; 0/0 in mprotect mode).
