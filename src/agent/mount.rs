@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ pub(crate) struct MountSink {
     base: AtomicU64,
     map_len: u64,
     /// Set when an install found the application's mapping gone (it exited or unmapped).
-    app_gone: std::sync::atomic::AtomicBool,
+    app_gone: AtomicBool,
     /// Released (set to `None`) when the session ends, so the descriptors close even
     /// while status still lists the mount.
     io: RwLock<Option<(File, Kind)>>,
@@ -237,6 +237,9 @@ pub(crate) struct Mount {
     fetcher: Fetcher,
     faults: Mutex<Faults>,
     phase: Mutex<&'static str>,
+    /// The application went away (unmapped, exited): the session loop ends on this, not
+    /// on the phase, which keeps saying "failed" for a mount that failed first.
+    detached: AtomicBool,
     started: Instant,
     finished: Mutex<Option<Instant>>,
 }
@@ -273,6 +276,15 @@ impl Mount {
 
     fn set_phase(&self, p: &'static str) {
         *lock(&self.phase) = p;
+    }
+
+    /// The application is gone: ends the session. A failed mount stays "failed".
+    fn detach(&self) {
+        self.detached.store(true, Ordering::Release);
+        let mut ph = lock(&self.phase);
+        if *ph != "failed" {
+            *ph = "detached";
+        }
     }
 
     /// A fault on `chunk` (at page `addr`, by thread `tid`; 0/0 in mprotect mode).
@@ -461,7 +473,7 @@ fn build_sink(
         page,
         base: AtomicU64::new(req.base),
         map_len: req.map_len,
-        app_gone: std::sync::atomic::AtomicBool::new(false),
+        app_gone: AtomicBool::new(false),
         io: RwLock::new(Some((file, kind))),
     });
     Ok((sink, events))
@@ -515,6 +527,7 @@ pub(crate) fn start(
         fetcher: handle.fetcher(),
         faults: Mutex::new(Faults::default()),
         phase: Mutex::new("filling"),
+        detached: AtomicBool::new(false),
         started: Instant::now(),
         finished: Mutex::new(None),
     });
@@ -587,7 +600,7 @@ impl Session {
                             SessionEvent::Complete
                         }
                         Ok(Err(_)) if m.sink.app_gone.load(Ordering::Acquire) => {
-                            m.set_phase("detached");
+                            m.detach();
                             SessionEvent::Detached
                         }
                         Ok(Err(e)) => {
@@ -605,7 +618,7 @@ impl Session {
                         Ok(g) => g,
                         Err(e) => {
                             m.fail(&format!("event descriptor: {e}"));
-                            m.set_phase("detached");
+                            m.detach();
                             return SessionEvent::Detached;
                         }
                     };
@@ -623,12 +636,12 @@ impl Session {
                             }
                             Err(why) => {
                                 m.fail(&why);
-                                m.set_phase("detached");
+                                m.detach();
                                 return SessionEvent::Detached;
                             }
                         }
                     }
-                    if *lock(&m.phase) == "detached" {
+                    if m.detached.load(Ordering::Acquire) {
                         return SessionEvent::Detached;
                     }
                 }
@@ -674,7 +687,7 @@ fn read_uffd(m: &Arc<Mount>, fd: i32) -> Result<bool, String> {
         uffd::Event::Unmap { start, end: e } => {
             if start < end && e > base {
                 tracing::info!(id = m.id, "application unmapped the region");
-                m.set_phase("detached");
+                m.detach();
             }
         }
         uffd::Event::Remap { from, to, len } => {
@@ -682,7 +695,7 @@ fn read_uffd(m: &Arc<Mount>, fd: i32) -> Result<bool, String> {
                 m.sink.base.store(to, Ordering::Release);
             } else if from < end && from + len > base {
                 tracing::info!(id = m.id, "application remapped part of the region");
-                m.set_phase("detached");
+                m.detach();
             }
         }
         uffd::Event::Remove { .. } => {} // holes read as zero again: faults get zero pages
@@ -706,7 +719,7 @@ fn read_requests(m: &Arc<Mount>, fd: i32) -> Result<bool, String> {
     }
     if n == 0 {
         // The application closed its end: it is going away.
-        m.set_phase("detached");
+        m.detach();
         return Ok(false);
     }
     if n != 8 {
