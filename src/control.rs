@@ -87,6 +87,8 @@ pub struct MigrateArgs {
     /// Freeze the writer by SIGSTOP of this process (SIGCONT on abort; it stays stopped
     /// after a successful migration). Without it, the freeze is the final snapshot.
     pub freeze_pid: Option<i32>,
+    /// Chunk data sent at most this many bits per second (None: no cap).
+    pub max_bandwidth_bps: Option<u64>,
 }
 
 /// A migration running on its source, for a progress display.

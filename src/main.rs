@@ -12,6 +12,7 @@ use pagewire::agent::config::{parse_duration, parse_pair, parse_size};
 use pagewire::agent::{Agent, AgentConfig, Overrides};
 use pagewire::control::{default_socket, ControlClient, PullArgs, StatusReport};
 use pagewire::progress::TransferBar;
+use pagewire::wan::parse_rate;
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +87,10 @@ struct MigrateCmd {
     /// the final snapshot is the freeze and writes made after it are not migrated.
     #[arg(long)]
     freeze_pid: Option<i32>,
+    /// Cap the rate of chunk data sent to the peer (e.g. 200mbit, 50MBps), in every phase
+    /// including the final sync (a low cap lengthens the downtime). Default: no cap.
+    #[arg(long, value_parser = parse_rate)]
+    max_bandwidth: Option<u64>,
     #[arg(long)]
     json: bool,
     #[arg(long)]
@@ -604,6 +609,7 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
         max_rounds: m.max_rounds,
         max_time_ms: m.max_time.as_millis() as u64,
         freeze_pid: m.freeze_pid,
+        max_bandwidth_bps: m.max_bandwidth,
     };
     const MIB: f64 = (1 << 20) as f64;
     let mut last = String::new();

@@ -207,6 +207,7 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
                     max_rounds: 5,
                     max_time_ms: 10_000,
                     freeze_pid: None,
+                    max_bandwidth_bps: None,
                 },
                 |_| {},
             )
@@ -387,6 +388,38 @@ async fn a_destination_of_another_size_refuses() {
     assert!(matches!(r, Err(MigrateRunError::UnknownRegion(_))), "{r:?}");
     let r = a.migrate("r", MigrateOptions::new("zz"), |_| {}).await;
     assert!(matches!(r, Err(MigrateRunError::UnknownPeer(_))), "{r:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `max_bandwidth` caps the chunk data rate. Checked as a lower bound on the time the
+/// copy takes (a loaded machine only makes it slower), and B's copy is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bandwidth_caps_the_copy_rate() {
+    logs();
+    let p = Pair::new();
+    let size = 8 * MIB;
+    random_file(&p.a_file(), size, 11);
+    sparse_file(&p.b_file(), size, &[]);
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+    let cap = 4_000_000u64; // bytes/s: 8 MiB take >= ~2 s
+    let o = MigrateOptions {
+        max_bandwidth: Some(cap),
+        ..opts(50, 3, Freeze::Snapshot)
+    };
+    let t0 = std::time::Instant::now();
+    let r = within(a.migrate("r", o, |_| {})).await.unwrap();
+    let took = t0.elapsed().as_secs_f64();
+    // The pacer lets one burst (256 KiB here) go at once; the rest waits for tokens.
+    let floor = (size - (256 << 10)) as f64 / cap as f64;
+    assert!(
+        took >= floor * 0.95,
+        "8 MiB at a cap of {cap} B/s took {took:.2} s (< {floor:.2} s): {r:?}"
+    );
+    assert!(r.bytes_sent >= size, "{r:?}");
+    assert_same(&p.a_file(), &p.b_file());
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -248,6 +248,7 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
         max_rounds: args.max_rounds,
         max_time: Duration::from_millis(args.max_time_ms),
         freeze,
+        max_bandwidth: args.max_bandwidth_bps.map(|b| (b / 8).max(1)),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = super::migrate::source::run(inner.clone(), &args.region, opts, Some(tx));

@@ -60,6 +60,9 @@ pub struct MigrateOptions {
     /// Pre-copy stops after this long and the migration switches over.
     pub max_time: Duration,
     pub freeze: Freeze,
+    /// Chunk data sent at most this many bytes per second (`None`: as fast as the link
+    /// goes). Applies to every phase, the final sync included.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl MigrateOptions {
@@ -70,6 +73,7 @@ impl MigrateOptions {
             max_rounds: 30,
             max_time: Duration::from_secs(60),
             freeze: Freeze::Snapshot,
+            max_bandwidth: None,
         }
     }
 }
@@ -192,6 +196,46 @@ fn cont_pid(pid: i32) {
     // SAFETY: kill(2) with a pid and a signal number.
     if unsafe { libc::kill(pid, libc::SIGCONT) } != 0 {
         tracing::warn!(pid, "SIGCONT failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// A token bucket for `--max-bandwidth`, clockless: the caller passes the time.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    /// Bytes per second.
+    rate: f64,
+    /// Most bytes that may go at once after an idle spell.
+    burst: f64,
+    tokens: f64,
+    last: Option<Duration>,
+}
+
+impl Pacer {
+    pub(crate) fn new(bytes_per_s: u64) -> Pacer {
+        let rate = bytes_per_s.max(1) as f64;
+        // 10 ms worth, but at least one chunk-sized write can go without waiting twice.
+        let burst = (rate / 100.0).max(256.0 * 1024.0);
+        Pacer {
+            rate,
+            burst,
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    /// Takes `n` bytes at time `now`; returns how long to wait before sending them.
+    pub(crate) fn take(&mut self, now: Duration, n: u64) -> Duration {
+        if let Some(last) = self.last {
+            let dt = now.saturating_sub(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
     }
 }
 
@@ -395,7 +439,9 @@ pub(crate) async fn run(
         report: None,
         last_error: None,
         progress_tx,
+        pacer: None,
     };
+    d.pacer = d.opts.max_bandwidth.map(Pacer::new);
     let r = d.drive().await;
     tracing::info!(region = region_name, result = ?r.as_ref().map(|r| &r.outcome), "migration ended");
     r
@@ -416,6 +462,7 @@ struct Driver {
     report: Option<Report>,
     last_error: Option<String>,
     progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
+    pacer: Option<Pacer>,
 }
 
 impl Driver {
@@ -857,6 +904,15 @@ impl Driver {
             if is_zero(&data) {
                 buf.extend_from_slice(&encode(&MigrateFrame::Zero { chunk: c }));
             } else {
+                if let Some(p) = self.pacer.as_mut() {
+                    let wait = p.take(self.started.elapsed(), len as u64);
+                    if !wait.is_zero() {
+                        if !buf.is_empty() {
+                            s.send.write_all(&std::mem::take(&mut buf)).await?;
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                }
                 buf.extend_from_slice(&encode(&MigrateFrame::Chunk(ChunkHeader {
                     chunk: c,
                     len: len as u32,
@@ -877,5 +933,42 @@ impl Driver {
         }
         tokio::task::yield_now().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pacer;
+    use std::time::Duration;
+
+    #[test]
+    fn pacer_holds_the_rate_after_the_burst() {
+        // 1 MB/s, 64 KiB chunks sent back to back as soon as allowed.
+        let mut p = Pacer::new(1_000_000);
+        let mut now = Duration::ZERO;
+        let mut sent = 0u64;
+        while now < Duration::from_secs(10) {
+            now += p.take(now, 65536);
+            sent += 65536;
+        }
+        let rate = sent as f64 / now.as_secs_f64();
+        assert!(
+            (rate - 1e6).abs() < 0.05e6,
+            "{rate} bytes/s over {now:?} for a 1 MB/s cap"
+        );
+    }
+
+    #[test]
+    fn pacer_lets_a_burst_go_after_idling_but_no_more() {
+        let mut p = Pacer::new(10_000_000); // burst 100 kB -> 256 KiB floor
+        assert_eq!(p.take(Duration::ZERO, 200_000), Duration::ZERO);
+        // Idle for a minute: the bucket is capped at the burst, not 600 MB.
+        let t = Duration::from_secs(60);
+        assert_eq!(p.take(t, 262_144), Duration::ZERO);
+        let w = p.take(t, 1_000_000);
+        assert!(
+            w >= Duration::from_millis(99) && w <= Duration::from_millis(101),
+            "{w:?}"
+        );
     }
 }
