@@ -137,6 +137,10 @@ pub struct MigrationReport {
     pub rtt_ms: f64,
     /// How the writer was frozen: `snapshot`, `pid N` or `hook`.
     pub freeze: String,
+    /// How changes were found: the published region's tracker (`uffd-wp-async`, ...) or
+    /// `xxh3 chunk hashes` (file regions).
+    #[serde(default)]
+    pub dirty_tracking: String,
 }
 
 /// A region's migration state on this agent, in `status`.

@@ -867,3 +867,98 @@ async fn a_cut_during_the_handover_never_leaves_two_owners() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// An application's published memory migrates: under each memory tracker, a writer
+/// thread stores into the mapping (nothing tells the agent what it wrote) while A
+/// migrates the region to B's file; the freeze hook pauses the writer at a safe point;
+/// B's file then equals the memory at the freeze, and the dirty pages came from the
+/// tracker, not from hashing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_memory_migrates_with_its_tracker() {
+    use pagewire::client::publish::{publish, PublishOptions, TrackerKind};
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+    let sock = p.da.path().join("a.sock");
+    let size = 16 * MIB + 5000;
+    for (i, tracker) in [
+        TrackerKind::UffdWpAsync,
+        TrackerKind::UffdWpSync,
+        TrackerKind::Mprotect,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("m{i}");
+        let dst = p.db.path().join(&name);
+        sparse_file(&dst, size, &[]);
+        b.add_region(&name, &dst).unwrap();
+        // Published for migration only: no replicas.
+        let mut o = PublishOptions::new(&sock, &name, size, &[]);
+        o.tracker = tracker;
+        let published = Arc::new(
+            tokio::task::spawn_blocking(move || publish(&o))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("publish with {tracker:?}: {e}")),
+        );
+        // The writer: random 4 KiB stores through the mapping, until paused.
+        let stop = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (pb, s, i2, w) = (
+                published.clone(),
+                stop.clone(),
+                idle.clone(),
+                writes.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(40 + i as u64);
+                let mut buf = vec![0u8; 4096];
+                while !s.load(Ordering::SeqCst) {
+                    let off = rng.gen_range(0..size as usize - 4096);
+                    rng.fill(&mut buf[..]);
+                    pb.write_at(off, &buf);
+                    w.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+                i2.store(true, Ordering::SeqCst);
+            })
+        };
+        while writes.load(Ordering::SeqCst) < 50 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (s3, i3) = (stop.clone(), idle.clone());
+        let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
+            if freeze {
+                Writer::pause(&s3, &i3);
+            }
+            Ok(())
+        }));
+        let r = within(a.migrate(&name, opts(50, 8, hook), |_| {}))
+            .await
+            .unwrap_or_else(|e| panic!("{tracker:?}: {e}"));
+        thread.join().unwrap();
+        assert_eq!(r.dirty_tracking, tracker.name(), "{r:?}");
+        let mut mem = vec![0u8; size as usize];
+        published.read_at(0, &mut mem);
+        let got = std::fs::read(&dst).unwrap();
+        assert!(
+            got == mem,
+            "{tracker:?}: B's copy differs from the memory at the freeze ({} writes, {r:?})",
+            writes.load(Ordering::SeqCst)
+        );
+        assert!(r.rounds >= 1, "{r:?}");
+        let st = a.status();
+        let m = st.migrations.iter().find(|m| m.region == name).unwrap();
+        assert!(!m.owner, "{m:?}");
+        drop(published);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -181,6 +181,63 @@ pub(crate) struct Publication {
     flush_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
     started: Instant,
     cancel: CancellationToken,
+    /// What the tracker reported, for each consumer: replication takes its share at every
+    /// epoch; a running migration takes its own ([`Publication::tap_migration`]), so
+    /// neither steals the other's dirty pages.
+    taps: Mutex<Taps>,
+}
+
+#[derive(Default)]
+struct Taps {
+    replication: Vec<std::ops::Range<u64>>,
+    migration: Option<Vec<std::ops::Range<u64>>>,
+}
+
+impl Publication {
+    pub(crate) fn region_geometry(&self) -> crate::region::Geometry {
+        self.region.geometry()
+    }
+
+    /// The tracker's name (`uffd-wp-async`, `mprotect`, `inotify`, ...).
+    pub(crate) fn tracker_name(&self) -> &'static str {
+        self.tracker_name
+    }
+
+    /// Asks the tracker for what was written since its previous collection and hands the
+    /// ranges to every consumer. Blocking (trackers may scan or ask the application).
+    fn collect_into_taps(&self) -> Result<(), String> {
+        let mut tracker = lock(&self.tracker);
+        let r = tracker.collect().map_err(|e| e.to_string())?;
+        let mut t = lock(&self.taps);
+        if let Some(m) = t.migration.as_mut() {
+            m.extend(r.iter().cloned());
+        }
+        t.replication.extend(r);
+        Ok(())
+    }
+
+    /// Starts (or restarts, empty) the migration's share of the dirty ranges: from now
+    /// on every write is reported to [`Publication::collect_migration`].
+    pub(crate) fn tap_migration(&self) {
+        lock(&self.taps).migration = Some(Vec::new());
+    }
+
+    /// Collects now and returns the ranges written since the previous call (or since
+    /// [`Publication::tap_migration`]). Blocking.
+    pub(crate) fn collect_migration(&self) -> Result<Ranges, String> {
+        self.collect_into_taps()?;
+        let mut t = lock(&self.taps);
+        let m = t
+            .migration
+            .as_mut()
+            .ok_or("no migration is tapping this region")?;
+        Ok(crate::track::normalize(std::mem::take(m)))
+    }
+
+    /// Ends the migration's share.
+    pub(crate) fn untap_migration(&self) {
+        lock(&self.taps).migration = None;
+    }
 }
 
 /// The publications of an agent, by region.
@@ -266,6 +323,20 @@ pub(crate) fn start(
     tracker: Box<dyn DirtyTracker>,
     opts: &ReplicateOptions,
 ) -> Result<Arc<Publication>, ReplicateError> {
+    if opts.to.is_empty() {
+        return Err(ReplicateError::Conflict("no replicas given".into()));
+    }
+    start_tracking(inner, region_name, tracker, opts)
+}
+
+/// Like [`start`], but with no replicas too: an application's published region is
+/// tracked (for a migration) even when nothing replicates it.
+pub(crate) fn start_tracking(
+    inner: &Arc<Inner>,
+    region_name: &str,
+    tracker: Box<dyn DirtyTracker>,
+    opts: &ReplicateOptions,
+) -> Result<Arc<Publication>, ReplicateError> {
     let region = inner
         .region(region_name)
         .ok_or_else(|| ReplicateError::UnknownRegion(region_name.into()))?;
@@ -273,9 +344,6 @@ pub(crate) fn start(
         if !inner.peers.is_expected(p) {
             return Err(ReplicateError::UnknownPeer(p.clone()));
         }
-    }
-    if opts.to.is_empty() {
-        return Err(ReplicateError::Conflict("no replicas given".into()));
     }
     if inner
         .replicas
@@ -333,6 +401,7 @@ pub(crate) fn start(
         flush_tx,
         started: Instant::now(),
         cancel: inner.shutdown.child_token(),
+        taps: Mutex::new(Taps::default()),
     });
     map.insert(region_name.into(), p.clone());
     drop(map);
@@ -457,10 +526,15 @@ async fn produce(
         while let Ok(w) = flush_rx.try_recv() {
             waiters.push(w);
         }
-        let (tracker, region) = (p.tracker.clone(), p.region.clone());
+        let pc = p.clone();
         let collected = tokio::task::spawn_blocking(move || {
-            let ranges = lock(&tracker).collect().map_err(|e| e.to_string())?;
-            read_pieces(&region, &ranges)
+            pc.collect_into_taps()?;
+            let ranges = crate::track::normalize(std::mem::take(&mut lock(&pc.taps).replication));
+            if pc.links.is_empty() {
+                // Published for migration only: nobody to send epochs to.
+                return Ok((Vec::new(), 0));
+            }
+            read_pieces(&pc.region, &ranges)
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));

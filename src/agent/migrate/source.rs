@@ -122,20 +122,36 @@ pub(crate) fn outcome_name(o: Outcome) -> &'static str {
     }
 }
 
-/// What B has of each chunk (the hash of what was sent) and what the file had at the
-/// previous collection.
-struct Scanner {
-    region: Arc<FileRegion>,
-    prev: Vec<u64>,
-    sent: Vec<Option<u64>>,
-    sent_since: Vec<bool>,
+/// Trackers that see every write through the application's mapping (a region published
+/// with the client library): a migration of such a region asks the tracker, not hashes.
+const MEMORY_TRACKERS: [&str; 3] = ["uffd-wp-async", "uffd-wp-sync", "mprotect"];
+
+/// How the source finds what changed.
+enum Scanner {
+    /// xxh3 hashes: what B has of each chunk (the hash of what was sent) and what the
+    /// file had at the previous collection.
+    Hashes {
+        region: Arc<FileRegion>,
+        prev: Vec<u64>,
+        sent: Vec<Option<u64>>,
+        sent_since: Vec<bool>,
+    },
+    /// The publication's kernel dirty tracker (its migration share).
+    Tracked(Arc<crate::agent::replicate::Publication>),
 }
 
 impl Scanner {
-    fn new(region: Arc<FileRegion>) -> Result<Scanner, String> {
+    /// The tracker of an application's published region if there is one, else hashes.
+    fn new(inner: &Inner, region: Arc<FileRegion>) -> Result<Scanner, String> {
+        if let Some(p) = inner.publications.get(region.name()) {
+            if MEMORY_TRACKERS.contains(&p.tracker_name()) {
+                p.tap_migration();
+                return Ok(Scanner::Tracked(p));
+            }
+        }
         let prev = region.chunk_hashes().map_err(|e| e.to_string())?;
         let n = prev.len();
-        Ok(Scanner {
+        Ok(Scanner::Hashes {
             region,
             prev,
             sent: vec![None; n],
@@ -143,25 +159,77 @@ impl Scanner {
         })
     }
 
-    /// Pre-copy: chunks changed since the previous collection, and chunks sent since then
-    /// whose content is not what was sent. Final: every chunk B's copy differs in.
+    fn kind(&self) -> &'static str {
+        match self {
+            Scanner::Hashes { .. } => "xxh3 chunk hashes",
+            Scanner::Tracked(p) => p.tracker_name(),
+        }
+    }
+
+    /// Records what was sent of chunk `c` (hash mode).
+    fn sent(&mut self, c: u64, data: &[u8]) {
+        if let Scanner::Hashes {
+            sent, sent_since, ..
+        } = self
+        {
+            sent[c as usize] = Some(chunk_hash(data));
+            sent_since[c as usize] = true;
+        }
+    }
+
+    /// Pre-copy: chunks changed since the previous collection (hash mode: and chunks sent
+    /// since then whose content is not what was sent). Final (hash mode): every chunk B's
+    /// copy differs in; a tracker reports every write since the migration started, so its
+    /// final collection is simply the writes since the previous one.
     fn collect(&mut self, last: bool) -> Result<Vec<u64>, String> {
-        let now = self.region.chunk_hashes().map_err(|e| e.to_string())?;
+        let (region, prev, sent, sent_since) = match self {
+            Scanner::Tracked(p) => {
+                let g = p.region_geometry();
+                let mut out: Vec<u64> = Vec::new();
+                for r in p.collect_migration()? {
+                    let end = r.end.min(g.size);
+                    if r.start >= end {
+                        continue;
+                    }
+                    for c in g.chunk_of(r.start)..=g.chunk_of(end - 1) {
+                        if out.last() != Some(&c) {
+                            out.push(c);
+                        }
+                    }
+                }
+                return Ok(out);
+            }
+            Scanner::Hashes {
+                region,
+                prev,
+                sent,
+                sent_since,
+            } => (region, prev, sent, sent_since),
+        };
+        let now = region.chunk_hashes().map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for (c, h) in now.iter().enumerate() {
-            let stale = self.sent[c] != Some(*h);
+            let stale = sent[c] != Some(*h);
             let dirty = if last {
                 stale
             } else {
-                *h != self.prev[c] || (self.sent_since[c] && stale)
+                *h != prev[c] || (sent_since[c] && stale)
             };
             if dirty {
                 out.push(c as u64);
             }
         }
-        self.prev = now;
-        self.sent_since.iter_mut().for_each(|s| *s = false);
+        *prev = now;
+        sent_since.iter_mut().for_each(|s| *s = false);
         Ok(out)
+    }
+}
+
+impl Drop for Scanner {
+    fn drop(&mut self) {
+        if let Scanner::Tracked(p) = self {
+            p.untap_migration();
+        }
     }
 }
 
@@ -373,8 +441,8 @@ pub(crate) async fn run(
     };
     // The dirty baseline is taken before the engine starts copying.
     let scanner = {
-        let r = region.clone();
-        tokio::task::spawn_blocking(move || Scanner::new(r))
+        let (r, i) = (region.clone(), inner.clone());
+        tokio::task::spawn_blocking(move || Scanner::new(&i, r))
             .await
             .map_err(|e| MigrateRunError::Region(e.to_string()))?
             .map_err(MigrateRunError::Region)?
@@ -424,7 +492,7 @@ pub(crate) async fn run(
         );
         (engine, in_doubt, first)
     };
-    tracing::info!(region = region_name, to = %opts.to, size = g.size, freeze = ?opts.freeze, "migration started");
+    tracing::info!(region = region_name, to = %opts.to, size = g.size, freeze = ?opts.freeze, dirty = lock(&scanner).kind(), "migration started");
     let mut d = Driver {
         inner: inner.clone(),
         region,
@@ -699,6 +767,7 @@ impl Driver {
             bandwidth_bps: r.bandwidth,
             rtt_ms: r.rtt_ms,
             freeze: self.opts.freeze.label(),
+            dirty_tracking: lock(&self.scanner).kind().into(),
         };
         if r.outcome == Outcome::Migrated {
             Ok(report)
@@ -896,11 +965,7 @@ impl Driver {
             self.region
                 .read_at(g.offset(c), &mut data)
                 .map_err(std::io::Error::other)?;
-            {
-                let mut sc = lock(&self.scanner);
-                sc.sent[c as usize] = Some(chunk_hash(&data));
-                sc.sent_since[c as usize] = true;
-            }
+            lock(&self.scanner).sent(c, &data);
             if is_zero(&data) {
                 buf.extend_from_slice(&encode(&MigrateFrame::Zero { chunk: c }));
             } else {
