@@ -67,6 +67,13 @@ pub enum ControlRequest {
         ranges: Vec<(u64, u64)>,
         error: Option<String>,
     },
+    /// An application on the destination receives a region being migrated here, with its
+    /// memfd and a userfaultfd registered in MISSING mode over the mapping attached
+    /// (SCM_RIGHTS). Answered with [`ControlEvent::Receiving`], then
+    /// [`ControlEvent::Owner`] when the handover is accepted (the application may run:
+    /// stale pages fault and are fetched from the source), [`ControlEvent::Received`] when
+    /// every chunk is here, or an error if the migration is given up.
+    Receive(ReceiveArgs),
     /// Live-migrate a region this agent serves to a peer: answered with
     /// [`ControlEvent::MigrateProgress`] lines, then [`ControlEvent::Migrated`] or an error.
     Migrate(MigrateArgs),
@@ -87,6 +94,10 @@ pub struct MigrateArgs {
     /// Freeze the writer by SIGSTOP of this process (SIGCONT on abort; it stays stopped
     /// after a successful migration). Without it, the freeze is the final snapshot.
     pub freeze_pid: Option<i32>,
+    /// Leave chunks stale at the handover for post-copy (the destination must have an
+    /// application receiving the region).
+    #[serde(default)]
+    pub postcopy: bool,
     /// Chunk data sent at most this many bits per second (None: no cap).
     pub max_bandwidth_bps: Option<u64>,
 }
@@ -170,6 +181,16 @@ pub struct PublishArgs {
     pub tracker: String,
     pub to: Vec<String>,
     pub interval_ms: u64,
+}
+
+/// `client::receive` arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceiveArgs {
+    pub region: String,
+    pub size: u64,
+    /// Where the application mapped it, and the mapping's length (page-rounded).
+    pub base: u64,
+    pub map_len: u64,
 }
 
 /// `pagewire replicate` arguments.
@@ -348,6 +369,17 @@ pub enum ControlEvent {
     Collect,
     MigrateProgress(MigrationProgress),
     Migrated(MigrationReport),
+    /// To a receiving application: registered; waiting for a migration.
+    Receiving {
+        chunk_size: u32,
+    },
+    /// To a receiving application: this host owns the region now; run.
+    Owner {
+        /// Chunks still to come from the source (fetched on demand or in the background).
+        stale_chunks: u64,
+    },
+    /// To a receiving application: every chunk is here; the mapping runs at native speed.
+    Received,
 }
 
 /// `pagewire status`.

@@ -91,6 +91,14 @@ struct MigrateCmd {
     /// including the final sync (a low cap lengthens the downtime). Default: no cap.
     #[arg(long, value_parser = parse_rate)]
     max_bandwidth: Option<u64>,
+    /// Post-copy: switch over once the predicted downtime fits the budget even with
+    /// chunks still stale; an application receiving the region on the peer
+    /// (client::receive) runs at once and faults them in from here, and this agent keeps
+    /// serving them until the peer has every chunk. Without it, everything is copied
+    /// before the handover (longer downtime under heavy writers, but nothing depends on
+    /// this host afterwards).
+    #[arg(long)]
+    postcopy: bool,
     #[arg(long)]
     json: bool,
     #[arg(long)]
@@ -610,6 +618,7 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
         max_time_ms: m.max_time.as_millis() as u64,
         freeze_pid: m.freeze_pid,
         max_bandwidth_bps: m.max_bandwidth,
+        postcopy: m.postcopy,
     };
     const MIB: f64 = (1 << 20) as f64;
     let mut last = String::new();

@@ -208,6 +208,7 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
                     max_time_ms: 10_000,
                     freeze_pid: None,
                     max_bandwidth_bps: None,
+                    postcopy: false,
                 },
                 |_| {},
             )
@@ -634,6 +635,7 @@ async fn a_hostile_source_gets_named_errors_and_a_real_migration_still_works() {
         region: "r".into(),
         size,
         chunk_size: 64 << 10,
+        postcopy: false,
     };
     let begin = encode(&MigrateFrame::Begin {
         generation: 1,
@@ -959,6 +961,95 @@ async fn published_memory_migrates_with_its_tracker() {
         assert!(!m.owner, "{m:?}");
         drop(published);
     }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Post-copy into a receiving application: pure post-copy (no pre-copy round), so every
+/// chunk is stale at the handover; the application on B runs as soon as it owns the
+/// region and reads everything in random order with 4 threads, faulting the chunks in
+/// from A, and sees exactly A's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_the_receiving_app_runs_at_once_and_faults_stale_chunks_in() {
+    use pagewire::client::receive::{receive, ReceiveOptions};
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let size = 32 * MIB + 4096 * 3 + 100;
+    let src = p.da.path().join("pc");
+    random_file(&src, size, 21);
+    // Some zero chunks too.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&vec![0u8; 3 << 20], 5 << 20)
+        .unwrap();
+    let a = start(p.config_a()).await;
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.config_b();
+    cb.control = Some(b_sock.clone());
+    let b = start(cb).await;
+    settled(&a, &b).await;
+    a.add_region("pc", &src).unwrap();
+
+    let (owner_tx, owner_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = tokio::task::spawn_blocking(move || {
+        let mut r = receive(&ReceiveOptions::new(&b_sock, "pc", size)).unwrap();
+        let _ = owner_tx.send(());
+        assert!(r.wait_owner(Some(Duration::from_secs(120))).unwrap());
+        let r = Arc::new(r);
+        let chunks = size.div_ceil(64 << 10);
+        let seen = Arc::new(Mutex::new(vec![0u8; size as usize]));
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (r, seen) = (r.clone(), seen.clone());
+                s.spawn(move || {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                    let mut order: Vec<u64> = (0..chunks).filter(|c| c % 4 == t).collect();
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, rng.gen_range(0..=i));
+                    }
+                    let mut buf = vec![0u8; 64 << 10];
+                    for c in order {
+                        let off = (c * (64 << 10)) as usize;
+                        let len = (size as usize - off).min(64 << 10);
+                        r.read_at(off, &mut buf[..len]);
+                        seen.lock().unwrap()[off..off + len].copy_from_slice(&buf[..len]);
+                    }
+                });
+            }
+        });
+        let mut r = Arc::try_unwrap(r).ok().unwrap();
+        assert!(r.wait_received(Some(Duration::from_secs(120))).unwrap());
+        let mut all = vec![0u8; size as usize];
+        r.read_at(0, &mut all);
+        let seen = seen.lock().unwrap().clone();
+        (seen, all)
+    });
+    owner_rx.await.unwrap();
+    let o = MigrateOptions {
+        postcopy: true,
+        ..opts(50, 0, Freeze::Snapshot)
+    };
+    let rep = within(a.migrate("pc", o, |_| {})).await.unwrap();
+    eprintln!("{rep:?}");
+    let (seen, all) = within(app).await.unwrap();
+    let want = std::fs::read(&src).unwrap();
+    assert!(seen == want, "the application read other bytes than A's");
+    assert!(all == want, "B's region differs from A's after post-copy");
+    assert!(
+        rep.deferred_chunks > 0,
+        "nothing was left for post-copy: {rep:?}"
+    );
+    assert!(
+        rep.postcopy_faults > 0,
+        "the application faulted nothing in: {rep:?}"
+    );
+    let st = b.status();
+    let m = st.migrations.iter().find(|m| m.region == "pc").unwrap();
+    assert!(m.owner, "{m:?}");
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -186,6 +186,9 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             send_error(&mut w, "collected without a publish session".into()).await;
         }
         ControlRequest::Migrate(args) => migrate(inner, args, w).await,
+        ControlRequest::Receive(args) => {
+            super::migrate::receive::run(inner, args, fds, &mut reader, &r, &mut w).await
+        }
         ControlRequest::Flush { region, timeout_ms } => {
             let ev = match inner.publications.get(&region) {
                 None => ControlEvent::Error {
@@ -249,6 +252,7 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
         max_time: Duration::from_millis(args.max_time_ms),
         freeze,
         max_bandwidth: args.max_bandwidth_bps.map(|b| (b / 8).max(1)),
+        postcopy: args.postcopy,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = super::migrate::source::run(inner.clone(), &args.region, opts, Some(tx));

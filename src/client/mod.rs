@@ -31,6 +31,7 @@
 //! agent itself dies mid-fill, the same happens.
 
 pub mod publish;
+pub mod receive;
 pub mod replica;
 
 use std::fs::File;

@@ -121,6 +121,9 @@ pub struct MigrateOpen {
     /// The sender's region size and chunk size; the receiver's must match.
     pub size: u64,
     pub chunk_size: u32,
+    /// Chunks may be left stale at the handover and fetched on demand: the receiver
+    /// refuses unless an application receives the region there (`client::receive`).
+    pub postcopy: bool,
 }
 
 /// Sender (host A) to receiver (host B) on a migration stream.

@@ -9,16 +9,19 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::receive::{ReceivingApp, RecvState};
 use super::{frame_cap, lock, Slot, ACK_BATCH};
 use crate::agent::Inner;
 use crate::engine::migrate::{
     DestAction, DestEvent, DestPhase, Message, MigrateDest, MigrateError, SourcePhase,
 };
+use crate::fault::uffd;
 use crate::proto::codec::{read_exact, read_frame, write_frame, FrameError};
 use crate::proto::{
     ErrorKind, ErrorReply, MigrateBack, MigrateFrame, MigrateOpen, Reply, WireCode, MAX_MESSAGE_LEN,
 };
-use crate::region::{Bitmap, FileRegion};
+use crate::region::{Bitmap, FileRegion, Geometry};
+use std::os::fd::AsRawFd;
 
 async fn refuse(send: &mut quinn::SendStream, kind: ErrorKind, mut message: String) {
     message.truncate(MAX_MESSAGE_LEN);
@@ -113,7 +116,23 @@ pub(crate) async fn serve(
         Ok(e) => e,
         Err(why) => return refuse(&mut send, ErrorKind::Busy, why).await,
     };
-    let writer = match OpenOptions::new().write(true).open(region.path()) {
+    let app = lock(&inner.migrations.receiving).get(&name).cloned();
+    if open.postcopy && app.is_none() {
+        return refuse(
+            &mut send,
+            ErrorKind::BadRequest,
+            format!(
+                "post-copy needs an application receiving region {name} on {} (client::receive)",
+                inner.name
+            ),
+        )
+        .await;
+    }
+    let opened = match &app {
+        Some(a) => a.region.file().try_clone(),
+        None => OpenOptions::new().write(true).open(region.path()),
+    };
+    let writer = match opened {
         Ok(f) => f,
         Err(e) => {
             return refuse(
@@ -135,16 +154,19 @@ pub(crate) async fn serve(
         writer: &writer,
         engine: &engine,
         send,
-        recv,
         cap: frame_cap(g.chunks()),
         refusal: None,
+        app: app.clone(),
     };
     // A reused engine: this is a new connection.
     let _ = lock(&engine).handle(now(), DestEvent::LinkUp);
-    let r = s.run(started).await;
+    let r = s.run(started, recv).await;
     let actions = lock(&engine).handle(now(), DestEvent::LinkDown);
     if let Ok(actions) = actions {
         if actions.contains(&DestAction::Discard) {
+            if let Some(a) = &app {
+                a.state.send_replace(RecvState::Failed);
+            }
             tracing::warn!(peer = %peer, region = %name, "migration abandoned: the partial copy in {} is not valid", region.path().display());
         }
     }
@@ -170,7 +192,6 @@ pub(crate) async fn serve(
             } else {
                 let _ = s.send.reset(code.varint());
             }
-            let _ = s.recv.stop(code.varint());
         }
     }
 }
@@ -181,10 +202,11 @@ struct Session<'a> {
     writer: &'a std::fs::File,
     engine: &'a Mutex<MigrateDest>,
     send: quinn::SendStream,
-    recv: quinn::RecvStream,
     cap: usize,
     /// What to tell the peer when the engine refused one of its frames.
     refusal: Option<ErrorKind>,
+    /// An application receiving the region (post-copy possible).
+    app: Option<Arc<ReceivingApp>>,
 }
 
 /// How an engine refusal is answered: busy (another migration holds the region, or the
@@ -209,159 +231,338 @@ fn engine_fail(e: MigrateError) -> Fail {
     }
 }
 
-impl Session<'_> {
-    async fn run(&mut self, started: Instant) -> Result<(), Fail> {
-        let now = || started.elapsed();
-        let g = self.region.geometry();
-        let mut data = vec![0u8; g.chunk_size as usize];
-        loop {
-            let frame = match read_frame::<_, MigrateFrame>(&mut self.recv, self.cap).await {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(FrameError::Io(_)) => return Ok(()), // the connection is gone
-                Err(e) => return Err((e.code(), e.to_string())),
-            };
-            let (ev, chunk) = match frame {
-                MigrateFrame::Begin {
+/// One frame from the source, checked against the region: the engine's event and, for a
+/// chunk, its number and bytes (`None`: a zero chunk).
+struct Inbound {
+    ev: DestEvent,
+    chunk: Option<(u64, Option<Vec<u8>>)>,
+}
+
+/// Reads and checks the next frame. `Ok(None)`: the stream ended.
+async fn next_inbound(
+    recv: &mut quinn::RecvStream,
+    cap: usize,
+    g: &Geometry,
+    peer: &str,
+    region: &str,
+) -> Result<Option<Inbound>, Fail> {
+    let frame = match read_frame::<_, MigrateFrame>(recv, cap).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(None),
+        Err(FrameError::Io(_)) => return Ok(None), // the connection is gone
+        Err(e) => return Err((e.code(), e.to_string())),
+    };
+    Ok(Some(match frame {
+        MigrateFrame::Begin {
+            generation,
+            size,
+            chunk_size,
+        } => {
+            if size != g.size || chunk_size != g.chunk_size {
+                return Err((
+                    WireCode::ProtocolViolation,
+                    format!("Begin for {size} bytes in {chunk_size} byte chunks does not match the region"),
+                ));
+            }
+            tracing::info!(peer, region, generation, "incoming migration");
+            Inbound {
+                ev: DestEvent::Message(Message::Begin {
                     generation,
                     size,
                     chunk_size,
-                } => {
-                    if size != g.size || chunk_size != g.chunk_size {
-                        return Err((
-                            WireCode::ProtocolViolation,
-                            format!("Begin for {size} bytes in {chunk_size} byte chunks does not match the region"),
-                        ));
-                    }
-                    tracing::info!(peer = %self.peer, region = %self.region.name(), generation, "incoming migration");
-                    (
-                        DestEvent::Message(Message::Begin {
-                            generation,
-                            size,
-                            chunk_size,
-                        }),
-                        None,
-                    )
-                }
-                MigrateFrame::Chunk(h) => {
-                    if h.chunk >= g.chunks() || h.len != g.chunk_len(h.chunk) {
-                        return Err((
-                            WireCode::ProtocolViolation,
-                            format!(
-                                "chunk {} of {} bytes does not fit the region",
-                                h.chunk, h.len
-                            ),
-                        ));
-                    }
-                    let buf = &mut data[..h.len as usize];
-                    read_exact(&mut self.recv, buf)
-                        .await
-                        .map_err(|e| (e.code(), e.to_string()))?;
-                    if blake3::hash(buf).as_bytes() != &h.hash {
-                        return Err((
-                            WireCode::ProtocolViolation,
-                            format!("chunk {} failed blake3 verification", h.chunk),
-                        ));
-                    }
-                    (DestEvent::Arrived(vec![h.chunk]), Some((h.chunk, false)))
-                }
-                MigrateFrame::Zero { chunk } => {
-                    if chunk >= g.chunks() {
-                        return Err((
-                            WireCode::ProtocolViolation,
-                            format!("zero chunk {chunk} is past the end ({} chunks)", g.chunks()),
-                        ));
-                    }
-                    (DestEvent::Arrived(vec![chunk]), Some((chunk, true)))
-                }
-                MigrateFrame::Handover {
+                }),
+                chunk: None,
+            }
+        }
+        MigrateFrame::Chunk(h) => {
+            if h.chunk >= g.chunks() || h.len != g.chunk_len(h.chunk) {
+                return Err((
+                    WireCode::ProtocolViolation,
+                    format!(
+                        "chunk {} of {} bytes does not fit the region",
+                        h.chunk, h.len
+                    ),
+                ));
+            }
+            let mut buf = vec![0u8; h.len as usize];
+            read_exact(recv, &mut buf)
+                .await
+                .map_err(|e| (e.code(), e.to_string()))?;
+            if blake3::hash(&buf).as_bytes() != &h.hash {
+                return Err((
+                    WireCode::ProtocolViolation,
+                    format!("chunk {} failed blake3 verification", h.chunk),
+                ));
+            }
+            Inbound {
+                ev: DestEvent::Arrived(vec![h.chunk]),
+                chunk: Some((h.chunk, Some(buf))),
+            }
+        }
+        MigrateFrame::Zero { chunk } => {
+            if chunk >= g.chunks() {
+                return Err((
+                    WireCode::ProtocolViolation,
+                    format!("zero chunk {chunk} is past the end ({} chunks)", g.chunks()),
+                ));
+            }
+            Inbound {
+                ev: DestEvent::Arrived(vec![chunk]),
+                chunk: Some((chunk, None)),
+            }
+        }
+        MigrateFrame::Handover {
+            generation,
+            stale,
+            sent,
+        } => {
+            tracing::debug!(region, sent, "handover received");
+            let stale = Bitmap::from_bytes(&stale, g.chunks())
+                .map_err(|e| (WireCode::ProtocolViolation, format!("stale bitmap: {e}")))?;
+            Inbound {
+                ev: DestEvent::Message(Message::Handover {
                     generation,
                     stale,
                     sent,
-                } => {
-                    let stale = Bitmap::from_bytes(&stale, g.chunks())
-                        .map_err(|e| (WireCode::ProtocolViolation, format!("stale bitmap: {e}")))?;
-                    (
-                        DestEvent::Message(Message::Handover {
-                            generation,
-                            stale,
-                            sent,
-                        }),
-                        None,
+                }),
+                chunk: None,
+            }
+        }
+        MigrateFrame::Query { generation } => Inbound {
+            ev: DestEvent::Message(Message::Query { generation }),
+            chunk: None,
+        },
+    }))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Session<'_> {
+    async fn run(&mut self, started: Instant, recv: quinn::RecvStream) -> Result<(), Fail> {
+        let now = || started.elapsed();
+        let g = self.region.geometry();
+        // Frames are read by their own task, so that the application's faults are
+        // served while a chunk is half-read (reading a frame is not cancel-safe).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Option<Inbound>, Fail>>(16);
+        let (cap, peer, name) = (
+            self.cap,
+            self.peer.to_string(),
+            self.region.name().to_string(),
+        );
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            let mut recv = recv;
+            loop {
+                let r = next_inbound(&mut recv, cap, &g, &peer, &name).await;
+                let more = matches!(r, Ok(Some(_)));
+                if let Err((code, _)) = &r {
+                    let _ = recv.stop(code.varint());
+                }
+                if tx.send(r).await.is_err() || !more {
+                    return;
+                }
+            }
+        }));
+        let faults = match &self.app {
+            Some(app) => {
+                let fd = app
+                    .uffd
+                    .try_clone()
+                    .map_err(|e| (WireCode::Shutdown, format!("userfaultfd: {e}")))?;
+                // SAFETY: the AsyncFd owns `fd` (an OwnedFd, a dup of the application's
+                // uffd), so it stays open and is not reused while registered.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        fd,
+                        tokio::io::Interest::READABLE,
                     )
-                }
-                MigrateFrame::Query { generation } => {
-                    (DestEvent::Message(Message::Query { generation }), None)
+                };
+                Some(registered.map_err(|e| (WireCode::Shutdown, format!("userfaultfd: {e}")))?)
+            }
+            None => None,
+        };
+        loop {
+            // Faults are read once the application runs (before that it waits anyway).
+            let owner = lock(self.engine).phase() == DestPhase::Owner;
+            let fault_ready = async {
+                match (&faults, owner) {
+                    (Some(f), true) => f.readable().await.map(Some),
+                    _ => std::future::pending().await,
                 }
             };
-            let handled = lock(self.engine).handle(now(), ev);
-            let actions = match handled {
-                Ok(a) => a,
-                Err(e) => {
-                    self.refusal = Some(refusal_kind(&e));
-                    return Err(engine_fail(e));
-                }
-            };
-            for a in actions {
-                match a {
-                    DestAction::Install(chunks) => {
-                        let Some((c, zero)) = chunk else { continue };
-                        if !chunks.contains(&c) {
-                            continue;
-                        }
-                        let len = g.chunk_len(c) as usize;
-                        if zero {
-                            data[..len].fill(0);
-                        }
-                        self.writer
-                            .write_all_at(&data[..len], g.offset(c))
-                            .map_err(|e| {
-                                (WireCode::Shutdown, format!("writing the region: {e}"))
-                            })?;
-                    }
-                    DestAction::Ack(chunks) => {
-                        for part in chunks.chunks(ACK_BATCH) {
-                            write_frame(
-                                &mut self.send,
-                                &MigrateBack::Ack {
-                                    chunks: part.to_vec(),
-                                },
-                            )
-                            .await
-                            .map_err(|e| (WireCode::Cancelled, e.to_string()))?;
-                        }
-                    }
-                    DestAction::Send(m) => {
-                        let back = match m {
-                            Message::Accept { generation } => MigrateBack::Accept { generation },
-                            Message::Status {
-                                generation,
-                                missing,
-                            } => MigrateBack::Status {
-                                generation,
-                                missing: missing.map(|b| b.to_bytes()),
-                            },
-                            Message::Fetch { chunks } => MigrateBack::Fetch { chunks },
-                            other => {
-                                tracing::warn!(
-                                    "destination engine asked to send {other:?}: ignored"
-                                );
-                                continue;
+            tokio::select! {
+                item = rx.recv() => match item {
+                    None | Some(Ok(None)) => return Ok(()),
+                    Some(Err(f)) => return Err(f),
+                    Some(Ok(Some(inb))) => {
+                        let handled = lock(self.engine).handle(now(), inb.ev);
+                        let actions = match handled {
+                            Ok(a) => a,
+                            Err(e) => {
+                                self.refusal = Some(refusal_kind(&e));
+                                return Err(engine_fail(e));
                             }
                         };
-                        write_frame(&mut self.send, &back)
-                            .await
-                            .map_err(|e| (WireCode::Cancelled, e.to_string()))?;
+                        self.perform(actions, inb.chunk.as_ref()).await?;
                     }
-                    DestAction::Resume => {
-                        tracing::info!(peer = %self.peer, region = %self.region.name(), "migration: this agent owns the region now");
-                    }
-                    DestAction::Discard => {}
-                    DestAction::Complete => {
-                        tracing::info!(peer = %self.peer, region = %self.region.name(), "migration complete: every chunk is here");
+                },
+                ready = fault_ready => {
+                    let Ok(Some(mut guard)) = ready else {
+                        return Err((WireCode::Shutdown, "userfaultfd failed".into()));
+                    };
+                    let Some(app) = self.app.clone() else { continue };
+                    loop {
+                        match uffd::read_event(app.uffd.as_raw_fd()) {
+                            Ok(Some(uffd::Event::Fault { addr, .. })) => {
+                                self.on_fault(&app, addr, now()).await?;
+                            }
+                            Ok(Some(other)) => {
+                                tracing::debug!(region = %self.region.name(), "receiving mapping: {other:?}");
+                            }
+                            Ok(None) => {
+                                guard.clear_ready();
+                                break;
+                            }
+                            Err(e) => {
+                                return Err((WireCode::Shutdown, format!("reading the userfaultfd: {e}")));
+                            }
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// The receiving application touched a page that is not here.
+    async fn on_fault(
+        &mut self,
+        app: &Arc<ReceivingApp>,
+        addr: u64,
+        now: std::time::Duration,
+    ) -> Result<(), Fail> {
+        let g = self.region.geometry();
+        if addr < app.base || addr >= app.base + g.size {
+            app.wake(addr);
+            return Ok(());
+        }
+        let c = g.chunk_of(addr - app.base);
+        let actions = {
+            let mut e = lock(self.engine);
+            if !e.is_missing(c) {
+                drop(e);
+                // Installed since the fault was raised.
+                app.wake(addr);
+                return Ok(());
+            }
+            e.handle(now, DestEvent::Fault(c))
+        };
+        let actions = actions.map_err(engine_fail)?;
+        self.perform(actions, None).await
+    }
+
+    async fn perform(
+        &mut self,
+        actions: Vec<DestAction>,
+        chunk: Option<&(u64, Option<Vec<u8>>)>,
+    ) -> Result<(), Fail> {
+        let g = self.region.geometry();
+        for a in actions {
+            match a {
+                DestAction::Install(chunks) => {
+                    let Some((c, data)) = chunk else { continue };
+                    if !chunks.contains(c) {
+                        continue;
+                    }
+                    let len = g.chunk_len(*c) as usize;
+                    let zeros;
+                    let bytes: &[u8] = match data {
+                        Some(d) => d,
+                        None => {
+                            zeros = vec![0u8; len];
+                            &zeros
+                        }
+                    };
+                    // After the handover the application runs: fill its mapping without
+                    // ever overwriting a page; before, write the memfd or file.
+                    let postcopy =
+                        self.app.is_some() && lock(self.engine).phase() != DestPhase::Receiving;
+                    if let (true, Some(app)) = (postcopy, &self.app) {
+                        app.install(&g, *c, bytes)
+                            .map_err(|e| (WireCode::Shutdown, e))?;
+                    } else {
+                        self.writer
+                            .write_all_at(&bytes[..len], g.offset(*c))
+                            .map_err(|e| {
+                                (WireCode::Shutdown, format!("writing the region: {e}"))
+                            })?;
+                    }
+                }
+                DestAction::Ack(chunks) => {
+                    for part in chunks.chunks(ACK_BATCH) {
+                        write_frame(
+                            &mut self.send,
+                            &MigrateBack::Ack {
+                                chunks: part.to_vec(),
+                            },
+                        )
+                        .await
+                        .map_err(|e| (WireCode::Cancelled, e.to_string()))?;
+                    }
+                }
+                DestAction::Send(m) => {
+                    let back = match m {
+                        Message::Accept { generation } => MigrateBack::Accept { generation },
+                        Message::Status {
+                            generation,
+                            missing,
+                        } => MigrateBack::Status {
+                            generation,
+                            missing: missing.map(|b| b.to_bytes()),
+                        },
+                        Message::Fetch { chunks } => MigrateBack::Fetch { chunks },
+                        other => {
+                            tracing::warn!("destination engine asked to send {other:?}: ignored");
+                            continue;
+                        }
+                    };
+                    write_frame(&mut self.send, &back)
+                        .await
+                        .map_err(|e| (WireCode::Cancelled, e.to_string()))?;
+                }
+                DestAction::Resume => {
+                    if let Some(app) = &self.app {
+                        let stale: Vec<bool> = {
+                            let e = lock(self.engine);
+                            (0..g.chunks()).map(|c| e.is_missing(c)).collect()
+                        };
+                        let n = app
+                            .punch(&g, |c| stale[c as usize])
+                            .map_err(|e| (WireCode::Shutdown, e))?;
+                        app.state.send_replace(RecvState::Owner { stale: n });
+                        tracing::info!(peer = %self.peer, region = %self.region.name(), stale = n, "migration: this agent owns the region now; the application runs");
+                    } else {
+                        tracing::info!(peer = %self.peer, region = %self.region.name(), "migration: this agent owns the region now");
+                    }
+                }
+                DestAction::Discard => {
+                    if let Some(app) = &self.app {
+                        app.state.send_replace(RecvState::Failed);
+                    }
+                }
+                DestAction::Complete => {
+                    if let Some(app) = &self.app {
+                        app.finish();
+                    }
+                    tracing::info!(peer = %self.peer, region = %self.region.name(), "migration complete: every chunk is here");
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -22,6 +22,7 @@
 //!   is what the freeze is for.
 
 pub(crate) mod dest;
+pub(crate) mod receive;
 pub(crate) mod source;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,8 @@ pub(crate) enum Slot {
 #[derive(Default)]
 pub(crate) struct Migrations {
     pub(crate) map: Mutex<BTreeMap<String, Slot>>,
+    /// Applications waiting for (or running on) a region migrated here, by region.
+    pub(crate) receiving: Mutex<BTreeMap<String, Arc<receive::ReceivingApp>>>,
 }
 
 fn source_phase(p: SourcePhase) -> String {

@@ -63,6 +63,11 @@ pub struct MigrateOptions {
     /// Chunk data sent at most this many bytes per second (`None`: as fast as the link
     /// goes). Applies to every phase, the final sync included.
     pub max_bandwidth: Option<u64>,
+    /// Post-copy: hand over once the predicted downtime fits the budget even if chunks
+    /// are still stale; the destination's application (`client::receive`) fetches them
+    /// on demand while the rest streams in. False: everything is sent before the
+    /// handover (nothing depends on this host afterwards).
+    pub postcopy: bool,
 }
 
 impl MigrateOptions {
@@ -74,6 +79,7 @@ impl MigrateOptions {
             max_time: Duration::from_secs(60),
             freeze: Freeze::Snapshot,
             max_bandwidth: None,
+            postcopy: false,
         }
     }
 }
@@ -332,6 +338,7 @@ async fn open(
     inner: &Inner,
     peer: &str,
     region: &FileRegion,
+    postcopy: bool,
     wait: Option<Duration>,
 ) -> Result<Stream, (bool, String)> {
     let waited = async { inner.peers.wait(peer, &inner.shutdown).await };
@@ -348,6 +355,7 @@ async fn open(
         region: region.name().into(),
         size: g.size,
         chunk_size: g.chunk_size,
+        postcopy,
     });
     crate::proto::codec::write_frame(&mut send, &req)
         .await
@@ -433,7 +441,7 @@ pub(crate) async fn run(
             min: 1 << 20,
             max: 16 << 20,
         },
-        postcopy: false,
+        postcopy: opts.postcopy,
     };
     let busy = |why: String| MigrateRunError::Busy {
         region: region_name.into(),
@@ -573,7 +581,15 @@ impl Driver {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let opened = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match open(&self.inner, &self.opts.to, &self.region, Some(left)).await {
+            match open(
+                &self.inner,
+                &self.opts.to,
+                &self.region,
+                self.opts.postcopy,
+                Some(left),
+            )
+            .await
+            {
                 Err((false, why))
                     if Instant::now() < deadline && !self.inner.shutdown.is_cancelled() =>
                 {
@@ -618,7 +634,7 @@ impl Driver {
                 self.in_doubt.store(true, Ordering::Relaxed);
                 self.send_progress();
                 let s = tokio::select! {
-                    s = open(&self.inner, &self.opts.to, &self.region, None) => s,
+                    s = open(&self.inner, &self.opts.to, &self.region, self.opts.postcopy, None) => s,
                     _ = self.inner.shutdown.cancelled() => return Err(MigrateRunError::Shutdown),
                 };
                 match s {
@@ -694,6 +710,7 @@ impl Driver {
                     self.pending = None;
                     match r {
                         Ok(chunks) => {
+                            tracing::debug!(region = %self.region.name(), chunks = chunks.len(), "dirty chunks collected");
                             let _ = self.feed(SourceEvent::Dirty(chunks));
                         }
                         Err(e) => {
@@ -710,6 +727,7 @@ impl Driver {
                     self.pending = None;
                     match r {
                         Ok(()) => {
+                            tracing::debug!(region = %self.region.name(), "writer frozen");
                             self.frozen = true;
                             let _ = self.feed(SourceEvent::Frozen);
                         }
@@ -887,6 +905,10 @@ impl Driver {
                             continue;
                         }
                     };
+                    if let Some(s) = stream.as_ref() {
+                        let st = s.conn.stats();
+                        tracing::debug!(region = %self.region.name(), cwnd = st.path.cwnd, rtt = ?st.path.rtt, lost = st.path.lost_packets, congestion_events = st.path.congestion_events, "sending a control frame");
+                    }
                     if let Some(s) = stream.as_mut() {
                         if let Err(e) = s.send.write_all(&encode(&frame)).await {
                             let why = lost(&s.conn, &e);

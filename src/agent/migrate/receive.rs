@@ -1,0 +1,242 @@
+//! An application on the destination host receives a region being migrated here
+//! (`client::receive`): it hands the agent a memfd and a userfaultfd registered in
+//! MISSING mode over its mapping, and waits. Pre-copy chunks are written into the memfd
+//! (the application does not touch the mapping yet). When the handover is accepted the
+//! agent punches the still-stale chunks out of the memfd, so that touching them faults,
+//! and tells the application to run; its faults become urgent fetches from the source,
+//! installed with UFFDIO_COPY (atomic per page, never over a page that is already there),
+//! while the rest streams in. When every chunk is here the uffd is unregistered.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::lock;
+use crate::agent::Inner;
+use crate::control::{ControlEvent, ReceiveArgs};
+use crate::fault::uffd;
+use crate::region::{FileRegion, Geometry};
+
+/// Where a receiving application is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecvState {
+    /// Waiting for (or in) pre-copy; the application must not touch the mapping.
+    Waiting,
+    /// This host owns the region; the application runs; `stale` chunks were left.
+    Owner { stale: u64 },
+    /// Every chunk is here.
+    Received,
+    /// The migration was given up or post-copy failed: the mapping is not valid.
+    Failed,
+}
+
+/// A receiving application's mapping, as the destination driver uses it.
+pub(crate) struct ReceivingApp {
+    pub(crate) uffd: OwnedFd,
+    /// The mapping in the application's address space.
+    pub(crate) base: u64,
+    pub(crate) map_len: u64,
+    pub(crate) region: Arc<FileRegion>,
+    pub(crate) state: watch::Sender<RecvState>,
+}
+
+impl ReceivingApp {
+    /// Punches the chunks for which `stale` holds out of the memfd (before the
+    /// application runs): touching them then faults.
+    pub(crate) fn punch(&self, g: &Geometry, stale: impl Fn(u64) -> bool) -> Result<u64, String> {
+        let fd = self.region.file().as_raw_fd();
+        let mut n = 0;
+        for c in 0..g.chunks() {
+            if !stale(c) {
+                continue;
+            }
+            n += 1;
+            // SAFETY: fallocate on our descriptor with integer arguments.
+            let r = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    g.offset(c) as libc::off_t,
+                    g.chunk_len(c) as libc::off_t,
+                )
+            };
+            if r != 0 {
+                return Err(format!(
+                    "punching chunk {c} out of the memfd: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Installs a post-copy chunk into the application's mapping: pages already there
+    /// (installed by an earlier copy) are left alone; waiting threads are woken.
+    pub(crate) fn install(&self, g: &Geometry, chunk: u64, data: &[u8]) -> Result<(), String> {
+        let page = uffd::page_size();
+        let len = g.chunk_len(chunk) as usize;
+        let padded = (len as u64).next_multiple_of(page) as usize;
+        let mut buf;
+        let src = if data.len() >= padded {
+            &data[..padded]
+        } else {
+            buf = vec![0u8; padded];
+            buf[..data.len().min(padded)].copy_from_slice(&data[..data.len().min(padded)]);
+            &buf[..]
+        };
+        let dst = self.base + g.offset(chunk);
+        if dst + padded as u64 > self.base + self.map_len {
+            return Err(format!("chunk {chunk} is past the mapping"));
+        }
+        // SAFETY: `src` is a live buffer of `padded` bytes in this process.
+        unsafe {
+            uffd::copy(
+                self.uffd.as_raw_fd(),
+                dst,
+                src.as_ptr(),
+                padded as u64,
+                page,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| format!("installing chunk {chunk}: {e}"))
+    }
+
+    /// Wakes threads faulting on `addr`'s page (its chunk is here already).
+    pub(crate) fn wake(&self, addr: u64) {
+        let page = uffd::page_size();
+        let _ = uffd::wake(self.uffd.as_raw_fd(), addr & !(page - 1), page);
+    }
+
+    /// Every chunk is here: the mapping no longer needs the agent.
+    pub(crate) fn finish(&self) {
+        if let Err(e) = uffd::unregister(self.uffd.as_raw_fd(), self.base, self.map_len) {
+            tracing::debug!(region = %self.region.name(), "unregistering the receiving mapping: {e}");
+        }
+        self.state.send_replace(RecvState::Received);
+    }
+}
+
+/// Drives a `client::receive` session on the application's control connection until it
+/// closes: registers the memfd as the region, reports the migration's progress.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    args: ReceiveArgs,
+    fds: Vec<OwnedFd>,
+    reader: &mut super::super::control_server::LineReader,
+    r: &tokio::net::unix::OwnedReadHalf,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    use super::super::control_server::send;
+    let app = match start(&inner, &args, fds) {
+        Ok(a) => a,
+        Err(message) => {
+            let _ = send(w, &ControlEvent::Error { message }).await;
+            return;
+        }
+    };
+    let mut rx = app.state.subscribe();
+    let chunk_size = app.region.geometry().chunk_size;
+    let mut ok = send(w, &ControlEvent::Receiving { chunk_size })
+        .await
+        .is_ok();
+    while ok {
+        tokio::select! {
+            c = rx.changed() => {
+                if c.is_err() {
+                    break;
+                }
+                let st = *rx.borrow_and_update();
+                let ev = match st {
+                    RecvState::Waiting => continue,
+                    RecvState::Owner { stale } => ControlEvent::Owner { stale_chunks: stale },
+                    RecvState::Received => ControlEvent::Received,
+                    RecvState::Failed => ControlEvent::Error {
+                        message: "the migration into this region was given up: the mapping is not valid".into(),
+                    },
+                };
+                ok = send(w, &ev).await.is_ok();
+            }
+            l = reader.next(r) => match l {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            },
+            _ = inner.shutdown.cancelled() => break,
+        }
+    }
+    end(&inner, &args.region, &app);
+}
+
+fn start(
+    inner: &Arc<Inner>,
+    args: &ReceiveArgs,
+    fds: Vec<OwnedFd>,
+) -> Result<Arc<ReceivingApp>, String> {
+    if !crate::proto::valid_name(&args.region) {
+        return Err(format!("invalid region name {:?}", args.region));
+    }
+    let page = uffd::page_size();
+    if args.size == 0
+        || args.map_len != args.size.next_multiple_of(page)
+        || args.base == 0
+        || args.base % page != 0
+    {
+        return Err("the mapping does not fit the region size".into());
+    }
+    let mut fds = fds.into_iter();
+    let memfd = std::fs::File::from(fds.next().ok_or("no memfd passed")?);
+    let uffd_fd = fds.next().ok_or("no userfaultfd passed")?;
+    let len = memfd.metadata().map_err(|e| e.to_string())?.len();
+    if len != args.size {
+        return Err(format!("memfd is {len} bytes, the region {}", args.size));
+    }
+    if !crate::fault::is_shmem(&memfd) {
+        return Err("the region's descriptor is not a memfd/shmem file".into());
+    }
+    let label = PathBuf::from(format!("memfd:{}", args.region));
+    let region = Arc::new(
+        FileRegion::from_file(&args.region, &label, memfd, inner.config.chunk_size)
+            .map_err(|e| e.to_string())?,
+    );
+    let app = Arc::new(ReceivingApp {
+        uffd: uffd_fd,
+        base: args.base,
+        map_len: args.map_len,
+        region: region.clone(),
+        state: watch::channel(RecvState::Waiting).0,
+    });
+    {
+        let mut regions = inner.regions.write().map_err(|_| "region table poisoned")?;
+        if regions.contains_key(&args.region) {
+            return Err(format!(
+                "this agent already serves a region named {:?}",
+                args.region
+            ));
+        }
+        let mut receiving = lock(&inner.migrations.receiving);
+        if receiving.contains_key(&args.region) {
+            return Err(format!(
+                "an application already receives region {:?} here",
+                args.region
+            ));
+        }
+        regions.insert(args.region.clone(), region);
+        receiving.insert(args.region.clone(), app.clone());
+    }
+    tracing::info!(region = %args.region, size = args.size, "an application waits to receive a migrated region");
+    Ok(app)
+}
+
+/// The application went away: the region is no longer served from its memfd.
+fn end(inner: &Inner, region: &str, app: &Arc<ReceivingApp>) {
+    let mut receiving = lock(&inner.migrations.receiving);
+    if receiving.get(region).is_some_and(|a| Arc::ptr_eq(a, app)) {
+        receiving.remove(region);
+        if let Ok(mut r) = inner.regions.write() {
+            r.remove(region);
+        }
+    }
+    tracing::info!(region, "receiving application detached");
+}
