@@ -1053,3 +1053,117 @@ async fn postcopy_the_receiving_app_runs_at_once_and_faults_stale_chunks_in() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A cut during post-copy: the link dies (both agents see the connection go) while the
+/// receiving application is faulting chunks in; its threads wait; once the link is back
+/// the agents reconnect, A asks B where it is (`Query`/`Status`) and post-copy resumes.
+/// A keeps every chunk until B has it: B's bytes end up exactly A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_survives_a_cut_link_and_resumes() {
+    use pagewire::client::receive::{receive, ReceiveOptions};
+    use pagewire::wan::{LinkParams, Relay, RelayConfig};
+    logs();
+    let p = Pair::new();
+    let size = 24 * MIB;
+    let src = p.da.path().join("pc");
+    random_file(&src, size, 31);
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let link = LinkParams {
+        delay: Duration::from_millis(5),
+        rate_bps: Some(100_000_000),
+        ..Default::default()
+    };
+    let any = "127.0.0.1:0".parse().unwrap();
+    let to_b = Relay::start(RelayConfig::symmetric(
+        any,
+        format!("127.0.0.1:{}", p.pb).parse().unwrap(),
+        link.clone(),
+    ))
+    .await
+    .unwrap();
+    let to_a = Relay::start(RelayConfig::symmetric(
+        any,
+        format!("127.0.0.1:{}", p.pa).parse().unwrap(),
+        link.clone(),
+    ))
+    .await
+    .unwrap();
+    let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
+    ca.regions.push(("pc".into(), src.clone()));
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
+    cb.control = Some(b_sock.clone());
+    let a = start(ca).await;
+    let b = start(cb).await;
+    settled(&a, &b).await;
+
+    let (owner_tx, owner_rx) = tokio::sync::oneshot::channel::<()>();
+    let (quarter_tx, quarter_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = tokio::task::spawn_blocking(move || {
+        let mut r = receive(&ReceiveOptions::new(&b_sock, "pc", size)).unwrap();
+        let _ = owner_tx.send(());
+        assert!(r.wait_owner(Some(Duration::from_secs(120))).unwrap());
+        let mut all = vec![0u8; size as usize];
+        let step = 64 << 10;
+        let mut quarter = Some(quarter_tx);
+        for off in (0..size as usize).step_by(step) {
+            if off >= size as usize / 4 {
+                if let Some(q) = quarter.take() {
+                    let _ = q.send(());
+                }
+            }
+            let len = (size as usize - off).min(step);
+            r.read_at(off, &mut all[off..off + len]);
+        }
+        assert!(r.wait_received(Some(Duration::from_secs(120))).unwrap());
+        let mut again = vec![0u8; size as usize];
+        r.read_at(0, &mut again);
+        (all, again)
+    });
+    owner_rx.await.unwrap();
+    let o = MigrateOptions {
+        postcopy: true,
+        ..opts(50, 0, Freeze::Snapshot)
+    };
+    let migrate = a.migrate("pc", o, |_| {});
+    let cut_and_heal = async {
+        quarter_rx.await.unwrap();
+        let cut = LinkParams {
+            loss: 1.0,
+            ..Default::default()
+        };
+        to_b.set_params(cut.clone(), cut.clone());
+        to_a.set_params(cut.clone(), cut);
+        // A real drop: both agents lose the connection (idle timeout).
+        within(async {
+            while a.is_connected("b") || b.is_connected("a") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let mid = b.status();
+        let m = mid.migrations.iter().find(|m| m.region == "pc").cloned();
+        to_b.set_params(link.clone(), link.clone());
+        to_a.set_params(link.clone(), link.clone());
+        m
+    };
+    let (rep, during) = within(async { tokio::join!(migrate, cut_and_heal) }).await;
+    let rep = rep.unwrap();
+    let during = during.expect("B has no migration state during the cut");
+    assert!(during.owner, "B owns the region during the cut: {during:?}");
+    assert_eq!(
+        during.phase, "owner",
+        "post-copy was not finished at the cut"
+    );
+    let (all, again) = within(app).await.unwrap();
+    let want = std::fs::read(&src).unwrap();
+    assert!(all == want, "the application read other bytes than A's");
+    assert!(again == want, "B's region differs from A's after post-copy");
+    assert!(rep.postcopy_faults > 0, "{rep:?}");
+    eprintln!("{rep:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    to_a.shutdown().await;
+    to_b.shutdown().await;
+}
