@@ -242,6 +242,20 @@ struct AgentArgs {
     /// and faulting threads get SIGBUS (default 60s).
     #[arg(long, value_parser = parse_duration)]
     fault_timeout: Option<Duration>,
+    /// QUIC congestion controller: cubic (default; chosen by measurement at 50 ms RTT,
+    /// see README "WAN tuning"), newreno, or bbr (experimental in quinn).
+    #[arg(long, value_parser = pagewire::transport::Congestion::parse)]
+    congestion: Option<pagewire::transport::Congestion>,
+    /// Bottleneck rate of the link to the peers, e.g. 1gbit, 200mbit, 50MBps. With
+    /// --link-rtt, QUIC's stream, connection and send windows become at least 2 x
+    /// bandwidth x RTT (never below the defaults, at most 512MiB per stream, 1GiB per
+    /// connection). Needed for links beyond about 1gbit x 50ms.
+    #[arg(long, value_parser = pagewire::agent::config::parse_rate)]
+    link_bandwidth: Option<u64>,
+    /// Round-trip time of the link to the peers, e.g. 50ms (with --link-bandwidth); also
+    /// QUIC's initial RTT estimate.
+    #[arg(long, value_parser = parse_duration)]
+    link_rtt: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -488,6 +502,9 @@ async fn agent(a: AgentArgs) -> Result<()> {
         idle_timeout: a.idle_timeout,
         fault_mechanism: a.fault_mechanism,
         fault_timeout: a.fault_timeout,
+        congestion: a.congestion,
+        link_bandwidth: a.link_bandwidth,
+        link_rtt: a.link_rtt,
         peers: a.peers,
         regions: a.regions.into_iter().map(|(k, v)| (k, v.into())).collect(),
     };

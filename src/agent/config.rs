@@ -10,6 +10,9 @@
 //! idle_timeout = "10s"
 //! fault_mechanism = "auto"      # lazy mounts: auto | userfaultfd | mprotect
 //! fault_timeout = "60s"         # a fault waits this long for an unreachable peer
+//! congestion = "cubic"          # QUIC congestion controller: cubic | newreno | bbr
+//! link_bandwidth = "1gbit"      # with link_rtt: size QUIC windows to 2 x bandwidth x RTT
+//! link_rtt = "50ms"
 //!
 //! [peers]          # name = "host:port"; every peer must list us too
 //! b = "10.0.0.2:7401"
@@ -33,7 +36,7 @@ use serde::Deserialize;
 
 use crate::proto::valid_name;
 use crate::region::DEFAULT_CHUNK_SIZE;
-use crate::transport::Tuning;
+use crate::transport::{Congestion, Link, Tuning};
 
 /// The configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +135,29 @@ impl SizeValue {
     }
 }
 
+/// A rate in bits per second: an integer or a string like `1gbit`, `200mbit`, `50MBps`
+/// (see [`crate::wan::parse_rate`]).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RateValue {
+    Int(u64),
+    Text(String),
+}
+
+impl RateValue {
+    fn get(&self, what: &'static str) -> Result<u64, ConfigError> {
+        match self {
+            RateValue::Int(n) => Ok(*n),
+            RateValue::Text(s) => parse_rate(s).map_err(|e| invalid(what, s, e)),
+        }
+    }
+}
+
+/// A link rate in bits per second: `1gbit`, `200mbit`, `100Mbps` (bits), `50MBps` (bytes).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    crate::wan::parse_rate(s)
+}
+
 /// The TOML file, every field optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +174,9 @@ struct FileConfig {
     idle_timeout: Option<String>,
     fault_mechanism: Option<String>,
     fault_timeout: Option<String>,
+    congestion: Option<String>,
+    link_bandwidth: Option<RateValue>,
+    link_rtt: Option<String>,
     #[serde(default)]
     peers: BTreeMap<String, String>,
     #[serde(default)]
@@ -195,6 +224,12 @@ pub struct Overrides {
     pub idle_timeout: Option<Duration>,
     pub fault_mechanism: Option<crate::fault::Mechanism>,
     pub fault_timeout: Option<Duration>,
+    /// QUIC congestion controller.
+    pub congestion: Option<Congestion>,
+    /// Link bandwidth in bits/s (with `link_rtt`: windows sized for the link).
+    pub link_bandwidth: Option<u64>,
+    /// Link round-trip time.
+    pub link_rtt: Option<Duration>,
     /// `NAME=HOST:PORT`; a name already in the file gets the new address.
     pub peers: Vec<(String, String)>,
     /// `NAME=PATH`.
@@ -371,6 +406,43 @@ impl AgentConfig {
         } else if let Some(s) = &fc.fault_timeout {
             cfg.fault_timeout = parse_duration(s).map_err(|e| invalid("fault_timeout", s, e))?;
         }
+        if let Some(c) = o.congestion {
+            cfg.tuning.congestion = c;
+        } else if let Some(s) = &fc.congestion {
+            cfg.tuning.congestion =
+                Congestion::parse(s).map_err(|e| invalid("congestion", s, e))?;
+        }
+        let bandwidth = match (o.link_bandwidth, &fc.link_bandwidth) {
+            (Some(b), _) => Some(b),
+            (None, Some(v)) => Some(v.get("link_bandwidth")?),
+            _ => None,
+        };
+        let rtt = match (o.link_rtt, &fc.link_rtt) {
+            (Some(d), _) => Some(d),
+            (None, Some(s)) => Some(parse_duration(s).map_err(|e| invalid("link_rtt", s, e))?),
+            _ => None,
+        };
+        match (bandwidth, rtt) {
+            (None, None) => {}
+            (Some(bandwidth_bps), Some(rtt)) => {
+                let link = Link { bandwidth_bps, rtt };
+                link.validate()
+                    .map_err(|e| invalid("link", &format!("{bandwidth_bps} bit/s, {rtt:?}"), e))?;
+                cfg.tuning.size_for_link(link);
+            }
+            (Some(b), None) => {
+                return Err(invalid(
+                    "link_bandwidth",
+                    &b.to_string(),
+                    "give link_rtt too (--link-rtt): windows are sized to bandwidth x RTT",
+                ))
+            }
+            (None, Some(d)) => return Err(invalid(
+                "link_rtt",
+                &format!("{d:?}"),
+                "give link_bandwidth too (--link-bandwidth): windows are sized to bandwidth x RTT",
+            )),
+        }
         let mut peers: BTreeMap<String, String> = fc.peers;
         for (k, v) in &o.peers {
             peers.insert(k.clone(), v.clone());
@@ -458,6 +530,93 @@ mod tests {
         assert_eq!(parse_pair("a=1:2"), Ok(("a".into(), "1:2".into())));
         assert!(parse_pair("a").is_err());
         assert!(parse_pair("a b=c").is_err());
+    }
+
+    #[test]
+    fn congestion_and_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        let base = "name = \"a\"\nlisten = \"127.0.0.1:7000\"\ncerts = \"/c\"\n";
+        let load = |extra: &str, o: &Overrides| {
+            std::fs::write(&p, format!("{base}{extra}")).unwrap();
+            AgentConfig::load(Some(&p), o)
+        };
+        let none = Overrides::default();
+        // Defaults: no link, default controller and windows.
+        let c = load("", &none).unwrap();
+        let d = Tuning::default();
+        assert_eq!(c.tuning.congestion, crate::transport::DEFAULT_CONGESTION);
+        assert_eq!(c.tuning.stream_window, d.stream_window);
+        assert_eq!(c.tuning.initial_rtt, None);
+
+        // From the file: 10 Gbit/s x 80 ms = 100 MB BDP.
+        let c = load(
+            "congestion = \"bbr\"\nlink_bandwidth = \"10gbit\"\nlink_rtt = \"80ms\"\n",
+            &none,
+        )
+        .unwrap();
+        assert_eq!(c.tuning.congestion, Congestion::Bbr);
+        assert_eq!(c.tuning.stream_window, 200_000_000);
+        assert_eq!(c.tuning.conn_window, 400_000_000);
+        assert_eq!(c.tuning.send_window, 400_000_000);
+        assert_eq!(c.tuning.initial_rtt, Some(Duration::from_millis(80)));
+        // An integer rate is bits per second.
+        let c = load("link_bandwidth = 10000000000\nlink_rtt = \"80ms\"\n", &none).unwrap();
+        assert_eq!(c.tuning.stream_window, 200_000_000);
+
+        // Flags win over the file.
+        let o = Overrides {
+            congestion: Some(Congestion::NewReno),
+            link_bandwidth: Some(20_000_000_000),
+            ..Default::default()
+        };
+        let c = load(
+            "congestion = \"bbr\"\nlink_bandwidth = \"10gbit\"\nlink_rtt = \"80ms\"\n",
+            &o,
+        )
+        .unwrap();
+        assert_eq!(c.tuning.congestion, Congestion::NewReno);
+        assert_eq!(c.tuning.stream_window, 400_000_000);
+
+        // Errors name the setting.
+        let bad = |extra: &str, o: &Overrides, what: &str| match load(extra, o) {
+            Err(ConfigError::Invalid { what: w, why, .. }) => {
+                assert_eq!(w, what, "{why}");
+                why
+            }
+            other => panic!("{extra}: expected an invalid {what}, got {other:?}"),
+        };
+        let why = bad("congestion = \"vegas\"\n", &none, "congestion");
+        assert!(why.contains("cubic, newreno or bbr"), "{why}");
+        let why = bad("link_bandwidth = \"1gbit\"\n", &none, "link_bandwidth");
+        assert!(why.contains("link_rtt"), "{why}");
+        let why = bad("link_rtt = \"50ms\"\n", &none, "link_rtt");
+        assert!(why.contains("link_bandwidth"), "{why}");
+        bad(
+            "link_bandwidth = \"fast\"\nlink_rtt = \"50ms\"\n",
+            &none,
+            "link_bandwidth",
+        );
+        bad(
+            "link_bandwidth = \"1gbit\"\nlink_rtt = \"soon\"\n",
+            &none,
+            "link_rtt",
+        );
+        let why = bad(
+            "link_bandwidth = \"1gbit\"\nlink_rtt = \"0ms\"\n",
+            &none,
+            "link",
+        );
+        assert!(why.contains("RTT"), "{why}");
+        let why = bad("link_bandwidth = 10\nlink_rtt = \"50ms\"\n", &none, "link");
+        assert!(why.contains("bandwidth"), "{why}");
+        let o = Overrides {
+            link_rtt: Some(Duration::from_millis(50)),
+            ..Default::default()
+        };
+        bad("", &o, "link_rtt");
+        assert_eq!(parse_rate("200mbit"), Ok(200_000_000));
+        assert!(parse_rate("200 parsecs").is_err());
     }
 
     #[test]
