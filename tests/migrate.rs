@@ -1167,3 +1167,56 @@ async fn postcopy_survives_a_cut_link_and_resumes() {
     to_a.shutdown().await;
     to_b.shutdown().await;
 }
+
+/// The receiving application exits during post-copy: B's agent keeps the region's memfd
+/// and receives the rest into it, so the migration still completes, A releases the
+/// region, and B serves exactly A's bytes (pulled back from B to check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_completes_when_the_receiving_app_exits_midway() {
+    use pagewire::client::receive::{receive, ReceiveOptions};
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let size = 16 * MIB + 777;
+    let src = p.da.path().join("pc");
+    random_file(&src, size, 51);
+    let a = start(p.config_a()).await;
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.config_b();
+    cb.control = Some(b_sock.clone());
+    let b = start(cb).await;
+    settled(&a, &b).await;
+    a.add_region("pc", &src).unwrap();
+    let (owner_tx, owner_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = tokio::task::spawn_blocking(move || {
+        let mut r = receive(&ReceiveOptions::new(&b_sock, "pc", size)).unwrap();
+        let _ = owner_tx.send(());
+        assert!(r.wait_owner(Some(Duration::from_secs(120))).unwrap());
+        // Touch a few pages, write one, then go away mid-post-copy.
+        let mut buf = vec![0u8; 4096];
+        for off in [0usize, 3 << 20, 9 << 20] {
+            r.read_at(off, &mut buf);
+        }
+        drop(r);
+    });
+    owner_rx.await.unwrap();
+    let o = MigrateOptions {
+        postcopy: true,
+        max_bandwidth: Some(40_000_000),
+        ..opts(50, 0, Freeze::Snapshot)
+    };
+    let rep = within(a.migrate("pc", o, |_| {})).await.unwrap();
+    within(app).await.unwrap();
+    assert_eq!(rep.outcome, "migrated", "{rep:?}");
+    let st = b.status();
+    let m = st.migrations.iter().find(|m| m.region == "pc").unwrap();
+    assert!(m.owner && m.phase == "complete", "{m:?}");
+    // B still serves the region: what it has is A's content.
+    let back = p.da.path().join("back");
+    let h = a.pull("b", "pc", &back).await.unwrap();
+    within(h.wait()).await.unwrap();
+    assert_same(&src, &back);
+    a.shutdown().await;
+    b.shutdown().await;
+}

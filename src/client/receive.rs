@@ -49,15 +49,18 @@ impl ReceiveOptions {
 
 /// A region being migrated into this process: raw pointer and length.
 pub struct Receiving {
-    ptr: *mut u8,
-    len: usize,
-    reader: BufReader<UnixStream>,
-    owner: bool,
-    received: bool,
+    // Fields drop in this order: the mapping goes first, while the agent still reads the
+    // userfaultfd (munmap of a registered range waits until the agent has read the unmap
+    // event), then the descriptors, then the connection.
+    _map: memmap2::MmapRaw,
     /// Kept open so that faults wait (rather than reading holes) if the agent dies.
     _uffd: OwnedFd,
-    _map: memmap2::MmapRaw,
     _file: File,
+    reader: BufReader<UnixStream>,
+    ptr: *mut u8,
+    len: usize,
+    owner: bool,
+    received: bool,
 }
 
 // SAFETY: a shared mapping and descriptors; access to the bytes is the application's

@@ -389,7 +389,11 @@ impl Session<'_> {
         };
         loop {
             // Faults are read once the application runs (before that it waits anyway).
-            let owner = lock(self.engine).phase() == DestPhase::Owner;
+            let owner = lock(self.engine).phase() == DestPhase::Owner
+                && !self
+                    .app
+                    .as_ref()
+                    .is_some_and(|a| a.detached.load(std::sync::atomic::Ordering::Acquire));
             let fault_ready = async {
                 match (&faults, owner) {
                     (Some(f), true) => f.readable().await.map(Some),
@@ -421,6 +425,12 @@ impl Session<'_> {
                         match uffd::read_event(app.uffd.as_raw_fd()) {
                             Ok(Some(uffd::Event::Fault { addr, .. })) => {
                                 self.on_fault(&app, addr, now()).await?;
+                            }
+                            Ok(Some(uffd::Event::Unmap { .. })) => {
+                                // The application unmapped (part of) the region: the rest
+                                // goes into the memfd the agent holds.
+                                tracing::info!(region = %self.region.name(), "the receiving application unmapped the region");
+                                app.detached.store(true, std::sync::atomic::Ordering::Release);
                             }
                             Ok(Some(other)) => {
                                 tracing::debug!(region = %self.region.name(), "receiving mapping: {other:?}");

@@ -8,7 +8,9 @@
 //! while the rest streams in. When every chunk is here the uffd is unregistered.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -40,6 +42,9 @@ pub(crate) struct ReceivingApp {
     pub(crate) map_len: u64,
     pub(crate) region: Arc<FileRegion>,
     pub(crate) state: watch::Sender<RecvState>,
+    /// The application went away (or its mapping did): chunks go into the memfd, which
+    /// the agent still holds, so a post-copy under way still completes here.
+    pub(crate) detached: AtomicBool,
 }
 
 impl ReceivingApp {
@@ -75,8 +80,11 @@ impl ReceivingApp {
     /// Installs a post-copy chunk into the application's mapping: pages already there
     /// (installed by an earlier copy) are left alone; waiting threads are woken.
     pub(crate) fn install(&self, g: &Geometry, chunk: u64, data: &[u8]) -> Result<(), String> {
-        let page = uffd::page_size();
         let len = g.chunk_len(chunk) as usize;
+        if self.detached.load(Ordering::Acquire) {
+            return self.write_memfd(g, chunk, &data[..len.min(data.len())]);
+        }
+        let page = uffd::page_size();
         let padded = (len as u64).next_multiple_of(page) as usize;
         let mut buf;
         let src = if data.len() >= padded {
@@ -90,18 +98,35 @@ impl ReceivingApp {
         if dst + padded as u64 > self.base + self.map_len {
             return Err(format!("chunk {chunk} is past the mapping"));
         }
+        let fd = self.uffd.as_raw_fd();
         // SAFETY: `src` is a live buffer of `padded` bytes in this process.
-        unsafe {
-            uffd::copy(
-                self.uffd.as_raw_fd(),
-                dst,
-                src.as_ptr(),
-                padded as u64,
-                page,
-            )
+        match unsafe { uffd::copy(fd, dst, src.as_ptr(), padded as u64, page) } {
+            Ok(_) => Ok(()),
+            Err(uffd::UffdError::Gone) => {
+                // The application exited or unmapped the region: nobody can have written
+                // the missing pages since, so the memfd takes the chunk.
+                self.detached.store(true, Ordering::Release);
+                self.write_memfd(g, chunk, &data[..len.min(data.len())])
+            }
+            Err(e) => Err(format!("installing chunk {chunk}: {e}")),
         }
-        .map(|_| ())
-        .map_err(|e| format!("installing chunk {chunk}: {e}"))
+    }
+
+    /// Writes a chunk into the memfd, only over pages that are not there (a page present
+    /// in a stale chunk was installed by post-copy, maybe written since).
+    fn write_memfd(&self, g: &Geometry, chunk: u64, data: &[u8]) -> Result<(), String> {
+        let page = uffd::page_size() as usize;
+        let file = self.region.file();
+        let base = g.offset(chunk);
+        for (i, p) in data.chunks(page).enumerate() {
+            let off = base + (i * page) as u64;
+            if page_present(file, off) {
+                continue;
+            }
+            file.write_all_at(p, off)
+                .map_err(|e| format!("writing chunk {chunk} into the memfd: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Wakes threads faulting on `addr`'s page (its chunk is here already).
@@ -206,6 +231,7 @@ fn start(
         map_len: args.map_len,
         region: region.clone(),
         state: watch::channel(RecvState::Waiting).0,
+        detached: AtomicBool::new(false),
     });
     {
         let mut regions = inner.regions.write().map_err(|_| "region table poisoned")?;
@@ -229,8 +255,23 @@ fn start(
     Ok(app)
 }
 
-/// The application went away: the region is no longer served from its memfd.
+/// Whether the memfd has a page at `off` (SEEK_DATA lands on it).
+fn page_present(file: &std::fs::File, off: u64) -> bool {
+    // SAFETY: lseek on our descriptor with integer arguments.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    r >= 0 && r as u64 == off
+}
+
+/// The application went away. Before the handover the region is withdrawn (the
+/// migration into it can no longer complete); during post-copy the agent keeps the memfd
+/// and receives the rest into it, so the source can finish and release the region.
 fn end(inner: &Inner, region: &str, app: &Arc<ReceivingApp>) {
+    app.detached.store(true, Ordering::Release);
+    let postcopy = matches!(*app.state.borrow(), RecvState::Owner { .. });
+    if postcopy {
+        tracing::warn!(region, "the receiving application detached during post-copy: the rest of the region is received into the agent's copy");
+        return;
+    }
     let mut receiving = lock(&inner.migrations.receiving);
     if receiving.get(region).is_some_and(|a| Arc::ptr_eq(a, app)) {
         receiving.remove(region);
