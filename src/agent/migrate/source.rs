@@ -313,6 +313,9 @@ impl Pacer {
     }
 }
 
+/// What a zero chunk costs on the wire (its marker frame), for bandwidth accounting.
+const ZERO_MARKER_BYTES: u64 = 16;
+
 /// A blocking step the driver waits for.
 enum Pending {
     Collect(tokio::task::JoinHandle<Result<Vec<u64>, String>>),
@@ -516,6 +519,7 @@ pub(crate) async fn run(
         last_error: None,
         progress_tx,
         pacer: None,
+        zero_sent: Bitmap::new(g.chunks()),
     };
     d.pacer = d.opts.max_bandwidth.map(Pacer::new);
     let r = d.drive().await;
@@ -539,6 +543,9 @@ struct Driver {
     last_error: Option<String>,
     progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
     pacer: Option<Pacer>,
+    /// Chunks whose last send was a zero marker: their acks count as the marker's few
+    /// bytes, not the chunk's length, or a sparse region would fake a huge bandwidth.
+    zero_sent: Bitmap,
 }
 
 impl Driver {
@@ -831,7 +838,13 @@ impl Driver {
                 let bytes = chunks
                     .iter()
                     .filter(|c| **c < g.chunks())
-                    .map(|c| g.chunk_len(*c) as u64)
+                    .map(|c| {
+                        if self.zero_sent.get(*c) {
+                            ZERO_MARKER_BYTES
+                        } else {
+                            g.chunk_len(*c) as u64
+                        }
+                    })
                     .sum();
                 SourceEvent::Acked { bytes, chunks }
             }
@@ -988,7 +1001,13 @@ impl Driver {
                 .read_at(g.offset(c), &mut data)
                 .map_err(std::io::Error::other)?;
             lock(&self.scanner).sent(c, &data);
-            if is_zero(&data) {
+            let zero = is_zero(&data);
+            if zero {
+                self.zero_sent.set(c);
+            } else {
+                self.zero_sent.clear(c);
+            }
+            if zero {
                 buf.extend_from_slice(&encode(&MigrateFrame::Zero { chunk: c }));
             } else {
                 if let Some(p) = self.pacer.as_mut() {

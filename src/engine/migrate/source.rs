@@ -142,6 +142,14 @@ struct Run {
     round_started: Duration,
     dirty_rate: f64,
     acked_total: u64,
+    /// When `acked_total` last grew (or the pipe restarted from idle).
+    delivered_at: Duration,
+    /// Per chunk, `acked_total` and `delivered_at` when it was last sent: its ack then
+    /// gives a delivery-rate sample over a span that covers its own round trip, so acks
+    /// processed in a burst cannot inflate it (the BBR delivery-rate method).
+    sent_delivered: Vec<(u64, Duration)>,
+    /// The best rate sample since the last one kept.
+    pending_rate: f64,
     sample: Option<(Duration, u64)>,
     samples: VecDeque<f64>,
     min_rtt: Option<Duration>,
@@ -302,6 +310,9 @@ impl MigrateSource {
             round_started: now,
             dirty_rate: 0.0,
             acked_total: 0,
+            delivered_at: now,
+            sent_delivered: vec![(0, Duration::ZERO); n as usize],
+            pending_rate: 0.0,
             sample: None,
             samples: VecDeque::new(),
             min_rtt: None,
@@ -668,12 +679,19 @@ impl Run {
         let o = &mut self.outstanding[c as usize];
         *o = o.saturating_add(1);
         self.sent_at[c as usize] = now;
+        if self.inflight == 0 {
+            // Starting from an idle pipe: the idle time is not delivery time.
+            self.delivered_at = now;
+        }
+        self.sent_delivered[c as usize] = (self.acked_total, self.delivered_at);
         self.inflight += len;
         self.bytes_sent += len;
         self.sent_on_conn += 1;
     }
 
     fn acked(&mut self, now: Duration, bytes: u64, chunks: &[u64]) {
+        self.acked_total += bytes;
+        self.delivered_at = now;
         for &c in chunks {
             let o = &mut self.outstanding[c as usize];
             if *o == 0 {
@@ -684,18 +702,29 @@ impl Run {
             if *o == 0 {
                 let rtt = now.saturating_sub(self.sent_at[c as usize]);
                 self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                // Bytes delivered between this chunk's send and its ack, over the time
+                // from the ack before its send to this one (never shorter than its RTT).
+                let (d0, t0) = self.sent_delivered[c as usize];
+                let span = now.saturating_sub(t0).max(rtt);
+                if span >= Duration::from_micros(100) {
+                    let rate = (self.acked_total - d0) as f64 / span.as_secs_f64();
+                    self.pending_rate = self.pending_rate.max(rate);
+                }
             }
         }
-        self.acked_total += bytes;
+        // Keep one sample (the best seen) per interval, so the windowed maximum spans
+        // BW_SAMPLES intervals.
         let interval = self.rtt().max(Duration::from_millis(10));
         match self.sample {
             None => self.sample = Some((now, self.acked_total)),
-            Some((t0, b0)) if now.saturating_sub(t0) >= interval => {
-                let rate = (self.acked_total - b0) as f64 / (now - t0).as_secs_f64();
-                if self.samples.len() == BW_SAMPLES {
-                    self.samples.pop_front();
+            Some((t0, _)) if now.saturating_sub(t0) >= interval => {
+                if self.pending_rate > 0.0 {
+                    if self.samples.len() == BW_SAMPLES {
+                        self.samples.pop_front();
+                    }
+                    self.samples.push_back(self.pending_rate);
                 }
-                self.samples.push_back(rate);
+                self.pending_rate = 0.0;
                 self.sample = Some((now, self.acked_total));
             }
             Some(_) => {}
