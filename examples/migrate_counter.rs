@@ -1,5 +1,5 @@
 //! Live migration of a running application: a counter whose whole state (the counter and
-//! a log of every increment) lives in a file region. It runs on agent `a`, is migrated to
+//! a log of every increment) lives in a region. It runs on agent `a`, is migrated to
 //! agent `b` through a WAN relay while it keeps incrementing, and continues on `b` from
 //! the value it finds in the region. The log then proves that no increment was lost or
 //! duplicated, and the migration report gives the downtime.
@@ -7,7 +7,7 @@
 //! One machine, one command (two agents on loopback; `b` is reachable only through two
 //! user-space relays that each add RTT/2 of one-way delay):
 //! ```text
-//! cargo run --release --example migrate_counter [-- --rtt 50ms --size 16MiB --rate 2000 --json]
+//! cargo run --release --example migrate_counter [-- --mode memory|file --rtt 50ms --size 16MiB --rate 2000 --json]
 //! ```
 //! Exit status: 0 when every invariant holds, 1 when one does not (listed), 2 when the
 //! demo could not run. Single machine only (no two-host roles).
@@ -17,16 +17,29 @@
 //! * then the log, one 24-byte entry per increment: value, wall-clock time in ns, host tag.
 //!
 //! An increment appends the entry, then bumps the log length, then the counter. The app
-//! (a thread standing in for a process: it keeps no state outside the region) maps the
-//! file `MAP_SHARED` and writes it through raw pointers. The migration freezes it with a
-//! safe-point hook ([`Freeze::Hook`]): the app finishes the increment in progress,
-//! acknowledges, and blocks; it never writes `a`'s copy again. The app is restarted on
-//! `b` as soon as `b`'s agent reports that it owns the region (a supervisor on `b` would
-//! do the same). `--freeze snapshot` freezes nothing (the app on `a` runs until the
-//! migration returns): its late increments are missing on `b`, and the log check says so.
+//! is a thread standing in for a process: it keeps no state outside the region and
+//! writes it through raw pointers only. Two modes:
+//! * `memory` (default): the region is the app's memory. On `a` the app publishes it
+//!   with [`client::publish`](pagewire::client::publish) (a memfd; no replicas; the
+//!   kernel dirty tracker tells the agent what the app wrote). On `b` a second app calls
+//!   [`client::receive`](pagewire::client::receive) before the migration starts and
+//!   blocks in `wait_owner`. `a` migrates with post-copy (`MigrateOptions::postcopy`):
+//!   `b`'s app runs as soon as the handover is accepted, and chunks still stale then are
+//!   fetched from `a` when first touched (the rest streams in behind).
+//! * `file`: the region is a file each agent serves; the app maps it `MAP_SHARED`, the
+//!   migration finds changes by hashing and copies everything before the handover; the
+//!   app is restarted on `b` as soon as `b`'s agent reports that it owns the region (a
+//!   supervisor on `b` would do the same).
+//!
+//! In both, the migration freezes the app with a safe-point hook ([`Freeze::Hook`]): it
+//! finishes the increment in progress, acknowledges, and blocks; it never writes `a`'s
+//! copy again (after a successful migration it stays paused until the demo ends it).
+//! `--freeze snapshot` freezes nothing (the app on `a` runs until the migration returns):
+//! its late increments are missing on `b`, and the log check says so.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +48,8 @@ use clap::Parser;
 use memmap2::MmapRaw;
 use pagewire::agent::config::{parse_duration, parse_size};
 use pagewire::agent::{Agent, Freeze, MigrateOptions};
+use pagewire::client::publish::{publish, PublishOptions};
+use pagewire::client::receive::{receive, ReceiveOptions};
 use pagewire::control::MigrationReport;
 use pagewire::wan::{LinkParams, Relay, RelayConfig};
 use serde::Serialize;
@@ -54,6 +69,10 @@ const REGION: &str = "counter";
 #[derive(Parser, Clone, Debug)]
 #[command(about = "Live-migrate a running counter app between two agents across a WAN relay")]
 pub struct Args {
+    /// `memory`: the app's published memory, migrated with post-copy into a receiving
+    /// app on `b`; `file`: a file region served by both agents, pre-copy only.
+    #[arg(long, default_value = "memory", value_parser = ["memory", "file"])]
+    pub mode: String,
     /// Round-trip time the relays add between the agents (each direction gets half).
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub rtt: Duration,
@@ -70,7 +89,8 @@ pub struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub run_b: Duration,
     /// Downtime budget: pre-copy goes on until the predicted downtime fits it (or the
-    /// round/time limit).
+    /// round/time limit). With post-copy, the final sync also sends only what fits it;
+    /// the rest is left stale for `b` to fault in.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub downtime_budget: Duration,
     #[arg(long, default_value_t = 30)]
@@ -87,24 +107,29 @@ pub struct Args {
 }
 
 // ---------------------------------------------------------------------------------------
-// The app: a counter in a mapped file.
+// The app: a counter in a shared mapping.
 
-/// The region file, mapped shared. Only raw pointers touch the mapping: the agent (and,
-/// on `b`, the migration) writes the same pages through the page cache.
+/// The counter region, mapped shared (a file mapped here, or memory the client library
+/// mapped). Only raw pointers touch the mapping: the agent (and, on `b`, the migration)
+/// writes the same pages.
 pub struct Counter {
-    map: MmapRaw,
+    base: *mut u8,
+    len: usize,
     capacity: u64,
+    /// The file mapping, when this counter mapped it (else the mapping's owner keeps it).
+    _map: Option<MmapRaw>,
 }
+
+// SAFETY: a pointer into a shared mapping; every access is a volatile read or write of an
+// aligned u64 (or a raw copy), and the mapping outlives the Counter (see `from_raw`).
+unsafe impl Send for Counter {}
+// SAFETY: as above.
+unsafe impl Sync for Counter {}
 
 impl Counter {
     /// Writes an empty header (counter 0, empty log) into `path`, sized `size`.
     pub fn format(path: &Path, size: u64) -> Result<()> {
-        if size < HEADER + ENTRY {
-            bail!(
-                "--size {size} is too small: at least {} bytes",
-                HEADER + ENTRY
-            );
-        }
+        check_size(size)?;
         let f =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         f.set_len(size)?;
@@ -121,45 +146,63 @@ impl Counter {
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         let map = MmapRaw::map_raw(&f).with_context(|| format!("mapping {}", path.display()))?;
-        let len = map.len() as u64;
-        if len < HEADER + ENTRY {
-            bail!(
-                "{} is too small ({len} bytes) for a counter region",
-                path.display()
-            );
+        let (base, len) = (map.as_mut_ptr(), map.len());
+        // SAFETY: the mapping is `len` bytes, writable, and the Counter keeps it.
+        let mut c = unsafe { Counter::from_raw(base, len) }
+            .with_context(|| format!("{}", path.display()))?;
+        c._map = Some(map);
+        Ok(c)
+    }
+
+    /// The counter in the zero-filled mapping at `base` (`len` bytes): writes the header.
+    ///
+    /// # Safety
+    /// `base..base + len` must be a writable shared mapping, page-aligned, that outlives
+    /// the returned Counter.
+    pub unsafe fn format_raw(base: *mut u8, len: usize) -> Result<Counter> {
+        check_size(len as u64)?;
+        let c = Counter {
+            base,
+            len,
+            capacity: (len as u64 - HEADER) / ENTRY,
+            _map: None,
+        };
+        c.set(H_MAGIC, MAGIC);
+        Ok(c)
+    }
+
+    /// The counter already in the mapping at `base` (`len` bytes).
+    ///
+    /// # Safety
+    /// As for [`Counter::format_raw`].
+    pub unsafe fn from_raw(base: *mut u8, len: usize) -> Result<Counter> {
+        if (len as u64) < HEADER + ENTRY {
+            bail!("{len} bytes is too small for a counter region");
         }
         let c = Counter {
-            map,
-            capacity: (len - HEADER) / ENTRY,
+            base,
+            len,
+            capacity: (len as u64 - HEADER) / ENTRY,
+            _map: None,
         };
         let magic = c.get(H_MAGIC);
         if magic != MAGIC {
-            bail!(
-                "{} holds no counter (magic {magic:#018x}, expected {MAGIC:#018x})",
-                path.display()
-            );
+            bail!("no counter here (magic {magic:#018x}, expected {MAGIC:#018x})");
         }
         Ok(c)
     }
 
     fn get(&self, off: u64) -> u64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= self.map.len() as u64);
+        debug_assert!(off % 8 == 0 && off + 8 <= self.len as u64);
         // SAFETY: `off` is 8-aligned (the mapping is page-aligned) and inside the mapping,
-        // which lives as long as `self`. Volatile: other writers share these pages.
-        u64::from_le(unsafe {
-            std::ptr::read_volatile(self.map.as_ptr().add(off as usize) as *const u64)
-        })
+        // which outlives `self`. Volatile: other writers share these pages.
+        u64::from_le(unsafe { std::ptr::read_volatile(self.base.add(off as usize) as *const u64) })
     }
 
     fn set(&self, off: u64, v: u64) {
-        debug_assert!(off % 8 == 0 && off + 8 <= self.map.len() as u64);
-        // SAFETY: as in `get`; the mapping is writable (opened read-write, MAP_SHARED).
-        unsafe {
-            std::ptr::write_volatile(
-                self.map.as_mut_ptr().add(off as usize) as *mut u64,
-                v.to_le(),
-            )
-        }
+        debug_assert!(off % 8 == 0 && off + 8 <= self.len as u64);
+        // SAFETY: as in `get`; the mapping is writable.
+        unsafe { std::ptr::write_volatile(self.base.add(off as usize) as *mut u64, v.to_le()) }
     }
 
     /// One increment: the log entry, then the log length, then the counter. Returns the
@@ -182,6 +225,39 @@ impl Counter {
         self.set(H_HOST, host);
         Ok(n + 1)
     }
+
+    /// A copy of the header and the log (read while nobody writes: the app is stopped).
+    pub fn image(&self) -> Result<LogImage> {
+        if self.get(H_MAGIC) != MAGIC {
+            bail!("the region holds no counter (bad magic)");
+        }
+        let counter = self.get(H_COUNTER);
+        let len = self.get(H_LOG_LEN);
+        if HEADER + len.saturating_mul(ENTRY) > self.len as u64 {
+            bail!("log length {len} runs past the end of the region");
+        }
+        let mut log = vec![0u8; (len * ENTRY) as usize];
+        // SAFETY: inside the mapping (checked above); a raw copy, no reference to the
+        // shared bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.add(HEADER as usize),
+                log.as_mut_ptr(),
+                log.len(),
+            )
+        };
+        Ok(LogImage { counter, len, log })
+    }
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size < HEADER + ENTRY {
+        bail!(
+            "--size {size} is too small: at least {} bytes",
+            HEADER + ENTRY
+        );
+    }
+    Ok(())
 }
 
 fn now_ns() -> u64 {
@@ -190,7 +266,6 @@ fn now_ns() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
-
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Cmd {
     Run,
@@ -268,61 +343,68 @@ pub struct AppRun {
     pub first_ns: u64,
 }
 
-/// The app: increments the counter in `path` at `rate` per second until told to stop.
-/// It keeps no state of its own: it starts from whatever the region holds.
-fn app(path: PathBuf, host: u64, rate: u32, ctl: Arc<Ctl>) -> Result<AppRun> {
-    let r = (|| {
-        let c = Counter::open(&path)?;
-        let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-        let mut run = AppRun::default();
-        let mut next = Instant::now();
-        let mut g = ctl.lock();
-        loop {
-            match g.cmd {
-                Cmd::Stop => break,
-                Cmd::Pause => {
-                    g.parked = true;
-                    ctl.cv.notify_all();
-                    while g.cmd == Cmd::Pause {
-                        g = ctl.cv.wait(g).unwrap_or_else(|e| e.into_inner());
-                    }
-                    g.parked = false;
-                    // Resumed: no burst to catch up the paused time.
-                    next = Instant::now();
-                    continue;
+/// The app: increments the counter in `c` at `rate` per second until told to stop. It
+/// keeps no state of its own: it starts from whatever the region holds.
+fn app_loop(c: &Counter, host: u64, rate: u32, ctl: &Ctl) -> Result<AppRun> {
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let mut run = AppRun::default();
+    let mut next = Instant::now();
+    let mut g = ctl.lock();
+    loop {
+        match g.cmd {
+            Cmd::Stop => break,
+            Cmd::Pause => {
+                g.parked = true;
+                ctl.cv.notify_all();
+                while g.cmd == Cmd::Pause {
+                    g = ctl.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
-                Cmd::Run => {}
-            }
-            let now = Instant::now();
-            if now < next {
-                g = ctl
-                    .cv
-                    .wait_timeout(g, next - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                g.parked = false;
+                // Resumed: no burst to catch up the paused time.
+                next = Instant::now();
                 continue;
             }
-            // The increment runs under the lock: a pause never lands in the middle of it.
-            let v = c.increment(host)?;
-            let ts = c.get(HEADER + (v - 1) * ENTRY + 8);
-            if run.increments == 0 {
-                run.first = v;
-                run.first_ns = ts;
-            }
-            run.increments += 1;
-            run.last = v;
-            run.last_ns = ts;
-            next += period;
-            // Far behind (descheduled): do not burst.
-            if now > next + Duration::from_millis(50) {
-                next = now;
-            }
+            Cmd::Run => {}
         }
-        Ok(run)
-    })();
+        let now = Instant::now();
+        if now < next {
+            g = ctl
+                .cv
+                .wait_timeout(g, next - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        // The increment runs under the lock: a pause never lands in the middle of it.
+        let v = c.increment(host)?;
+        let ts = c.get(HEADER + (v - 1) * ENTRY + 8);
+        if run.increments == 0 {
+            run.first = v;
+            run.first_ns = ts;
+        }
+        run.increments += 1;
+        run.last = v;
+        run.last_ns = ts;
+        next += period;
+        // Far behind (descheduled): do not burst.
+        if now > next + Duration::from_millis(50) {
+            next = now;
+        }
+    }
+    Ok(run)
+}
+
+/// Tells whoever waits on `ctl` that the app thread is done.
+fn exited(ctl: &Ctl) {
     let mut g = ctl.lock();
     g.exited = true;
     ctl.cv.notify_all();
+}
+
+/// File mode: the app maps the region file.
+fn app_file(path: PathBuf, host: u64, rate: u32, ctl: Arc<Ctl>) -> Result<AppRun> {
+    let r = Counter::open(&path).and_then(|c| app_loop(&c, host, rate, &ctl));
+    exited(&ctl);
     r
 }
 
@@ -333,14 +415,129 @@ fn start_app(
 ) -> (Arc<Ctl>, std::thread::JoinHandle<Result<AppRun>>) {
     let ctl = Ctl::new();
     let (p, c) = (path.to_path_buf(), ctl.clone());
-    let h = std::thread::spawn(move || app(p, host, rate, c));
+    let h = std::thread::spawn(move || app_file(p, host, rate, c));
     (ctl, h)
 }
 
-fn stop_app(ctl: &Ctl, h: std::thread::JoinHandle<Result<AppRun>>) -> Result<AppRun> {
+fn stop_app<T>(ctl: &Ctl, h: std::thread::JoinHandle<Result<T>>) -> Result<T> {
     ctl.send(Cmd::Stop);
     h.join()
         .map_err(|_| anyhow::anyhow!("the app thread panicked"))?
+}
+
+/// Memory mode, on `a`: what the app did, and its region as it left it (the frozen copy).
+struct SourceRun {
+    run: AppRun,
+    image: LogImage,
+}
+
+/// Memory mode, on `a`: the app publishes its region (no replicas: the agent tracks its
+/// writes, for a migration), says so on `ready` (with the tracker's name), and runs.
+/// When stopped it copies its log out and exits, which unpublishes the region.
+fn app_publisher(
+    control: PathBuf,
+    size: u64,
+    rate: u32,
+    ctl: Arc<Ctl>,
+    ready: tokio::sync::oneshot::Sender<Result<String, String>>,
+) -> Result<SourceRun> {
+    let r = (|| {
+        let setup = publish(&PublishOptions::new(&control, REGION, size, &[]))
+            .context("publishing the counter region")
+            .and_then(|p| {
+                // SAFETY: the mapping is `p.len()` bytes, writable and zero-filled, and
+                // `p` (which keeps it) outlives the counter: both drop at the end here.
+                let c = unsafe { Counter::format_raw(p.as_ptr(), p.len()) }?;
+                Ok((p, c))
+            });
+        let (p, c) = match setup {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = ready.send(Err(format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let _ = ready.send(Ok(p.tracker().name().to_string()));
+        let run = app_loop(&c, HOST_A, rate, &ctl)?;
+        let image = c.image()?;
+        drop(c);
+        drop(p);
+        Ok(SourceRun { run, image })
+    })();
+    exited(&ctl);
+    r
+}
+
+/// Memory mode, on `b`: what the receiving app did.
+struct DestRun {
+    run: AppRun,
+    image: LogImage,
+    /// When `wait_owner` returned (ns since the epoch).
+    owner_ns: u64,
+    /// When `wait_received` returned true (post-copy done), if it did.
+    received_ns: Option<u64>,
+    received_error: Option<String>,
+}
+
+/// Memory mode, on `b`: the app maps a fresh region with `client::receive` (before the
+/// migration starts), says so on `ready`, and blocks until `b` owns the region; then it
+/// continues the counter it finds there (its first touches of stale pages fault them in
+/// from `a`), while a second thread of it waits for the end of post-copy. `None`: told
+/// to stop before it ever owned the region (the migration failed).
+fn app_receiver(
+    control: PathBuf,
+    size: u64,
+    rate: u32,
+    ctl: Arc<Ctl>,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+    patience: Duration,
+) -> Result<Option<DestRun>> {
+    let r = (|| {
+        let mut r = match receive(&ReceiveOptions::new(&control, REGION, size)) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ready.send(Err(e.to_string()));
+                return Err(e).context("client::receive on b");
+            }
+        };
+        let _ = ready.send(Ok(()));
+        // Blocks in wait_owner; wakes every 20 ms only to see whether the demo gave up.
+        loop {
+            if r.wait_owner(Some(Duration::from_millis(20)))
+                .context("waiting to own the region on b")?
+            {
+                break;
+            }
+            if ctl.lock().cmd == Cmd::Stop {
+                return Ok(None);
+            }
+        }
+        let owner_ns = now_ns();
+        // SAFETY: `r` keeps the mapping (`r.len()` bytes, writable) and outlives `c`.
+        let c = unsafe { Counter::from_raw(r.as_ptr(), r.len()) }
+            .context("the region on b after the handover")?;
+        let (run, received) = std::thread::scope(|s| {
+            let app = s.spawn(|| app_loop(&c, HOST_B, rate, &ctl));
+            let received = r.wait_received(Some(patience)).map(|ok| ok.then(now_ns));
+            (app.join(), received)
+        });
+        let run = run.map_err(|_| anyhow::anyhow!("the app thread on b panicked"))??;
+        let image = c.image()?;
+        let (received_ns, received_error) = match received {
+            Ok(Some(t)) => (Some(t), None),
+            Ok(None) => (None, Some(format!("post-copy not done after {patience:?}"))),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Ok(Some(DestRun {
+            run,
+            image,
+            owner_ns,
+            received_ns,
+            received_error,
+        }))
+    })();
+    exited(&ctl);
+    r
 }
 
 // ---------------------------------------------------------------------------------------
@@ -357,13 +554,23 @@ pub struct LogCheck {
     pub failures: Vec<String>,
 }
 
+/// A copy of a counter region's header and log.
+#[derive(Debug, Clone)]
+pub struct LogImage {
+    pub counter: u64,
+    /// Log length (entries).
+    pub len: u64,
+    /// `len` entries of `ENTRY` bytes.
+    pub log: Vec<u8>,
+}
+
 fn read_u64(buf: &[u8], off: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&buf[off..off + 8]);
     u64::from_le_bytes(b)
 }
 
-fn read_log(path: &Path) -> Result<(u64, u64, Vec<u8>)> {
+fn read_log(path: &Path) -> Result<LogImage> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = f.metadata()?.len();
     let mut h = [0u8; 32];
@@ -381,13 +588,19 @@ fn read_log(path: &Path) -> Result<(u64, u64, Vec<u8>)> {
     }
     let mut log = vec![0u8; (len * ENTRY) as usize];
     f.read_exact_at(&mut log, HEADER)?;
-    Ok((counter, len, log))
+    Ok(LogImage { counter, len, log })
+}
+
+/// Checks `b`'s region file (the whole history) against what the two app runs did and
+/// against `a`'s frozen copy.
+pub fn check_log(a_file: &Path, b_file: &Path, ra: &AppRun, rb: &AppRun) -> Result<LogCheck> {
+    Ok(check_images(&read_log(a_file)?, &read_log(b_file)?, ra, rb))
 }
 
 /// Checks `b`'s region (the whole history) against what the two app runs did and against
 /// `a`'s frozen copy.
-pub fn check_log(a_file: &Path, b_file: &Path, ra: &AppRun, rb: &AppRun) -> Result<LogCheck> {
-    let (counter, len, log) = read_log(b_file)?;
+pub fn check_images(a: &LogImage, b: &LogImage, ra: &AppRun, rb: &AppRun) -> LogCheck {
+    let (counter, len, log) = (b.counter, b.len, &b.log);
     let mut c = LogCheck {
         entries: len,
         counter,
@@ -403,9 +616,9 @@ pub fn check_log(a_file: &Path, b_file: &Path, ra: &AppRun, rb: &AppRun) -> Resu
     for i in 0..len {
         let e = (i * ENTRY) as usize;
         let (v, ts, host) = (
-            read_u64(&log, e),
-            read_u64(&log, e + 8),
-            read_u64(&log, e + 16),
+            read_u64(log, e),
+            read_u64(log, e + 8),
+            read_u64(log, e + 16),
         );
         if v != i + 1 {
             if bad_values == 0 {
@@ -458,18 +671,17 @@ pub fn check_log(a_file: &Path, b_file: &Path, ra: &AppRun, rb: &AppRun) -> Resu
         ));
     }
     // a's frozen copy is exactly the prefix b started from.
-    let (ca, la, loga) = read_log(a_file)?;
-    if ca != la || la != ra.increments {
+    if a.counter != a.len || a.len != ra.increments {
         fail(format!(
-            "a's copy: counter {ca}, log length {la}, but the app made {} increments there",
-            ra.increments
+            "a's copy: counter {}, log length {}, but the app made {} increments there",
+            a.counter, a.len, ra.increments
         ));
     }
-    let n = loga.len().min(log.len());
-    if loga[..n] != log[..n] {
+    let n = a.log.len().min(log.len());
+    if a.log[..n] != log[..n] {
         fail("a's log and the start of b's log differ".into());
     }
-    Ok(c)
+    c
 }
 
 // ---------------------------------------------------------------------------------------
@@ -479,10 +691,16 @@ pub fn check_log(a_file: &Path, b_file: &Path, ra: &AppRun, rb: &AppRun) -> Resu
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub ok: bool,
+    /// `memory` (published memory, post-copy into a receiving app) or `file`.
+    pub mode: String,
     pub rtt_ms: f64,
     pub size: u64,
     pub rate: u32,
     pub freeze: String,
+    /// Whether the migration ran with post-copy (memory mode).
+    pub postcopy: bool,
+    /// The report of `a`'s migrate call: `downtime_ms`, `total_ms`, `postcopy_faults`,
+    /// `deferred_chunks`, `dirty_tracking`, ...
     pub migration: MigrationReport,
     pub app_a: AppRun,
     pub app_b: AppRun,
@@ -490,6 +708,14 @@ pub struct Summary {
     pub increments_during_migration: u64,
     /// Last increment on `a` to first increment on `b`, from the log's timestamps.
     pub app_pause_ms: f64,
+    /// Memory mode: the freeze hook returned (app parked on `a`) → `wait_owner` returned
+    /// on `b`.
+    pub freeze_to_b_owner_ms: Option<f64>,
+    /// Memory mode: `wait_owner` returned → the first increment on `b` was logged (the
+    /// first touches of stale pages fault them in from `a`).
+    pub b_owner_to_first_increment_ms: Option<f64>,
+    /// Memory mode: `wait_owner` returned → `wait_received` returned (post-copy done).
+    pub b_owner_to_received_ms: Option<f64>,
     pub log: LogCheck,
 }
 
@@ -512,28 +738,39 @@ async fn settled(a: &Agent, b: &Agent) -> Result<()> {
     Ok(())
 }
 
+/// Where each agent keeps the region (file mode) and its control socket (memory mode).
+struct Host {
+    file: PathBuf,
+    control: PathBuf,
+}
+
 /// Runs the whole demo; `Err` only when it could not run, invariant failures are in
 /// [`Summary::log`] (and `ok` is false).
 pub async fn run(args: &Args) -> Result<Summary> {
     if args.rate == 0 {
         bail!("--rate must be at least 1");
     }
+    check_size(args.size)?;
     let say = |s: String| {
         if !args.json {
             println!("{s}");
         }
     };
+    let memory = args.mode == "memory";
     let tmp = tempfile::tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
         .context("making a temp dir")?;
     let dir = tmp.path();
     pagewire::demo::certs(dir, &["a", "b"]).context("making certificates")?;
     let (fa, fb) = (dir.join("counter.a"), dir.join("counter.b"));
-    Counter::format(&fa, args.size)?;
-    // b serves a file of the same size; its content does not matter (it is overwritten).
-    std::fs::File::create(&fb)
-        .and_then(|f| f.set_len(args.size))
-        .with_context(|| format!("creating {}", fb.display()))?;
+    if !memory {
+        Counter::format(&fa, args.size)?;
+        // b serves a file of the same size; its content does not matter (it is
+        // overwritten).
+        std::fs::File::create(&fb)
+            .and_then(|f| f.set_len(args.size))
+            .with_context(|| format!("creating {}", fb.display()))?;
+    }
 
     // a and b reach each other only through the relays: to_b in front of b, to_a in
     // front of a; whoever dials, the path crosses one relay, RTT/2 each way.
@@ -556,13 +793,26 @@ pub async fn run(args: &Args) -> Result<Summary> {
     let to_a = Relay::start(relay(pa))
         .await
         .context("starting the relay to a")?;
+    // Both agents have a control socket (the apps publish and receive through it).
     let mut ca = pagewire::demo::config(dir, "a", pa, &[("b", to_b.local_addr().port())]);
-    ca.regions.push((REGION.into(), fa.clone()));
     let mut cb = pagewire::demo::config(dir, "b", pb, &[("a", to_a.local_addr().port())]);
-    cb.regions.push((REGION.into(), fb.clone()));
+    ca.control = Some(dir.join("a.sock"));
+    cb.control = Some(dir.join("b.sock"));
+    if !memory {
+        ca.regions.push((REGION.into(), fa.clone()));
+        cb.regions.push((REGION.into(), fb.clone()));
+    }
+    let ha = Host {
+        file: fa,
+        control: dir.join("a.sock"),
+    };
+    let hb = Host {
+        file: fb,
+        control: dir.join("b.sock"),
+    };
     let a = Agent::start(ca).await.context("starting agent a")?;
     let b = Agent::start(cb).await.context("starting agent b")?;
-    let r = demo(args, &a, &b, &fa, &fb, &say).await;
+    let r = demo(args, &a, &b, &ha, &hb, &say).await;
     a.shutdown().await;
     b.shutdown().await;
     to_a.shutdown().await;
@@ -570,36 +820,113 @@ pub async fn run(args: &Args) -> Result<Summary> {
     r
 }
 
+/// The app on `a`, by mode.
+enum AppA {
+    File(std::thread::JoinHandle<Result<AppRun>>),
+    Memory(std::thread::JoinHandle<Result<SourceRun>>),
+}
+
+type Receiver = (Arc<Ctl>, std::thread::JoinHandle<Result<Option<DestRun>>>);
+
+/// Signed milliseconds from `from` to `to` (ns since the epoch).
+fn ms_between(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
+}
+
 async fn demo(
     args: &Args,
     a: &Agent,
     b: &Agent,
-    fa: &Path,
-    fb: &Path,
+    ha: &Host,
+    hb: &Host,
     say: &dyn Fn(String),
 ) -> Result<Summary> {
+    let memory = args.mode == "memory";
     settled(a, b).await?;
     say(format!(
         "agents a and b up on loopback; b reachable only through the WAN relay (RTT {:.0} ms)",
         args.rtt.as_secs_f64() * 1e3
     ));
-    say(format!(
-        "app on a: {} increments/s into region {REGION:?} ({} MiB, room for {} increments)",
-        args.rate,
-        args.size >> 20,
-        (args.size - HEADER) / ENTRY
-    ));
 
-    let (ctl_a, app_a) = start_app(fa, HOST_A, args.rate);
+    // The app on a.
+    let ctl_a = Ctl::new();
+    let app_a = if memory {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (c, sock, size, rate) = (ctl_a.clone(), ha.control.clone(), args.size, args.rate);
+        let h = std::thread::spawn(move || app_publisher(sock, size, rate, c, tx));
+        match rx.await {
+            Ok(Ok(tracker)) => say(format!(
+                "app on a: published its memory as region {REGION:?} (no replicas; dirty tracker {tracker}); {} increments/s ({} MiB, room for {} increments)",
+                args.rate,
+                args.size >> 20,
+                (args.size - HEADER) / ENTRY
+            )),
+            Ok(Err(e)) => {
+                let _ = stop_app(&ctl_a, h);
+                bail!("the app on a could not publish its region: {e}");
+            }
+            Err(_) => {
+                let e = stop_app(&ctl_a, h).err();
+                bail!("the app on a ended before publishing: {e:?}");
+            }
+        }
+        AppA::Memory(h)
+    } else {
+        let (c, path, rate) = (ctl_a.clone(), ha.file.clone(), args.rate);
+        say(format!(
+            "app on a: {} increments/s into file region {REGION:?} ({} MiB, room for {} increments)",
+            args.rate,
+            args.size >> 20,
+            (args.size - HEADER) / ENTRY
+        ));
+        AppA::File(std::thread::spawn(move || app_file(path, HOST_A, rate, c)))
+    };
+    let stop_a = |app: AppA| -> Result<(AppRun, Option<LogImage>)> {
+        match app {
+            AppA::File(h) => Ok((stop_app(&ctl_a, h)?, None)),
+            AppA::Memory(h) => {
+                let s = stop_app(&ctl_a, h)?;
+                Ok((s.run, Some(s.image)))
+            }
+        }
+    };
+
+    // Memory mode: the receiving app on b, waiting before the migration starts.
+    let receiver: Option<Receiver> = if memory {
+        let ctl = Ctl::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (c, sock, size, rate) = (ctl.clone(), hb.control.clone(), args.size, args.rate);
+        let patience = args.max_time + Duration::from_secs(60);
+        let h = std::thread::spawn(move || app_receiver(sock, size, rate, c, tx, patience));
+        let ready = rx.await;
+        if !matches!(ready, Ok(Ok(()))) {
+            let e = match ready {
+                Ok(Err(e)) => e,
+                _ => format!("{:?}", stop_app(&ctl, h).err()),
+            };
+            let _ = stop_a(app_a);
+            bail!("the app on b could not receive the region: {e}");
+        }
+        say("app on b: client::receive mapped an empty region and blocks in wait_owner".into());
+        Some((ctl, h))
+    } else {
+        None
+    };
+    let stop_receiver = |r: Option<Receiver>| r.map(|(ctl, h)| stop_app(&ctl, h));
+
     tokio::time::sleep(args.run_a).await;
 
+    // When the hook had the app on a parked (ns since the epoch; 0: not yet).
+    let frozen_ns = Arc::new(AtomicU64::new(0));
     let freeze = match args.freeze.as_str() {
         "snapshot" => Freeze::Snapshot,
         _ => {
-            let ctl = ctl_a.clone();
+            let (ctl, frozen) = (ctl_a.clone(), frozen_ns.clone());
             Freeze::Hook(Arc::new(move |freeze: bool| {
                 if freeze {
-                    ctl.pause(Duration::from_secs(10))
+                    ctl.pause(Duration::from_secs(10))?;
+                    frozen.store(now_ns(), Ordering::SeqCst);
+                    Ok(())
                 } else {
                     // The migration aborted: the app goes on on a.
                     ctl.send(Cmd::Run);
@@ -613,6 +940,7 @@ async fn demo(
         max_rounds: args.max_rounds,
         max_time: args.max_time,
         freeze,
+        postcopy: memory,
         ..MigrateOptions::new("b")
     };
     let owner = |ag: &Agent| {
@@ -646,26 +974,37 @@ async fn demo(
         }
     });
     tokio::pin!(migration);
-    // Like a supervisor on b: the app restarts on b, from the state it finds in b's
-    // region, as soon as b's agent says it owns the region (polled every 2 ms); not when
-    // a's migrate call returns, which is at least half an RTT later.
+    // File mode, like a supervisor on b: the app restarts on b, from the state it finds
+    // in b's region, as soon as b's agent says it owns the region (polled every 2 ms);
+    // not when a's migrate call returns, which is at least half an RTT later. (Memory
+    // mode: b's app is already waiting in wait_owner.)
     let mut on_b = None;
     let migrated = loop {
         tokio::select! {
             r = &mut migration => break r,
-            _ = tokio::time::sleep(Duration::from_millis(2)), if on_b.is_none() => {
+            _ = tokio::time::sleep(Duration::from_millis(2)), if on_b.is_none() && !memory => {
                 if owner(b) == Some(true) {
-                    on_b = Some(start_app(fb, HOST_B, args.rate));
+                    on_b = Some(start_app(&hb.file, HOST_B, args.rate));
                 }
             }
         }
     };
     let b_started = Instant::now();
     // Migrated or not, the app on a ends here: a paused app stays parked until Stop.
-    let ra = stop_app(&ctl_a, app_a).context("the app on a")?;
+    let (ra, a_image) = match stop_a(app_a).context("the app on a") {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = stop_receiver(receiver);
+            if let Some((ctl, h)) = on_b {
+                let _ = stop_app(&ctl, h);
+            }
+            return Err(e);
+        }
+    };
     let report = match migrated {
         Ok(r) => r,
         Err(e) => {
+            let _ = stop_receiver(receiver);
             if let Some((ctl, h)) = on_b {
                 let _ = stop_app(&ctl, h);
             }
@@ -673,24 +1012,60 @@ async fn demo(
         }
     };
     say(format!(
-        "migrated {REGION} to b in {:.0} ms: downtime {:.1} ms (budget {:.0} ms), {} pre-copy rounds, {:.2} MiB sent, freeze: {}",
+        "migrated {REGION} to b in {:.0} ms: downtime {:.1} ms (budget {:.0} ms), {} pre-copy rounds, {:.2} MiB sent, freeze: {}, dirty tracking: {}",
         report.total_ms,
         report.downtime_ms,
         args.downtime_budget.as_secs_f64() * 1e3,
         report.rounds,
         report.bytes_sent as f64 / (1 << 20) as f64,
-        report.freeze
+        report.freeze,
+        report.dirty_tracking,
     ));
+    if memory {
+        say(format!(
+            "post-copy: {} chunks left stale at the handover, {} fetched on demand (postcopy_faults), post-copy phase {:.0} ms",
+            report.deferred_chunks, report.postcopy_faults, report.postcopy_ms
+        ));
+    }
     let (own_a, own_b) = (owner(a), owner(b));
-    let (ctl_b, app_b) = match on_b {
-        Some(x) => x,
-        // b's ownership showed between two polls and the call's return.
-        None => start_app(fb, HOST_B, args.rate),
+    let mut failures = Vec::new();
+    let (rb, b_image, dest) = if let Some(recv) = receiver {
+        tokio::time::sleep(args.run_b).await;
+        match stop_receiver(Some(recv)).expect("a receiver") {
+            Ok(Some(d)) => (d.run.clone(), Some(d.image.clone()), Some(d)),
+            Ok(None) => {
+                failures.push(
+                    "the app on b never owned the region (wait_owner never returned true)"
+                        .to_string(),
+                );
+                (AppRun::default(), None, None)
+            }
+            Err(e) => return Err(e).context("the app on b"),
+        }
+    } else {
+        let (ctl_b, app_b) = match on_b {
+            Some(x) => x,
+            // b's ownership showed between two polls and the call's return.
+            None => start_app(&hb.file, HOST_B, args.rate),
+        };
+        tokio::time::sleep(args.run_b.saturating_sub(b_started.elapsed())).await;
+        let rb = stop_app(&ctl_b, app_b).context("the app on b")?;
+        (rb, None, None)
     };
-    tokio::time::sleep(args.run_b.saturating_sub(b_started.elapsed())).await;
-    let rb = stop_app(&ctl_b, app_b).context("the app on b")?;
-
-    let mut log = check_log(fa, fb, &ra, &rb)?;
+    let a_image = match a_image {
+        Some(i) => i,
+        None => read_log(&ha.file)?,
+    };
+    let b_image = match b_image {
+        Some(i) => Some(i),
+        None if !memory => Some(read_log(&hb.file)?),
+        None => None,
+    };
+    let mut log = match &b_image {
+        Some(bi) => check_images(&a_image, bi, &ra, &rb),
+        None => LogCheck::default(),
+    };
+    log.failures.extend(failures);
     if own_a != Some(false) || own_b != Some(true) {
         log.failures.push(format!(
             "ownership after the migration: a owner {own_a:?}, b owner {own_b:?} (expected false, true)"
@@ -700,17 +1075,14 @@ async fn demo(
         log.failures
             .push("the app made no increment on one of the hosts".into());
     }
-    let during = {
-        let (_, len, l) = read_log(fa)?;
-        (0..len)
-            .filter(|i| read_u64(&l, (i * ENTRY + 8) as usize) >= migrate_start_ns)
-            .count() as u64
-    };
-    let pause_ms = if rb.first_ns >= ra.last_ns {
-        (rb.first_ns - ra.last_ns) as f64 / 1e6
-    } else {
-        -((ra.last_ns - rb.first_ns) as f64 / 1e6)
-    };
+    if let Some(e) = dest.as_ref().and_then(|d| d.received_error.as_ref()) {
+        log.failures
+            .push(format!("b's app: wait_received failed: {e}"));
+    }
+    let during = (0..a_image.len)
+        .filter(|i| read_u64(&a_image.log, (i * ENTRY + 8) as usize) >= migrate_start_ns)
+        .count() as u64;
+    let pause_ms = ms_between(ra.last_ns, rb.first_ns);
     say(format!(
         "app: a made {} increments ({}..={}), {during} of them while the migration ran; b continued at {} and made {} ({}..={})",
         ra.increments, ra.first, ra.last, rb.first, rb.increments, rb.first, rb.last
@@ -723,17 +1095,47 @@ async fn demo(
             ""
         }
     ));
+    let frozen = frozen_ns.load(Ordering::SeqCst);
+    let freeze_to_owner = dest
+        .as_ref()
+        .filter(|_| frozen != 0)
+        .map(|d| ms_between(frozen, d.owner_ns));
+    let owner_to_first = dest
+        .as_ref()
+        .filter(|d| d.run.increments > 0)
+        .map(|d| ms_between(d.owner_ns, d.run.first_ns));
+    let owner_to_received = dest
+        .as_ref()
+        .and_then(|d| d.received_ns.map(|r| ms_between(d.owner_ns, r)));
+    if let Some(d) = &dest {
+        say(format!(
+            "app on b: wait_owner returned {}; first increment {} later; wait_received (post-copy done, every chunk on b) {} after wait_owner",
+            freeze_to_owner.map_or("(nothing froze a's app)".into(), |v| format!(
+                "{v:.1} ms after a's app froze"
+            )),
+            owner_to_first.map_or("?".into(), |v| format!("{v:.1} ms")),
+            owner_to_received.map_or_else(
+                || d.received_error.clone().unwrap_or_default(),
+                |v| format!("{v:.1} ms")
+            ),
+        ));
+    }
     Ok(Summary {
         ok: log.failures.is_empty(),
+        mode: args.mode.clone(),
         rtt_ms: args.rtt.as_secs_f64() * 1e3,
         size: args.size,
         rate: args.rate,
         freeze: args.freeze.clone(),
+        postcopy: memory,
         migration: report,
         app_a: ra,
         app_b: rb,
         increments_during_migration: during,
         app_pause_ms: pause_ms,
+        freeze_to_b_owner_ms: freeze_to_owner,
+        b_owner_to_first_increment_ms: owner_to_first,
+        b_owner_to_received_ms: owner_to_received,
         log,
     })
 }
