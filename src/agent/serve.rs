@@ -89,6 +89,7 @@ pub(crate) async fn handle_stream(
         Request::Bulk(b) => &b.region,
         Request::Replicate(r) => &r.region,
         Request::Migrate(m) => &m.region,
+        Request::MigrateUrgent { region, .. } => region,
     };
     if !valid_name(region_name) {
         return reply_error(
@@ -130,6 +131,10 @@ pub(crate) async fn handle_stream(
         }
         Request::Migrate(open) => {
             super::migrate::dest::serve(inner.clone(), peer, region, open, send, recv).await
+        }
+        Request::MigrateUrgent { generation, .. } => {
+            super::migrate::dest::serve_urgent(inner.clone(), peer, region, generation, send, recv)
+                .await
         }
         Request::Hello(_) => {}
     }

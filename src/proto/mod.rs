@@ -112,6 +112,11 @@ pub enum Request {
     /// receiver answers with [`MigrateBack`] frames, both on this one stream, in order
     /// (see `engine::migrate` for the protocol).
     Migrate(MigrateOpen),
+    /// The urgent lane of a migration in post-copy: the sender (the source) opens it at
+    /// high priority and sends only `MigrateFrame::Chunk`/`Zero` frames of chunks the
+    /// receiver's application faulted on, so they do not queue behind background chunks
+    /// on the migration stream. The receiver never answers on it.
+    MigrateUrgent { region: String, generation: u64 },
 }
 
 /// Opens a migration stream (a new migration, or a query after a reconnect).

@@ -29,7 +29,7 @@ async fn refuse(send: &mut quinn::SendStream, kind: ErrorKind, mut message: Stri
     let _ = send.finish();
 }
 
-type Fail = (WireCode, String);
+pub(crate) type Fail = (WireCode, String);
 
 /// Serves one migration stream from `peer` for `region`.
 pub(crate) async fn serve(
@@ -157,6 +157,7 @@ pub(crate) async fn serve(
         cap: frame_cap(g.chunks()),
         refusal: None,
         app: app.clone(),
+        migrations: &inner.migrations,
     };
     // A reused engine: this is a new connection.
     let _ = lock(&engine).handle(now(), DestEvent::LinkUp);
@@ -207,6 +208,26 @@ struct Session<'a> {
     refusal: Option<ErrorKind>,
     /// An application receiving the region (post-copy possible).
     app: Option<Arc<ReceivingApp>>,
+    migrations: &'a super::Migrations,
+}
+
+/// Unregisters a session's inbox when the session ends.
+struct InboxGuard<'a> {
+    migrations: &'a super::Migrations,
+    region: String,
+    tx: Inbox,
+}
+
+impl Drop for InboxGuard<'_> {
+    fn drop(&mut self) {
+        let mut boxes = lock(&self.migrations.inboxes);
+        if boxes
+            .get(&self.region)
+            .is_some_and(|(_, tx)| tx.same_channel(&self.tx))
+        {
+            boxes.remove(&self.region);
+        }
+    }
 }
 
 /// How an engine refusal is answered: busy (another migration holds the region, or the
@@ -233,7 +254,7 @@ fn engine_fail(e: MigrateError) -> Fail {
 
 /// One frame from the source, checked against the region: the engine's event and, for a
 /// chunk, its number and bytes (`None`: a zero chunk).
-struct Inbound {
+pub(crate) struct Inbound {
     ev: DestEvent,
     chunk: Option<(u64, Option<Vec<u8>>)>,
 }
@@ -335,6 +356,65 @@ async fn next_inbound(
     }))
 }
 
+/// Where a destination session takes its inbound frames from (the migration stream's
+/// reader and the urgent lane).
+pub(crate) type Inbox = tokio::sync::mpsc::Sender<Result<Option<Inbound>, Fail>>;
+
+/// Serves the urgent lane of a migration in post-copy: chunk frames only, handed to the
+/// running session of `region` with `peer`. Nothing is answered on this stream.
+pub(crate) async fn serve_urgent(
+    inner: Arc<Inner>,
+    peer: String,
+    region: Arc<FileRegion>,
+    generation: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let _ = send.finish();
+    let name = region.name().to_string();
+    let inbox = {
+        let engines = lock(&inner.migrations.map);
+        let ours = matches!(
+            engines.get(&name),
+            Some(Slot::Dest { engine, peer: p }) if *p == peer && lock(engine).generation() == generation
+        );
+        drop(engines);
+        let boxes = lock(&inner.migrations.inboxes);
+        match boxes.get(&name) {
+            Some((p, tx)) if ours && *p == peer => Some(tx.clone()),
+            _ => None,
+        }
+    };
+    let Some(inbox) = inbox else {
+        tracing::debug!(%peer, region = %name, generation, "urgent lane for no running migration session");
+        let _ = recv.stop(WireCode::UnexpectedFrame.varint());
+        return;
+    };
+    tracing::debug!(%peer, region = %name, generation, "post-copy urgent lane open");
+    let g = region.geometry();
+    let cap = frame_cap(g.chunks());
+    loop {
+        match next_inbound(&mut recv, cap, &g, &peer, &name).await {
+            Ok(Some(inb)) if inb.chunk.is_some() => {
+                if inbox.send(Ok(Some(inb))).await.is_err() {
+                    return; // the session ended
+                }
+            }
+            Ok(Some(_)) => {
+                tracing::warn!(%peer, region = %name, "urgent lane carried a control frame: closing it");
+                let _ = recv.stop(WireCode::UnexpectedFrame.varint());
+                return;
+            }
+            Ok(None) => return,
+            Err((code, why)) => {
+                tracing::warn!(%peer, region = %name, code = code.name(), "closing the urgent lane: {why}");
+                let _ = recv.stop(code.varint());
+                return;
+            }
+        }
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -351,6 +431,15 @@ impl Session<'_> {
         // Frames are read by their own task, so that the application's faults are
         // served while a chunk is half-read (reading a frame is not cancel-safe).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Option<Inbound>, Fail>>(16);
+        lock(&self.migrations.inboxes).insert(
+            self.region.name().to_string(),
+            (self.peer.to_string(), tx.clone()),
+        );
+        let _inbox = InboxGuard {
+            migrations: self.migrations,
+            region: self.region.name().to_string(),
+            tx: tx.clone(),
+        };
         let (cap, peer, name) = (
             self.cap,
             self.peer.to_string(),

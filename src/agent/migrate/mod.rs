@@ -68,6 +68,9 @@ pub(crate) struct Migrations {
     pub(crate) map: Mutex<BTreeMap<String, Slot>>,
     /// Applications waiting for (or running on) a region migrated here, by region.
     pub(crate) receiving: Mutex<BTreeMap<String, Arc<receive::ReceivingApp>>>,
+    /// The running destination sessions' inboxes, by region: where the urgent lane
+    /// (post-copy chunks sent ahead of the background ones) delivers.
+    pub(crate) inboxes: Mutex<BTreeMap<String, (String, dest::Inbox)>>,
 }
 
 fn source_phase(p: SourcePhase) -> String {

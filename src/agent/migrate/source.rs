@@ -326,6 +326,31 @@ struct Stream {
     send: quinn::SendStream,
     reader: FrameReader<quinn::RecvStream>,
     conn: quinn::Connection,
+    /// The post-copy urgent lane on this connection, once opened.
+    urgent: Option<quinn::SendStream>,
+}
+
+/// Opens the urgent lane of a migration in post-copy (high priority; see
+/// [`Request::MigrateUrgent`]).
+async fn open_urgent(
+    conn: &quinn::Connection,
+    region: &str,
+    generation: u64,
+) -> Result<quinn::SendStream, std::io::Error> {
+    let (mut send, recv) = conn.open_bi().await.map_err(std::io::Error::other)?;
+    // B never answers on it.
+    drop(recv);
+    let _ = send.set_priority(crate::agent::serve::URGENT_PRIORITY);
+    crate::proto::codec::write_frame(
+        &mut send,
+        &Request::MigrateUrgent {
+            region: region.into(),
+            generation,
+        },
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    Ok(send)
 }
 
 /// Why a stream ended.
@@ -381,6 +406,7 @@ async fn open(
         send,
         reader: FrameReader::new(recv, frame_cap(g.chunks())),
         conn,
+        urgent: None,
     })
 }
 
@@ -930,9 +956,26 @@ impl Driver {
                         }
                     }
                 }
-                SourceAction::SendChunks { chunks, .. } => {
+                SourceAction::SendChunks { chunks, urgent } => {
                     if let Some(s) = stream.as_mut() {
-                        if let Err(e) = self.send_chunks(s, &chunks).await {
+                        let r = if urgent {
+                            // Faulted chunks go on their own high-priority stream, ahead
+                            // of the background chunks queued on the migration stream.
+                            if s.urgent.is_none() {
+                                let generation = lock(&self.engine).generation();
+                                match open_urgent(&s.conn, self.region.name(), generation).await {
+                                    Ok(u) => s.urgent = Some(u),
+                                    Err(e) => tracing::debug!("opening the urgent lane: {e}"),
+                                }
+                            }
+                            match s.urgent.as_mut() {
+                                Some(u) => self.send_chunks(u, &chunks).await,
+                                None => self.send_chunks(&mut s.send, &chunks).await,
+                            }
+                        } else {
+                            self.send_chunks(&mut s.send, &chunks).await
+                        };
+                        if let Err(e) = r {
                             let why = lost(&s.conn, &e);
                             *stream = None;
                             self.link_down(why);
@@ -991,7 +1034,11 @@ impl Driver {
     }
 
     /// Reads and sends chunks in order, recording the hash of what was sent.
-    async fn send_chunks(&mut self, s: &mut Stream, chunks: &[u64]) -> Result<(), std::io::Error> {
+    async fn send_chunks(
+        &mut self,
+        send: &mut quinn::SendStream,
+        chunks: &[u64],
+    ) -> Result<(), std::io::Error> {
         let g = self.region.geometry();
         let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
         for &c in chunks {
@@ -1014,7 +1061,7 @@ impl Driver {
                     let wait = p.take(self.started.elapsed(), len as u64);
                     if !wait.is_zero() {
                         if !buf.is_empty() {
-                            s.send.write_all(&std::mem::take(&mut buf)).await?;
+                            send.write_all(&std::mem::take(&mut buf)).await?;
                         }
                         tokio::time::sleep(wait).await;
                     }
@@ -1024,18 +1071,17 @@ impl Driver {
                     len: len as u32,
                     hash: *blake3::hash(&data).as_bytes(),
                 })));
-                s.send.write_all(&std::mem::take(&mut buf)).await?;
-                s.send
-                    .write_chunk(bytes::Bytes::from(data))
+                send.write_all(&std::mem::take(&mut buf)).await?;
+                send.write_chunk(bytes::Bytes::from(data))
                     .await
                     .map_err(std::io::Error::from)?;
             }
             if buf.len() >= 64 << 10 {
-                s.send.write_all(&std::mem::take(&mut buf)).await?;
+                send.write_all(&std::mem::take(&mut buf)).await?;
             }
         }
         if !buf.is_empty() {
-            s.send.write_all(&buf).await?;
+            send.write_all(&buf).await?;
         }
         tokio::task::yield_now().await;
         Ok(())

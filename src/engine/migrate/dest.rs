@@ -118,6 +118,11 @@ impl MigrateDest {
         }
     }
 
+    /// The generation of the current (or last) migration into this host.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn phase(&self) -> DestPhase {
         self.phase
     }
