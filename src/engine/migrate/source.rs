@@ -401,6 +401,37 @@ impl MigrateSource {
                     stale: run.dirty.clone(),
                     sent: run.sent_on_conn,
                 }));
+                // Hot stale chunks follow the handover at once, without waiting for the
+                // Accept: B's app is likely to touch them first, and they are frozen
+                // content, which B installs only where it is still missing (and drops if
+                // it refuses the handover). Within one window.
+                if run.cfg.postcopy {
+                    let mut hot = Vec::new();
+                    let mut bytes = 0u64;
+                    let room = run.window();
+                    let mut c = 0;
+                    while let Some(d) = run.dirty.next_set(c) {
+                        c = d + 1;
+                        if !run.hot.get(d) {
+                            continue;
+                        }
+                        let len = run.geo.chunk_len(d) as u64;
+                        if bytes.saturating_add(len) > room {
+                            break;
+                        }
+                        bytes += len;
+                        hot.push(d);
+                    }
+                    for &d in &hot {
+                        run.mark_sent(now, d);
+                    }
+                    if !hot.is_empty() {
+                        out.push(SourceAction::SendChunks {
+                            chunks: hot,
+                            urgent: false,
+                        });
+                    }
+                }
                 self.phase = SourcePhase::HandingOver;
             }
             // A collection asked for before an abort.
