@@ -183,12 +183,13 @@ pub fn futex_wake(w: &AtomicU32) {
 }
 
 /// Waits while `*w == val`, up to `timeout` (async-signal-safe: one system call).
-pub fn futex_wait(w: *const u32, val: u32, timeout: Duration) {
+pub fn futex_wait(w: &AtomicU32, val: u32, timeout: Duration) {
+    let w = w.as_ptr() as *const u32;
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: FUTEX_WAIT reads the aligned u32 at `w`, which the caller keeps mapped; the
+    // SAFETY: FUTEX_WAIT reads the aligned u32 at `w`, borrowed for this call; the
     // timespec lives on this stack frame.
     unsafe {
         libc::syscall(libc::SYS_futex, w, libc::FUTEX_WAIT, val, &ts as *const _);

@@ -240,7 +240,7 @@ fn handle(s: &Slot, base: usize, len: usize, addr: usize) {
                     }
                 }
             }
-            cur => super::futex_wait(w.as_ptr(), cur, Duration::from_millis(500)),
+            cur => super::futex_wait(w, cur, Duration::from_millis(500)),
         }
     }
     // Open this chunk and the present chunks around it in one call.
