@@ -555,8 +555,8 @@ impl Session<'_> {
             let mut e = lock(self.engine);
             if !e.is_missing(c) {
                 drop(e);
-                // Installed since the fault was raised.
-                app.wake(addr);
+                // Installed since the fault was raised (or a hole of a current chunk).
+                app.resolve_present(addr);
                 return Ok(());
             }
             e.handle(now, DestEvent::Fault(c))

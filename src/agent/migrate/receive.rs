@@ -53,28 +53,53 @@ impl ReceivingApp {
     pub(crate) fn punch(&self, g: &Geometry, stale: impl Fn(u64) -> bool) -> Result<u64, String> {
         let fd = self.region.file().as_raw_fd();
         let mut n = 0;
-        for c in 0..g.chunks() {
+        let mut c = 0;
+        // One fallocate per run of consecutive stale chunks (this runs between the
+        // handover and the application's resume, so it is downtime: one call per chunk
+        // cost 0.86 s for 253k stale 4 KiB chunks).
+        while c < g.chunks() {
             if !stale(c) {
+                c += 1;
                 continue;
             }
-            n += 1;
+            let first = c;
+            while c < g.chunks() && stale(c) {
+                c += 1;
+            }
+            n += c - first;
+            let start = g.offset(first);
+            let end = g.offset(c - 1) + g.chunk_len(c - 1) as u64;
             // SAFETY: fallocate on our descriptor with integer arguments.
             let r = unsafe {
                 libc::fallocate(
                     fd,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    g.offset(c) as libc::off_t,
-                    g.chunk_len(c) as libc::off_t,
+                    start as libc::off_t,
+                    (end - start) as libc::off_t,
                 )
             };
             if r != 0 {
                 return Err(format!(
-                    "punching chunk {c} out of the memfd: {}",
+                    "punching chunks {first}..{c} out of the memfd: {}",
                     std::io::Error::last_os_error()
                 ));
             }
         }
         Ok(n)
+    }
+
+    /// A fault on a page of a chunk that is current here: the page is there (then this
+    /// only wakes the thread) or a hole, which holds zeros.
+    pub(crate) fn resolve_present(&self, addr: u64) {
+        let page = uffd::page_size();
+        let a = addr & !(page - 1);
+        let zeros = vec![0u8; page as usize];
+        // SAFETY: `zeros` is a live buffer of one page.
+        let r = unsafe { uffd::copy(self.uffd.as_raw_fd(), a, zeros.as_ptr(), page, page) };
+        if let Err(e) = r {
+            tracing::debug!(region = %self.region.name(), "resolving a fault at {a:#x}: {e}");
+            self.wake(a);
+        }
     }
 
     /// Installs a post-copy chunk into the application's mapping: pages already there
