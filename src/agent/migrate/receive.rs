@@ -133,7 +133,18 @@ impl ReceivingApp {
                 self.detached.store(true, Ordering::Release);
                 self.write_memfd(g, chunk, &data[..len.min(data.len())])
             }
-            Err(e) => Err(format!("installing chunk {chunk}: {e}")),
+            Err(e) => {
+                // EAGAIN past the retries: the mapping is changing (an munmap or mremap
+                // waits for us to read its event, which this task does only after this
+                // install). The engine already counts the chunk as here, so it must land:
+                // write the pages still missing into the memfd (a missing page cannot
+                // have been written by the application: touching it faults and waits
+                // for us) and wake whoever waits on them.
+                tracing::debug!(region = %self.region.name(), chunk, "UFFDIO_COPY failed ({e}); writing the chunk into the memfd");
+                self.write_memfd(g, chunk, &data[..len.min(data.len())])?;
+                let _ = uffd::wake(fd, dst, padded as u64);
+                Ok(())
+            }
         }
     }
 
