@@ -592,8 +592,15 @@ impl Session<'_> {
                     let postcopy =
                         self.app.is_some() && lock(self.engine).phase() != DestPhase::Receiving;
                     if let (true, Some(app)) = (postcopy, &self.app) {
-                        app.install(&g, *c, bytes)
-                            .map_err(|e| (WireCode::Shutdown, e))?;
+                        if let Err(e) = app.install(&g, *c, bytes) {
+                            // The chunk is missing again: the next Status says so and A
+                            // sends it again after the reconnect.
+                            let _ = lock(self.engine).handle(
+                                std::time::Duration::ZERO,
+                                DestEvent::InstallFailed(vec![*c]),
+                            );
+                            return Err((WireCode::Shutdown, e));
+                        }
                     } else {
                         self.writer
                             .write_all_at(&bytes[..len], g.offset(*c))

@@ -41,6 +41,9 @@ pub enum DestEvent {
     Arrived(Vec<u64>),
     /// B's app touched a chunk that is not here (its thread waits).
     Fault(u64),
+    /// The driver could not install these chunks after an `Install` (post-copy): they
+    /// are missing again (and reported so in the next `Status`), never acknowledged.
+    InstallFailed(Vec<u64>),
     LinkDown,
     LinkUp,
 }
@@ -157,6 +160,18 @@ impl MigrateDest {
         let mut out = Vec::new();
         match ev {
             DestEvent::Message(m) => self.message(now, m, &mut out)?,
+            DestEvent::InstallFailed(chunks) => {
+                let Some(geo) = self.geo else {
+                    return Err(self.unexpected("install failure"));
+                };
+                check_chunks(&geo, &chunks)?;
+                if matches!(self.phase, DestPhase::Owner | DestPhase::Complete) {
+                    for &c in &chunks {
+                        self.missing.set(c);
+                    }
+                    self.phase = DestPhase::Owner;
+                }
+            }
             DestEvent::Arrived(chunks) => {
                 let Some(geo) = self.geo else {
                     return Err(self.unexpected("chunk data"));

@@ -591,3 +591,58 @@ fn after_a_reconnect_b_fetches_only_once_it_has_answered_the_query() {
         ]
     );
 }
+
+#[test]
+fn a_chunk_whose_install_failed_is_missing_again_and_reported() {
+    let size = 4 * MIB;
+    let mut b = MigrateDest::new();
+    let geo = crate::region::Geometry::new(size, CHUNK as u64).unwrap();
+    let t = Duration::ZERO;
+    b.handle(
+        t,
+        DestEvent::Message(Message::Begin {
+            generation: 1,
+            size,
+            chunk_size: CHUNK,
+        }),
+    )
+    .unwrap();
+    // Everything stale at the handover: B owns the region at once.
+    let mut stale = Bitmap::new(geo.chunks());
+    for c in 0..geo.chunks() {
+        stale.set(c);
+    }
+    let acts = b
+        .handle(
+            t,
+            DestEvent::Message(Message::Handover {
+                generation: 1,
+                stale,
+                sent: 0,
+            }),
+        )
+        .unwrap();
+    assert!(acts.contains(&DestAction::Resume), "{acts:?}");
+    for c in 0..geo.chunks() {
+        b.handle(t, DestEvent::Arrived(vec![c])).unwrap();
+    }
+    assert_eq!(b.phase(), DestPhase::Complete);
+    // The driver could not install chunk 3: it is missing again, B is not complete, and
+    // a Status after a reconnect reports it.
+    b.handle(t, DestEvent::InstallFailed(vec![3])).unwrap();
+    assert!(b.is_missing(3));
+    assert_eq!(b.phase(), DestPhase::Owner);
+    b.handle(t, DestEvent::LinkDown).unwrap();
+    b.handle(t, DestEvent::LinkUp).unwrap();
+    let acts = b
+        .handle(t, DestEvent::Message(Message::Query { generation: 1 }))
+        .unwrap();
+    let missing = acts.iter().find_map(|a| match a {
+        DestAction::Send(Message::Status {
+            missing: Some(m), ..
+        }) => Some(m.clone()),
+        _ => None,
+    });
+    let missing = missing.expect("a Status with the missing set");
+    assert!(missing.get(3) && missing.count_ones() == 1, "{missing:?}");
+}
