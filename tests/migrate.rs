@@ -29,6 +29,7 @@ struct Writer {
 }
 
 impl Writer {
+    /// Random 4 KiB writes to the file at `path` (mirrored into `mirror` if given).
     fn start(
         path: &Path,
         size: u64,
@@ -36,23 +37,40 @@ impl Writer {
         pace: Duration,
         mirror: Option<Arc<Mutex<Vec<u8>>>>,
     ) -> Writer {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        Writer::run(seed, pace, move |rng, b| {
+            let off = rng.gen_range(0..size - 4096);
+            f.write_all_at(b, off).unwrap();
+            if let Some(m) = &mirror {
+                m.lock().unwrap()[off as usize..off as usize + 4096].copy_from_slice(b);
+            }
+        })
+    }
+
+    /// Calls `write` with fresh random 4 KiB, one call per `pace` on average (paced by
+    /// the clock), until paused.
+    fn run(
+        seed: u64,
+        pace: Duration,
+        mut write: impl FnMut(&mut rand::rngs::StdRng, &[u8]) + Send + 'static,
+    ) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let idle = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
-        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         let (s, i, w) = (stop.clone(), idle.clone(), writes.clone());
         let thread = std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut b = vec![0u8; 4096];
+            let t0 = std::time::Instant::now();
             while !s.load(Ordering::SeqCst) {
-                let off = rng.gen_range(0..size - 4096);
-                rng.fill(&mut b[..]);
-                f.write_all_at(&b, off).unwrap();
-                if let Some(m) = &mirror {
-                    m.lock().unwrap()[off as usize..off as usize + 4096].copy_from_slice(&b);
+                let due = (t0.elapsed().as_secs_f64() / pace.as_secs_f64()) as u64;
+                if w.load(Ordering::SeqCst) >= due {
+                    std::thread::sleep(pace.min(Duration::from_micros(50)));
+                    continue;
                 }
+                rng.fill(&mut b[..]);
+                write(&mut rng, &b);
                 w.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(pace);
             }
             i.store(true, Ordering::SeqCst);
         });
@@ -62,6 +80,17 @@ impl Writer {
             writes,
             thread: Some(thread),
         }
+    }
+
+    /// A freeze hook that pauses this writer at a safe point (between two writes).
+    fn hook(&self) -> Freeze {
+        let (s, i) = (self.stop.clone(), self.idle.clone());
+        Freeze::Hook(Arc::new(move |freeze: bool| {
+            if freeze {
+                Writer::pause(&s, &i);
+            }
+            Ok(())
+        }))
     }
 
     /// Stops the writer and waits until no write is in progress.
@@ -141,6 +170,24 @@ impl Pair {
         c.regions.push(("r".into(), self.a_file()));
         c.control = Some(self.da.path().join("a.sock"));
         c
+    }
+
+    /// Relays in front of B (A dials B through the first) and of A (B dials A through
+    /// the second), both ways with `link`.
+    async fn relays(
+        &self,
+        link: pagewire::wan::LinkParams,
+    ) -> (pagewire::wan::Relay, pagewire::wan::Relay) {
+        use pagewire::wan::{Relay, RelayConfig};
+        let any = "127.0.0.1:0".parse().unwrap();
+        let mut out = Vec::new();
+        for port in [self.pb, self.pa] {
+            let upstream = format!("127.0.0.1:{port}").parse().unwrap();
+            let r = Relay::start(RelayConfig::symmetric(any, upstream, link.clone()));
+            out.push(r.await.unwrap());
+        }
+        let to_a = out.pop().unwrap();
+        (out.pop().unwrap(), to_a)
     }
 
     fn config_b(&self) -> pagewire::agent::AgentConfig {
@@ -427,7 +474,7 @@ async fn max_bandwidth_caps_the_copy_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_through_the_wan_relay_at_a_few_ms_rtt() {
-    use pagewire::wan::{LinkParams, Relay, RelayConfig};
+    use pagewire::wan::LinkParams;
     logs();
     let p = Pair::new();
     let size = 16 * MIB + 12345;
@@ -439,21 +486,7 @@ async fn a_migration_through_the_wan_relay_at_a_few_ms_rtt() {
         rate_bps: Some(400_000_000),
         ..Default::default()
     };
-    let any = "127.0.0.1:0".parse().unwrap();
-    let to_b = Relay::start(RelayConfig::symmetric(
-        any,
-        format!("127.0.0.1:{}", p.pb).parse().unwrap(),
-        link.clone(),
-    ))
-    .await
-    .unwrap();
-    let to_a = Relay::start(RelayConfig::symmetric(
-        any,
-        format!("127.0.0.1:{}", p.pa).parse().unwrap(),
-        link,
-    ))
-    .await
-    .unwrap();
+    let (to_b, to_a) = p.relays(link).await;
     let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
     ca.regions.push(("r".into(), p.a_file()));
     let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
@@ -909,43 +942,18 @@ async fn published_memory_migrates_with_its_tracker() {
                 .unwrap_or_else(|e| panic!("publish with {tracker:?}: {e}")),
         );
         // The writer: random 4 KiB stores through the mapping, until paused.
-        let stop = Arc::new(AtomicBool::new(false));
-        let idle = Arc::new(AtomicBool::new(false));
-        let writes = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (pb, s, i2, w) = (
-                published.clone(),
-                stop.clone(),
-                idle.clone(),
-                writes.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(40 + i as u64);
-                let mut buf = vec![0u8; 4096];
-                while !s.load(Ordering::SeqCst) {
-                    let off = rng.gen_range(0..size as usize - 4096);
-                    rng.fill(&mut buf[..]);
-                    pb.write_at(off, &buf);
-                    w.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_micros(300));
-                }
-                i2.store(true, Ordering::SeqCst);
-            })
-        };
+        let pb = published.clone();
+        let w = Writer::run(40 + i as u64, Duration::from_micros(300), move |rng, b| {
+            pb.write_at(rng.gen_range(0..size as usize - 4096), b)
+        });
+        let writes = w.writes.clone();
         while writes.load(Ordering::SeqCst) < 50 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let (s3, i3) = (stop.clone(), idle.clone());
-        let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
-            if freeze {
-                Writer::pause(&s3, &i3);
-            }
-            Ok(())
-        }));
-        let r = within(a.migrate(&name, opts(50, 8, hook), |_| {}))
+        let r = within(a.migrate(&name, opts(50, 8, w.hook()), |_| {}))
             .await
             .unwrap_or_else(|e| panic!("{tracker:?}: {e}"));
-        thread.join().unwrap();
+        w.join();
         assert_eq!(r.dirty_tracking, tracker.name(), "{r:?}");
         let mut mem = vec![0u8; size as usize];
         published.read_at(0, &mut mem);
@@ -1061,7 +1069,7 @@ async fn postcopy_the_receiving_app_runs_at_once_and_faults_stale_chunks_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_survives_a_cut_link_and_resumes() {
     use pagewire::client::receive::{receive, ReceiveOptions};
-    use pagewire::wan::{LinkParams, Relay, RelayConfig};
+    use pagewire::wan::LinkParams;
     logs();
     let p = Pair::new();
     let size = 24 * MIB;
@@ -1074,21 +1082,7 @@ async fn postcopy_survives_a_cut_link_and_resumes() {
         rate_bps: Some(100_000_000),
         ..Default::default()
     };
-    let any = "127.0.0.1:0".parse().unwrap();
-    let to_b = Relay::start(RelayConfig::symmetric(
-        any,
-        format!("127.0.0.1:{}", p.pb).parse().unwrap(),
-        link.clone(),
-    ))
-    .await
-    .unwrap();
-    let to_a = Relay::start(RelayConfig::symmetric(
-        any,
-        format!("127.0.0.1:{}", p.pa).parse().unwrap(),
-        link.clone(),
-    ))
-    .await
-    .unwrap();
+    let (to_b, to_a) = p.relays(link.clone()).await;
     let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
     ca.regions.push(("pc".into(), src.clone()));
     let b_sock = p.db.path().join("b.sock");
@@ -1229,7 +1223,7 @@ async fn postcopy_completes_when_the_receiving_app_exits_midway() {
 async fn a_256m_app_under_10k_pages_per_s_migrates_with_postcopy_through_the_relay() {
     use pagewire::client::publish::{publish, PublishOptions};
     use pagewire::client::receive::{receive, ReceiveOptions};
-    use pagewire::wan::{LinkParams, Relay, RelayConfig};
+    use pagewire::wan::LinkParams;
     logs();
     let p = Pair::new();
     random_file(&p.a_file(), MIB, 1);
@@ -1239,21 +1233,7 @@ async fn a_256m_app_under_10k_pages_per_s_migrates_with_postcopy_through_the_rel
         delay: Duration::from_millis(5),
         ..Default::default()
     };
-    let any = "127.0.0.1:0".parse().unwrap();
-    let to_b = Relay::start(RelayConfig::symmetric(
-        any,
-        format!("127.0.0.1:{}", p.pb).parse().unwrap(),
-        link.clone(),
-    ))
-    .await
-    .unwrap();
-    let to_a = Relay::start(RelayConfig::symmetric(
-        any,
-        format!("127.0.0.1:{}", p.pa).parse().unwrap(),
-        link,
-    ))
-    .await
-    .unwrap();
+    let (to_b, to_a) = p.relays(link).await;
     let a_sock = p.da.path().join("a.sock");
     let b_sock = p.db.path().join("b.sock");
     let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
@@ -1273,34 +1253,11 @@ async fn a_256m_app_under_10k_pages_per_s_migrates_with_postcopy_through_the_rel
         .unwrap(),
     );
     // The writer: ~10k random 4 KiB pages per second, paced by the clock.
-    let stop = Arc::new(AtomicBool::new(false));
-    let idle = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (pb, s, i2, w) = (
-            published.clone(),
-            stop.clone(),
-            idle.clone(),
-            writes.clone(),
-        );
-        std::thread::spawn(move || {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(77);
-            let mut buf = vec![0u8; 4096];
-            let t0 = std::time::Instant::now();
-            while !s.load(Ordering::SeqCst) {
-                let due = (t0.elapsed().as_secs_f64() * 10_000.0) as u64;
-                if w.load(Ordering::SeqCst) >= due {
-                    std::thread::sleep(Duration::from_micros(50));
-                    continue;
-                }
-                let page = rng.gen_range(0..size / 4096);
-                rng.fill(&mut buf[..]);
-                pb.write_at((page * 4096) as usize, &buf);
-                w.fetch_add(1, Ordering::SeqCst);
-            }
-            i2.store(true, Ordering::SeqCst);
-        })
-    };
+    let pb = published.clone();
+    let writer = Writer::run(77, Duration::from_micros(100), move |rng, b| {
+        pb.write_at((rng.gen_range(0..size / 4096) * 4096) as usize, b)
+    });
+    let writes = writer.writes.clone();
     let (owner_tx, owner_rx) = tokio::sync::oneshot::channel::<()>();
     let app_b = tokio::task::spawn_blocking(move || {
         let mut r = receive(&ReceiveOptions::new(&b_sock, "app", size)).unwrap();
@@ -1313,20 +1270,13 @@ async fn a_256m_app_under_10k_pages_per_s_migrates_with_postcopy_through_the_rel
     });
     owner_rx.await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (s3, i3) = (stop.clone(), idle.clone());
-    let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
-        if freeze {
-            Writer::pause(&s3, &i3);
-        }
-        Ok(())
-    }));
     let o = MigrateOptions {
         postcopy: true,
         max_time: Duration::from_secs(30),
-        ..opts(50, 30, hook)
+        ..opts(50, 30, writer.hook())
     };
     let rep = within(a.migrate("app", o, |_| {})).await.unwrap();
-    writer.join().unwrap();
+    writer.join();
     let got = within(app_b).await.unwrap();
     let mut want = vec![0u8; size as usize];
     published.read_at(0, &mut want);

@@ -93,8 +93,10 @@ impl ReceivingApp {
     pub(crate) fn resolve_present(&self, addr: u64) {
         let page = uffd::page_size();
         let a = addr & !(page - 1);
-        let zeros = vec![0u8; page as usize];
-        // SAFETY: `zeros` is a live buffer of one page.
+        // One zeroed page for every such fault (this is the fault path: no allocation).
+        static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let zeros = ZEROS.get_or_init(|| vec![0u8; page as usize]);
+        // SAFETY: `zeros` is a live, never-written buffer of one page.
         let r = unsafe { uffd::copy(self.uffd.as_raw_fd(), a, zeros.as_ptr(), page, page) };
         if let Err(e) = r {
             tracing::debug!(region = %self.region.name(), "resolving a fault at {a:#x}: {e}");
