@@ -16,8 +16,13 @@
 //!  predicted downtime ≤ budget, or round/time limit:
 //!  Freeze → Frozen → CollectDirty → Dirty(final list)
 //!  FinalSync   ─── final chunks (hot first, as many as fit the budget) ──▶
+//!  after a collection or a mid-round peek, chunks B holds stale that this round
+//!  will not send again (post-copy only):
+//!              ─── Stale{chunks} ───────────────────▶ Drop them now (punched out of
+//!                                                      the receiving app's memfd)
 //!  HandingOver ─── Handover{gen, stale, sent} ───────▶ waits until `sent` chunks of this
-//!                                                      connection arrived, then Resume
+//!                                                      connection arrived, then Drop
+//!                                                      (stale, not dropped yet), Resume
 //!              ◀── Accept{gen} ────────────────────── Owner (app runs on B)
 //!  Postcopy    ◀── Fetch{chunks} (app faulted) ─────── stale chunk touched
 //!              ─── urgent chunks ─────────────────────▶ Install (wakes the faulting thread)
@@ -40,6 +45,11 @@
 //!   RTT) feed a windowed maximum of the last [`BW_SAMPLES`] samples, so app-limited
 //!   samples (round ends) do not drag it down; bytes merely queued count for nothing.
 //!   The min RTT is the shortest send→ack time of any chunk.
+//! * **Final sync size.** The final sync sends what fits half of what is left of the
+//!   budget after the RTT and the freeze and final collection, at the lower of the
+//!   bandwidth estimate and the last round's delivered rate: the estimate is a windowed
+//!   maximum and ran 1.4-2x the link in the 1 GiB bench, and B still has to drop the
+//!   rest and resume after the data arrives.
 //! * **Convergence.** After each round's collection, the predicted downtime is
 //!   `bytes of (dirty and not hot) / bandwidth + RTT`. A switches over when it fits the
 //!   budget, or after `max_rounds` rounds, or once `max_time` has passed (then the
@@ -55,6 +65,17 @@
 //!   rest become the *stale set* and go to post-copy. With [`Config::postcopy`] false,
 //!   everything is sent before handover (downtime may exceed the budget, but nothing
 //!   depends on A after B accepts).
+//! * **Dropping stale copies early.** B's app must fault on every stale chunk, so B has
+//!   to drop its out-of-date copies (punch them out of the app's memfd) before the app
+//!   runs, and freeing memory is not free (~190 ms for 1 GiB here). So A says which of
+//!   B's copies went stale (`Stale`) as soon as it knows and B drops them then, off the
+//!   downtime: hot chunks after each collection; chunks behind the round's cursor after
+//!   each mid-round *peek* ([`Config::peek`]: a collection that does not end the round,
+//!   whose chunks count for the round's collection); every dirty chunk when A decides
+//!   to freeze. At the handover B drops only what is stale and not dropped yet, about
+//!   what was written since the last peek. `Stale` travels on the bulk stream in order
+//!   with chunk data, so a chunk that cools off and is re-sent later is re-filled after
+//!   its drop, never dropped after its re-send.
 //! * **Ownership** is a token with a generation. Exactly one side may run the app: A
 //!   until it sends `Handover`, B from the moment it accepts one. Between the two the
 //!   token is *in doubt*: A stays frozen and waits (forever if need be: never two
@@ -136,6 +157,11 @@ pub enum Message {
     Accept { generation: u64 },
     /// A → B, on reconnect while the handover is in doubt or in post-copy.
     Query { generation: u64 },
+    /// A → B during pre-copy, in order with the chunk data: B's copies of these chunks
+    /// are out of date (hot: A will not re-send them before the handover unless they
+    /// cool off), so B may drop them now rather than in the downtime. Only with
+    /// [`Config::postcopy`].
+    Stale { chunks: Bitmap },
     /// B → A, the answer to `Query`: `Some(missing chunks)` if B owns `generation`.
     Status {
         generation: u64,
@@ -160,6 +186,11 @@ pub struct Config {
     pub window: Window,
     /// Whether chunks may be left for post-copy (false: send all before handover).
     pub postcopy: bool,
+    /// With `postcopy`: also collect the dirty chunks every this long *during* a round
+    /// (a *peek*), so that B drops the copies that went stale behind the round's cursor
+    /// before the freeze rather than in the downtime. `None`: collect at round ends only
+    /// (right for a scanner whose collection is a pass over the whole region).
+    pub peek: Option<Duration>,
 }
 
 /// How a migration ended.

@@ -26,7 +26,7 @@
 //!     |--- bi stream: Request::Migrate ---------->|  live migration of one region
 //!     |<-- Reply::Migrating | Reply::Error -------|
 //!     |--- MigrateFrame: Begin, Chunk+bytes, ---->|  in order, one stream
-//!     |    Zero, Handover, Query                  |
+//!     |    Zero, Stale, Handover, Query           |
 //!     |<-- MigrateBack: Ack, Accept, Status, -----|
 //!     |    Fetch, Error                           |
 //! ```
@@ -154,6 +154,10 @@ pub enum MigrateFrame {
     },
     /// After a reconnect: does the receiver own `generation`?
     Query { generation: u64 },
+    /// Pre-copy: the receiver's copies of these chunks (bitmap, as in `Handover`) are
+    /// out of date and will not be re-sent before the handover unless they cool off;
+    /// the receiver may drop them now. In order with the chunk frames.
+    Stale { chunks: Vec<u8> },
 }
 
 /// Receiver (host B) to sender (host A) on a migration stream.

@@ -57,6 +57,11 @@ pub enum DestAction {
     Install(Vec<u64>),
     /// Tell A these chunks arrived (A sees [`SourceEvent::Acked`](super::SourceEvent)).
     Ack(Vec<u64>),
+    /// B's copies of these chunks are out of date: drop them (punch them out of a
+    /// receiving app's memfd, so that touching them faults). Pre-copy data arriving
+    /// later for one of them is installed after the drop (the driver performs actions
+    /// in order).
+    Drop(Bitmap),
     /// B owns the region: let its app run.
     Resume,
     /// The migration was given up: drop the partial copy.
@@ -90,6 +95,8 @@ pub struct MigrateDest {
     /// A handover waiting for `sent` chunks of this connection to arrive.
     pending: Option<(Bitmap, u64)>,
     missing: Bitmap,
+    /// Chunks B dropped on A's `Stale` and has not received since (pre-copy).
+    dropped: Bitmap,
     requested: Bitmap,
     link_up: bool,
     /// Reconnected while owner: fetches wait until B has answered A's `Query` (A takes
@@ -114,6 +121,7 @@ impl MigrateDest {
             received: 0,
             pending: None,
             missing: Bitmap::new(0),
+            dropped: Bitmap::new(0),
             requested: Bitmap::new(0),
             link_up: true,
             resync: false,
@@ -181,6 +189,9 @@ impl MigrateDest {
                 self.stats.chunks_received += chunks.len() as u64;
                 match self.phase {
                     DestPhase::Receiving => {
+                        for &c in &chunks {
+                            self.dropped.clear(c);
+                        }
                         out.push(DestAction::Install(chunks.clone()));
                         out.push(DestAction::Ack(chunks));
                         self.try_accept(now, &mut out);
@@ -264,6 +275,7 @@ impl MigrateDest {
                 self.geo = Some(geo);
                 self.generation = generation;
                 self.missing = Bitmap::full(geo.chunks());
+                self.dropped = Bitmap::new(geo.chunks());
                 self.requested = Bitmap::new(geo.chunks());
                 self.pending = None;
                 self.received = 0;
@@ -324,6 +336,25 @@ impl MigrateDest {
                     }));
                 }
             }
+            Message::Stale { chunks } => match (self.phase, self.geo) {
+                (DestPhase::Receiving, Some(geo)) => {
+                    check_bitmap(&geo, &chunks)?;
+                    let mut drop = Bitmap::new(geo.chunks());
+                    let mut c = 0;
+                    while let Some(d) = chunks.next_set(c) {
+                        c = d + 1;
+                        if self.dropped.set(d) {
+                            drop.set(d);
+                        }
+                    }
+                    if drop.count_ones() > 0 {
+                        out.push(DestAction::Drop(drop));
+                    }
+                }
+                // Data of a migration given up.
+                (DestPhase::Idle | DestPhase::Aborted, _) => {}
+                _ => return Err(self.unexpected("Stale")),
+            },
             Message::Accept { .. } => return Err(self.unexpected("Accept")),
             Message::Status { .. } => return Err(self.unexpected("Status")),
             Message::Fetch { .. } => return Err(self.unexpected("Fetch")),
@@ -340,9 +371,22 @@ impl MigrateDest {
         let Some((stale, _)) = self.pending.take() else {
             return;
         };
+        // Drop what is stale and was not dropped already in pre-copy.
+        let mut drop = Bitmap::new(stale.len());
+        let mut c = 0;
+        while let Some(d) = stale.next_set(c) {
+            c = d + 1;
+            if !self.dropped.get(d) {
+                drop.set(d);
+            }
+        }
+        self.dropped = Bitmap::new(0);
         self.missing = stale;
         self.phase = DestPhase::Owner;
         self.stats.resumed_at = Some(now);
+        if drop.count_ones() > 0 {
+            out.push(DestAction::Drop(drop));
+        }
         out.push(DestAction::Resume);
         out.push(DestAction::Send(Message::Accept {
             generation: self.generation,

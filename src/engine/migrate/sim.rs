@@ -160,6 +160,12 @@ pub(super) struct Sim {
     pub(super) precopy_sends: Vec<u32>,
     pub(super) round_bytes: Vec<u64>,
     pub(super) reports: Vec<Report>,
+    /// Chunks B dropped before the handover (on `Stale`) and at it.
+    pub(super) b_drops_precopy: u64,
+    pub(super) b_drops_at_handover: u64,
+    /// Chunks in `Stale` notices A sent once it had decided to freeze: B's drops of
+    /// them delay the handover behind them as much as drops at the handover itself.
+    pub(super) stale_notified_at_freeze: u64,
     pub(super) released: bool,
     pub(super) cut: Option<Cut>,
 }
@@ -205,6 +211,9 @@ impl Sim {
             precopy_sends: vec![0; n],
             round_bytes: Vec::new(),
             reports: Vec::new(),
+            b_drops_precopy: 0,
+            b_drops_at_handover: 0,
+            stale_notified_at_freeze: 0,
             released: false,
             cut: None,
         }
@@ -236,7 +245,9 @@ impl Sim {
 
     pub(super) fn msg_bytes(m: &Message) -> u64 {
         match m {
-            Message::Handover { stale, .. } => 32 + stale.len() / 8,
+            Message::Handover { stale, .. } | Message::Stale { chunks: stale } => {
+                32 + stale.len() / 8
+            }
             Message::Status {
                 missing: Some(m), ..
             } => 32 + m.len() / 8,
@@ -249,6 +260,10 @@ impl Sim {
         for act in acts {
             match act {
                 SourceAction::Send(m) => {
+                    if let (Message::Stale { chunks }, SourcePhase::Freezing) = (&m, self.a.phase())
+                    {
+                        self.stale_notified_at_freeze += chunks.count_ones();
+                    }
                     if self.up {
                         let bytes = Self::msg_bytes(&m);
                         self.bulk
@@ -313,6 +328,18 @@ impl Sim {
                         let bytes = 16 * cs.len() as u64;
                         self.back
                             .push(self.now, bytes, self.rate, self.delay, Ba::Ack(cs));
+                    }
+                }
+                DestAction::Drop(cs) => {
+                    let mut c = 0;
+                    while let Some(d) = cs.next_set(c) {
+                        c = d + 1;
+                        self.b_data[d as usize] = None;
+                        if self.b.phase() == DestPhase::Receiving {
+                            self.b_drops_precopy += 1;
+                        } else {
+                            self.b_drops_at_handover += 1;
+                        }
                     }
                 }
                 DestAction::Resume => {
@@ -519,6 +546,7 @@ pub(super) fn cfg(size: u64) -> Config {
         max_time: Duration::from_secs(60),
         window: Window::Fixed(12 * MIB),
         postcopy: true,
+        peek: Some(ms(50)),
     }
 }
 

@@ -121,6 +121,8 @@ struct Run {
     /// B's copy is not current (needs sending).
     dirty: Bitmap,
     hot: Bitmap,
+    /// B was told (`Stale`) that its copy is out of date, and nothing was sent since.
+    notified: Bitmap,
     streak: Vec<u8>,
     /// When a collection last reported the chunk dirty.
     last_dirty: Vec<Duration>,
@@ -133,6 +135,16 @@ struct Run {
     /// The current round still has chunks to send.
     sending: bool,
     collecting: bool,
+    /// A mid-round collection ([`Config::peek`]) is under way; when the last one began.
+    peeking: bool,
+    last_peek: Duration,
+    /// Chunks this round's peeks reported (they count for the round's collection).
+    peeked: Bitmap,
+    /// When the freeze was asked for.
+    freeze_asked: Option<Duration>,
+    /// `acked_total` when the round began, and the last full round's delivered rate.
+    round_acked: u64,
+    round_rate: f64,
     /// The time limit passed: switch over at the end of this round.
     forced: bool,
     link_up: bool,
@@ -259,6 +271,11 @@ impl MigrateSource {
                     if !run.forced && now.saturating_sub(run.started) >= run.cfg.max_time {
                         run.forced = true;
                         run.sending = false;
+                        // Nothing dirty is sent again before the freeze: B may drop its
+                        // copies while the round drains.
+                        if let Some(stale) = run.newly_stale(true) {
+                            out.push(SourceAction::Send(Message::Stale { chunks: stale }));
+                        }
                     }
                 }
                 self.pump(now, &mut out);
@@ -294,6 +311,7 @@ impl MigrateSource {
             started: now,
             dirty: Bitmap::full(n),
             hot: Bitmap::new(n),
+            notified: Bitmap::new(n),
             streak: vec![0; n as usize],
             last_dirty: vec![now; n as usize],
             longest_round: Duration::ZERO,
@@ -303,6 +321,12 @@ impl MigrateSource {
             cursor: 0,
             sending: true,
             collecting: false,
+            peeking: false,
+            last_peek: now,
+            peeked: Bitmap::new(n),
+            freeze_asked: None,
+            round_acked: 0,
+            round_rate: 0.0,
             forced: false,
             link_up: true,
             awaiting_status: false,
@@ -351,6 +375,13 @@ impl MigrateSource {
         };
         check_chunks(&run.geo, &chunks)?;
         match self.phase {
+            SourcePhase::Precopy { .. } if run.peeking => {
+                run.peeking = false;
+                if let Some(stale) = run.peeked(&chunks) {
+                    out.push(SourceAction::Send(Message::Stale { chunks: stale }));
+                }
+                self.pump(now, out);
+            }
             SourcePhase::Precopy { .. } if run.collecting => {
                 run.collecting = false;
                 run.collected(now, &chunks);
@@ -373,8 +404,13 @@ impl MigrateSource {
                     }
                 }
                 let cap = if run.cfg.postcopy {
-                    let t = run.cfg.budget.saturating_sub(run.rtt());
-                    (t.as_secs_f64() * run.bandwidth()) as u64
+                    let spent = now.saturating_sub(run.freeze_asked.unwrap_or(now));
+                    let t = run.cfg.budget.saturating_sub(run.rtt() + spent);
+                    let bw = match run.round_rate {
+                        r if r > 0.0 => r.min(run.bandwidth()),
+                        _ => run.bandwidth(),
+                    };
+                    (t.as_secs_f64() / 2.0 * bw) as u64
                 } else {
                     u64::MAX
                 };
@@ -454,13 +490,21 @@ impl MigrateSource {
         let limit = run.rounds >= run.cfg.max_rounds
             || run.forced
             || now.saturating_sub(run.started) >= run.cfg.max_time;
-        if fits || limit {
+        let freeze = fits || limit;
+        // B may drop what is stale now: everything dirty before a freeze (it goes in the
+        // final sync or is left for post-copy), else the hot chunks (not re-sent).
+        if let Some(stale) = run.newly_stale(freeze) {
+            out.push(SourceAction::Send(Message::Stale { chunks: stale }));
+        }
+        if freeze {
             self.phase = SourcePhase::Freezing;
+            run.freeze_asked = Some(now);
             out.push(SourceAction::Freeze);
         } else {
             run.cursor = 0;
             run.sending = true;
             run.round_started = now;
+            run.round_acked = run.acked_total;
             self.phase = SourcePhase::Precopy { round: run.rounds };
             self.pump(now, out);
         }
@@ -495,7 +539,24 @@ impl MigrateSource {
                         });
                     }
                 }
-                if !run.sending && run.inflight == 0 && !run.collecting {
+                let peek_due = run.cfg.postcopy
+                    && run
+                        .cfg
+                        .peek
+                        .is_some_and(|p| now.saturating_sub(run.last_peek) >= p);
+                // Also while the round drains: a window's worth of time.
+                let draining = !run.sending && run.inflight > 0;
+                if (run.sending || draining)
+                    && run.link_up
+                    && !run.collecting
+                    && !run.peeking
+                    && peek_due
+                {
+                    run.peeking = true;
+                    run.last_peek = now;
+                    out.push(SourceAction::CollectDirty);
+                }
+                if !run.sending && run.inflight == 0 && !run.collecting && !run.peeking {
                     run.collecting = true;
                     out.push(SourceAction::CollectDirty);
                 }
@@ -653,6 +714,7 @@ impl MigrateSource {
             Message::Begin { .. } => return Err(self.unexpected("Begin")),
             Message::Handover { .. } => return Err(self.unexpected("Handover")),
             Message::Query { .. } => return Err(self.unexpected("Query")),
+            Message::Stale { .. } => return Err(self.unexpected("Stale")),
         }
         Ok(())
     }
@@ -704,9 +766,43 @@ impl Run {
         }
     }
 
+    /// Chunks stale on B that B was not told about yet (post-copy only): the hot ones,
+    /// or with `all` every dirty one. B may drop them now, off the downtime. `Stale`
+    /// goes on the bulk stream in order with chunk data, so a later re-send re-fills
+    /// what B dropped.
+    fn newly_stale(&mut self, all: bool) -> Option<Bitmap> {
+        if !self.cfg.postcopy {
+            return None;
+        }
+        let mut stale = Bitmap::new(self.geo.chunks());
+        let mut c = 0;
+        while let Some(d) = self.dirty.next_set(c) {
+            c = d + 1;
+            if (all || self.hot.get(d)) && self.notified.set(d) {
+                stale.set(d);
+            }
+        }
+        (stale.count_ones() > 0).then_some(stale)
+    }
+
+    /// A mid-round peek's chunks: dirty from now on (those behind the cursor wait for
+    /// the next round); B may drop those this round will not send again.
+    fn peeked(&mut self, chunks: &[u64]) -> Option<Bitmap> {
+        let mut stale = Bitmap::new(self.geo.chunks());
+        for &c in chunks {
+            self.peeked.set(c);
+            self.dirty.set(c);
+            if (c < self.cursor || self.hot.get(c)) && self.notified.set(c) {
+                stale.set(c);
+            }
+        }
+        (self.cfg.postcopy && stale.count_ones() > 0).then_some(stale)
+    }
+
     fn mark_sent(&mut self, now: Duration, c: u64) {
         let len = self.geo.chunk_len(c) as u64;
         self.dirty.clear(c);
+        self.notified.clear(c);
         let o = &mut self.outstanding[c as usize];
         *o = o.saturating_add(1);
         self.sent_at[c as usize] = now;
@@ -764,8 +860,9 @@ impl Run {
 
     /// A round's dirty list arrived.
     fn collected(&mut self, now: Duration, chunks: &[u64]) {
-        let mut this = Bitmap::new(self.geo.chunks());
-        let mut bytes = 0;
+        // What this round's peeks saw counts as collected now.
+        let mut this = std::mem::replace(&mut self.peeked, Bitmap::new(self.geo.chunks()));
+        let mut bytes = self.bytes_of(&this, false);
         for &c in chunks {
             if this.set(c) {
                 bytes += self.geo.chunk_len(c) as u64;
@@ -774,6 +871,9 @@ impl Run {
         }
         let round = now.saturating_sub(self.round_started);
         self.longest_round = self.longest_round.max(round);
+        if round > Duration::ZERO && self.acked_total > self.round_acked {
+            self.round_rate = (self.acked_total - self.round_acked) as f64 / round.as_secs_f64();
+        }
         for (c, s) in self.streak.iter_mut().enumerate() {
             let i = c as u64;
             if this.get(i) {
