@@ -94,6 +94,11 @@ pub struct MigrateArgs {
     /// Freeze the writer by SIGSTOP of this process (SIGCONT on abort; it stays stopped
     /// after a successful migration). Without it, the freeze is the final snapshot.
     pub freeze_pid: Option<i32>,
+    /// Freeze by write-protecting the region and holding its writers (a region
+    /// published with the uffd-wp-sync tracker); they stay held after a successful
+    /// migration.
+    #[serde(default)]
+    pub freeze_writes: bool,
     /// Leave chunks stale at the handover for post-copy (the destination must have an
     /// application receiving the region).
     #[serde(default)]

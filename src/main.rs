@@ -85,8 +85,15 @@ struct MigrateCmd {
     /// the migration aborts; after a successful migration it STAYS STOPPED, since it must
     /// not write the old copy: kill it or restart it against the new owner). Without it,
     /// the final snapshot is the freeze and writes made after it are not migrated.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "freeze_writes")]
     freeze_pid: Option<i32>,
+    /// Freeze by write-protecting the region: every thread of the application that
+    /// stores to it stops at its next store (reads go on). For application memory
+    /// published with the uffd-wp-sync tracker. Released if the migration aborts; after
+    /// a successful migration the writers STAY HELD until the application ends its
+    /// publication or exits.
+    #[arg(long)]
+    freeze_writes: bool,
     /// Cap the rate of chunk data sent to the peer (e.g. 200mbit, 50MBps), in every phase
     /// including the final sync (a low cap lengthens the downtime). Default: no cap.
     #[arg(long, value_parser = parse_rate)]
@@ -634,6 +641,7 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
         max_rounds: m.max_rounds,
         max_time_ms: m.max_time.as_millis() as u64,
         freeze_pid: m.freeze_pid,
+        freeze_writes: m.freeze_writes,
         max_bandwidth_bps: m.max_bandwidth,
         postcopy: m.postcopy,
     };
@@ -680,6 +688,11 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
             println!(
                 "process {} stays stopped (SIGSTOP): it must not write the old copy",
                 m.freeze_pid.unwrap_or(0)
+            );
+        }
+        if m.freeze_writes {
+            println!(
+                "the application's writers on this host stay held: it must not write the old copy (end its publication or stop it)"
             );
         }
     }

@@ -254,6 +254,7 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
                     max_rounds: 5,
                     max_time_ms: 10_000,
                     freeze_pid: None,
+                    freeze_writes: false,
                     max_bandwidth_bps: None,
                     postcopy: false,
                 },
@@ -971,6 +972,100 @@ async fn published_memory_migrates_with_its_tracker() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Freeze by write-protection: the application's writer thread never pauses itself; the
+/// agent write-protects the published memory (uffd-wp-sync) and holds its write faults,
+/// so the writer stops at its next store. B's copy equals A's memory, the writer stays
+/// held after the migration, and is let go when A's agent ends the publication. A region
+/// tracked by uffd-wp-async (which cannot hold writers) is refused before anything moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_by_write_protection_holds_the_writers() {
+    use pagewire::client::publish::{publish, PublishOptions, TrackerKind};
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let a = start(p.config_a()).await;
+    let b = start(p.config_b()).await;
+    settled(&a, &b).await;
+    let sock = p.da.path().join("a.sock");
+    let size = 8 * MIB + 4096;
+    let mut publications = Vec::new();
+    for (name, tracker) in [
+        ("wa", TrackerKind::UffdWpAsync),
+        ("ws", TrackerKind::UffdWpSync),
+    ] {
+        let dst = p.db.path().join(name);
+        sparse_file(&dst, size, &[]);
+        b.add_region(name, &dst).unwrap();
+        let mut o = PublishOptions::new(&sock, name, size, &[]);
+        o.tracker = tracker;
+        publications.push(Arc::new(
+            tokio::task::spawn_blocking(move || publish(&o))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("publish with {tracker:?}: {e}")),
+        ));
+    }
+    // uffd-wp-async cannot hold writers: refused with a clear error, nothing sent.
+    let e = a
+        .migrate("wa", opts(50, 8, Freeze::WriteProtect), |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("uffd-wp-async") && e.contains("cannot hold writers"),
+        "{e}"
+    );
+    assert!(a
+        .status()
+        .migrations
+        .iter()
+        .all(|m| m.region != "wa" || m.owner));
+    // uffd-wp-sync: the writer stores random pages until the agent holds it.
+    let published = publications[1].clone();
+    let pb = published.clone();
+    let w = Writer::run(77, Duration::from_micros(300), move |rng, b| {
+        pb.write_at(rng.gen_range(0..size as usize - 4096), b)
+    });
+    let writes = w.writes.clone();
+    while writes.load(Ordering::SeqCst) < 50 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = within(a.migrate("ws", opts(50, 8, Freeze::WriteProtect), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(r.dirty_tracking, "uffd-wp-sync", "{r:?}");
+    assert_eq!(r.freeze, "write-protect", "{r:?}");
+    // Held: no store completes any more.
+    let held_at = writes.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        held_at,
+        "a write got through the freeze"
+    );
+    let mut mem = vec![0u8; size as usize];
+    published.read_at(0, &mut mem);
+    let got = std::fs::read(p.db.path().join("ws")).unwrap();
+    assert!(
+        got == mem,
+        "B's copy differs from the memory at the freeze ({held_at} writes, {r:?})"
+    );
+    // Ending the publication on A (its agent going away) lets the writer go.
+    w.stop.store(true, Ordering::SeqCst);
+    a.shutdown().await;
+    b.shutdown().await;
+    let t0 = std::time::Instant::now();
+    while !w.idle.load(Ordering::SeqCst) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the writer stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.join();
 }
 
 /// Post-copy into a receiving application: pure post-copy (no pre-copy round), so every

@@ -240,10 +240,18 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
 /// Runs a migration, streaming progress lines. The migration goes on if the client
 /// goes away (stopping half-way is what an abort is for, and it needs the peer).
 async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: OwnedWriteHalf) {
-    let freeze = match args.freeze_pid {
-        Some(pid) if pid > 0 => super::Freeze::Pid(pid),
-        Some(pid) => return send_error(&mut w, format!("bad freeze pid {pid}")).await,
-        None => super::Freeze::Snapshot,
+    let freeze = match (args.freeze_pid, args.freeze_writes) {
+        (Some(_), true) => {
+            return send_error(
+                &mut w,
+                "freeze by pid or by write-protection, not both".into(),
+            )
+            .await
+        }
+        (Some(pid), false) if pid > 0 => super::Freeze::Pid(pid),
+        (Some(pid), false) => return send_error(&mut w, format!("bad freeze pid {pid}")).await,
+        (None, true) => super::Freeze::WriteProtect,
+        (None, false) => super::Freeze::Snapshot,
     };
     let opts = super::MigrateOptions {
         to: args.to.clone(),

@@ -234,6 +234,22 @@ impl Publication {
         Ok(crate::track::normalize(std::mem::take(m)))
     }
 
+    /// Whether the tracker can hold the writers ([`Publication::freeze_writers`]).
+    pub(crate) fn can_freeze(&self) -> bool {
+        lock(&self.tracker).can_freeze()
+    }
+
+    /// Holds every writer of the region (a migration's freeze by write-protection).
+    /// Blocking.
+    pub(crate) fn freeze_writers(&self) -> Result<(), String> {
+        lock(&self.tracker).freeze().map_err(|e| e.to_string())
+    }
+
+    /// Lets the writers held by [`Publication::freeze_writers`] go.
+    pub(crate) fn thaw_writers(&self) -> Result<(), String> {
+        lock(&self.tracker).thaw().map_err(|e| e.to_string())
+    }
+
     /// Ends the migration's share.
     pub(crate) fn untap_migration(&self) {
         lock(&self.taps).migration = None;

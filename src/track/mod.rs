@@ -40,6 +40,9 @@ pub enum TrackError {
     /// The tracked mapping or file is gone.
     #[error("tracked region is gone: {0}")]
     Gone(String),
+    /// The tracker cannot hold writers ([`DirtyTracker::freeze`]).
+    #[error("the {0} tracker cannot hold writers: freezing by write-protection needs a region published with the uffd-wp-sync tracker")]
+    CannotFreeze(&'static str),
 }
 
 /// Reports what was written.
@@ -56,6 +59,24 @@ pub trait DirtyTracker: Send {
 
     /// The ranges written since the previous call (since creation for the first call).
     fn collect(&mut self) -> Result<Ranges, TrackError>;
+
+    /// Whether [`freeze`](Self::freeze) works here.
+    fn can_freeze(&self) -> bool {
+        false
+    }
+
+    /// Holds every writer of the tracked memory until [`thaw`](Self::thaw) (a
+    /// migration's freeze): the whole region is write-protected and write faults are
+    /// held, not resolved. Returns once no write can land any more; writes completed
+    /// before it are reported by the next `collect`, as always. Reads go on.
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        Err(TrackError::CannotFreeze(self.name()))
+    }
+
+    /// Lets the writers held by [`freeze`](Self::freeze) go (an aborted migration).
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        Ok(())
+    }
 }
 
 /// Merges sorted-or-not ranges into the canonical form of [`Ranges`] (sorted, merged,

@@ -15,6 +15,14 @@
 //! late unprotect for a message queued before a `collect` cannot leave a page writable
 //! without a mark.
 //!
+//! Only the sync tracker can **freeze** the writers (a migration's freeze by
+//! write-protection): under the lock it sets `frozen` and protects the whole range; from
+//! then on the fault thread marks a faulting page but *holds* the fault (keeps the page
+//! protected, parks its address) instead of resolving it, so every writing thread stops
+//! at its next store to a protected page. `thaw` unprotects the parked pages, which wakes
+//! their writers. Dropping the tracker unprotects everything (held writers go on). In
+//! async mode the kernel resolves write faults itself, so nothing can hold a writer.
+//!
 //! Who does what: the application creates the uffd, registers and protects its mapping
 //! ([`prepare_async`], [`prepare_sync`]) and passes the descriptors to its agent; the
 //! agent builds the tracker from them ([`UffdWpAsync::from_fds`],
@@ -316,6 +324,13 @@ impl Marks {
     }
 }
 
+/// Whether writers are held (see the module docs), and the pages of the held faults.
+#[derive(Default)]
+struct Hold {
+    frozen: bool,
+    parked: Vec<u64>,
+}
+
 /// The sync tracker (see the module docs).
 pub struct UffdWpSync {
     uffd: Arc<OwnedFd>,
@@ -324,8 +339,8 @@ pub struct UffdWpSync {
     page: u64,
     marks: Arc<Marks>,
     /// Held by the fault thread around mark + unprotect and by `collect` around take +
-    /// protect.
-    lock: Arc<Mutex<()>>,
+    /// protect; the freeze state lives under it.
+    lock: Arc<Mutex<Hold>>,
     stop: Arc<AtomicBool>,
     /// Set by the fault thread when it gave up (the uffd failed): everything is dirty.
     broken: Arc<AtomicBool>,
@@ -348,7 +363,7 @@ impl UffdWpSync {
         let marks = Arc::new(Marks::new(len / page as usize));
         let stop = Arc::new(AtomicBool::new(false));
         let broken = Arc::new(AtomicBool::new(false));
-        let lock = Arc::new(Mutex::new(()));
+        let lock = Arc::new(Mutex::new(Hold::default()));
         let (u, m, s, b) = (uffd.clone(), marks.clone(), stop.clone(), broken.clone());
         let l = lock.clone();
         let (base, len) = (base as u64, len as u64);
@@ -380,7 +395,7 @@ fn fault_loop(
     len: u64,
     page: u64,
     marks: &Marks,
-    lock: &Mutex<()>,
+    lock: &Mutex<Hold>,
     stop: &AtomicBool,
     broken: &AtomicBool,
 ) {
@@ -408,8 +423,13 @@ fn fault_loop(
                         continue;
                     }
                     // Mark, then unprotect, under the lock (see the module docs).
-                    let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut hold = lock.lock().unwrap_or_else(|e| e.into_inner());
                     marks.set(((a - base) / page) as usize);
+                    if hold.frozen {
+                        // Frozen: the writer waits until `thaw` (or forever).
+                        hold.parked.push(a);
+                        continue;
+                    }
                     match uffd::writeprotect(fd, a, page, false) {
                         Ok(()) => {}
                         Err(UffdError::Gone) => return,
@@ -466,12 +486,69 @@ impl DirtyTracker for UffdWpSync {
         }
         Ok(out)
     }
+
+    fn can_freeze(&self) -> bool {
+        true
+    }
+
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(TrackError::Gone(
+                "the write-fault thread stopped (the application's mapping is gone)".into(),
+            ));
+        }
+        let mut hold = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        hold.frozen = true;
+        // Every page, written since the last collect or not: a store that completed
+        // before this is marked already; any later one faults and is held.
+        match uffd::writeprotect(self.uffd.as_raw_fd(), self.base, self.len, true) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                hold.frozen = false;
+                Err(match e {
+                    UffdError::Gone => TrackError::Gone("the application's mapping is gone".into()),
+                    e => TrackError::Collect {
+                        what: "UFFDIO_WRITEPROTECT (freeze)",
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                })
+            }
+        }
+    }
+
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        let mut hold = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        hold.frozen = false;
+        let fd = self.uffd.as_raw_fd();
+        for a in std::mem::take(&mut hold.parked) {
+            // The held store lands after this: mark again (a collect while frozen may
+            // have taken the fault's mark), then unprotect, as the fault thread does.
+            self.marks.set(((a - self.base) / self.page) as usize);
+            match uffd::writeprotect(fd, a, self.page, false) {
+                Ok(()) | Err(UffdError::Gone) => {}
+                Err(e) => {
+                    // Never leave a writer held: let every page go (tracking then
+                    // over-reports nothing it should not; marks are kept).
+                    tracing::warn!("uffd-wp: releasing a held writer: {e}");
+                    let _ = uffd::writeprotect(fd, self.base, self.len, false);
+                    self.broken.store(true, Ordering::Release);
+                    return Err(TrackError::Collect {
+                        what: "UFFDIO_WRITEPROTECT (thaw)",
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for UffdWpSync {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Let writers go before the thread that would have let them go stops.
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).frozen = false;
+        // Let writers go (held ones too) before the thread that would have let them go
+        // stops.
         let _ = uffd::writeprotect(self.uffd.as_raw_fd(), self.base, self.len, false);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -598,5 +675,86 @@ mod tests {
         let m = unsafe { memmap2::MmapOptions::new().map_mut(&f) }.unwrap();
         let mut t = UffdWpAsync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
         check(&mut t, &m);
+    }
+
+    #[test]
+    fn sync_tracker_freeze_holds_writers_until_thaw() {
+        if !sync_supported() {
+            eprintln!("uffd-wp sync not supported here: skipped");
+            return;
+        }
+        let page = uffd::page_size() as usize;
+        let m = map(64 * page);
+        let mut t = UffdWpSync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
+        assert!(t.can_freeze());
+        write(&m, 3 * page, 1);
+        t.freeze().unwrap();
+        // A store to a page written before the freeze and one to a fresh page: both
+        // writers are held.
+        let done = Arc::new(AtomicU64::new(0));
+        let base = m.as_ptr() as usize;
+        let writers: Vec<_> = [3usize, 9]
+            .into_iter()
+            .map(|p| {
+                let d = done.clone();
+                std::thread::spawn(move || {
+                    // SAFETY: inside the mapping, which outlives the join below.
+                    unsafe { std::ptr::write_volatile((base + p * page) as *mut u8, 7) };
+                    d.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            0,
+            "a writer got through the freeze"
+        );
+        // Collecting while frozen reports the page written before it and keeps the
+        // writers held. Reads go on.
+        let got = t.collect().unwrap();
+        assert!(
+            got.contains(&((3 * page) as u64..(4 * page) as u64)),
+            "{got:?}"
+        );
+        assert_eq!(m[3 * page], 1);
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        t.thaw().unwrap();
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!((m[3 * page], m[9 * page]), (7, 7));
+        // The held writes are reported like any other.
+        let got = t.collect().unwrap();
+        assert!(
+            got.contains(&((9 * page) as u64..(10 * page) as u64)),
+            "{got:?}"
+        );
+        // After the thaw writes go through again; dropping a frozen tracker lets held
+        // writers go too.
+        write(&m, 20 * page, 1);
+        t.freeze().unwrap();
+        let h = std::thread::spawn(move || {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile((base + 30 * page) as *mut u8, 5) };
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(t);
+        h.join().unwrap();
+        assert_eq!(m[30 * page], 5);
+    }
+
+    #[test]
+    fn the_async_tracker_cannot_freeze() {
+        if !async_supported() {
+            return;
+        }
+        let m = map(16 * uffd::page_size() as usize);
+        let mut t = UffdWpAsync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
+        assert!(!t.can_freeze());
+        assert!(matches!(
+            t.freeze(),
+            Err(TrackError::CannotFreeze("uffd-wp-async"))
+        ));
     }
 }

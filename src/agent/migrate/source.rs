@@ -30,6 +30,12 @@ pub enum Freeze {
     /// Called with `true` to pause (return once the writer is at a safe point) and with
     /// `false` to resume after an abort. Runs on a blocking thread.
     Hook(Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>),
+    /// Write-protect the whole region and hold every write fault: each writing thread
+    /// stops at its next store (reads go on). Needs a region published with the
+    /// uffd-wp-sync tracker. Released if the migration aborts; after a successful one
+    /// the writers STAY HELD until the application ends its publication (or exits),
+    /// since they must not write the old copy.
+    WriteProtect,
 }
 
 impl Freeze {
@@ -38,6 +44,7 @@ impl Freeze {
             Freeze::Snapshot => "snapshot".into(),
             Freeze::Pid(p) => format!("pid {p}"),
             Freeze::Hook(_) => "hook".into(),
+            Freeze::WriteProtect => "write-protect".into(),
         }
     }
 }
@@ -169,6 +176,34 @@ impl Scanner {
         match self {
             Scanner::Hashes { .. } => "xxh3 chunk hashes",
             Scanner::Tracked(p) => p.tracker_name(),
+        }
+    }
+
+    /// Whether the writers can be held by write-protection (`Freeze::WriteProtect`).
+    fn check_freeze(&self) -> Result<(), String> {
+        match self {
+            Scanner::Tracked(p) if p.can_freeze() => Ok(()),
+            Scanner::Tracked(p) => Err(format!(
+                "the region is tracked by {}, which cannot hold writers; publish it with the uffd-wp-sync tracker, or freeze with a hook or --freeze-pid",
+                p.tracker_name()
+            )),
+            Scanner::Hashes { .. } => Err(
+                "a file region's writers cannot be held by write-protection (only an application's memory published with the uffd-wp-sync tracker can); use --freeze-pid".into(),
+            ),
+        }
+    }
+
+    fn freeze_writers(&self) -> Result<(), String> {
+        match self {
+            Scanner::Tracked(p) => p.freeze_writers(),
+            Scanner::Hashes { .. } => self.check_freeze(),
+        }
+    }
+
+    fn thaw_writers(&self) -> Result<(), String> {
+        match self {
+            Scanner::Tracked(p) => p.thaw_writers(),
+            Scanner::Hashes { .. } => Ok(()),
         }
     }
 
@@ -491,6 +526,9 @@ pub(crate) async fn run(
         // is a pass over the whole region, so file regions collect at round ends only.
         peek: matches!(scanner, Scanner::Tracked(_)).then_some(PEEK_INTERVAL),
     };
+    if matches!(opts.freeze, Freeze::WriteProtect) {
+        scanner.check_freeze().map_err(MigrateRunError::Freeze)?;
+    }
     let scanner = Arc::new(Mutex::new(scanner));
     let started = Instant::now();
     // Registering and starting under the map's lock: a second migrate sees Busy.
@@ -1001,12 +1039,14 @@ impl Driver {
                 }
                 SourceAction::Freeze => {
                     let f = self.opts.freeze.clone();
+                    let sc = self.scanner.clone();
                     tracing::info!(region = %self.region.name(), freeze = ?f, "freezing the writer");
                     self.pending = Some(Pending::Freeze(tokio::task::spawn_blocking(
                         move || match f {
                             Freeze::Snapshot => Ok(()),
                             Freeze::Pid(p) => stop_pid(p),
                             Freeze::Hook(h) => h(true),
+                            Freeze::WriteProtect => lock(&sc).freeze_writers(),
                         },
                     )));
                 }
@@ -1020,9 +1060,15 @@ impl Driver {
                         self.frozen = false;
                         let f = self.opts.freeze.clone();
                         tracing::info!(region = %self.region.name(), freeze = ?f, "resuming the writer");
+                        let sc = self.scanner.clone();
                         let _ = tokio::task::spawn_blocking(move || match f {
                             Freeze::Snapshot => {}
                             Freeze::Pid(p) => cont_pid(p),
+                            Freeze::WriteProtect => {
+                                if let Err(e) = lock(&sc).thaw_writers() {
+                                    tracing::warn!("releasing the held writers: {e}");
+                                }
+                            }
                             Freeze::Hook(h) => {
                                 if let Err(e) = h(false) {
                                     tracing::warn!("resume hook: {e}");
