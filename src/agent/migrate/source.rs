@@ -357,12 +357,72 @@ enum Pending {
     Freeze(tokio::task::JoinHandle<Result<(), String>>),
 }
 
+/// A frame from B (or the end of the stream), stamped when it arrived.
+type Inbound = (Instant, Result<Option<MigrateBack>, FrameError>);
+
 struct Stream {
     send: quinn::SendStream,
-    reader: FrameReader<quinn::RecvStream>,
+    /// B's frames, read by their own task and stamped on arrival: an `Accept` or an ack
+    /// that arrives while this task writes chunks is timed when it came, not when it
+    /// was handled (the downtime and the delivery-rate samples depend on it).
+    frames: mpsc::Receiver<Inbound>,
+    /// Stops the receiving side with a code (a bad frame found here).
+    stop: Option<tokio::sync::oneshot::Sender<quinn::VarInt>>,
+    _reader: AbortOnDrop,
     conn: quinn::Connection,
     /// The post-copy urgent lane on this connection, once opened.
     urgent: Option<quinn::SendStream>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads B's frames into a channel, stamping each with its arrival time.
+fn spawn_reader(recv: quinn::RecvStream, cap: usize) -> Stream0 {
+    let (tx, frames) = mpsc::channel::<Inbound>(64);
+    let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<quinn::VarInt>();
+    let task = tokio::spawn(async move {
+        let mut reader = FrameReader::new(recv, cap);
+        loop {
+            tokio::select! {
+                f = reader.next::<MigrateBack>() => {
+                    let end = !matches!(f, Ok(Some(_)));
+                    if let Err(e) = &f {
+                        if !matches!(e, FrameError::Io(_)) {
+                            let _ = reader.get_mut().stop(e.code().varint());
+                        }
+                    }
+                    if tx.send((Instant::now(), f)).await.is_err() || end {
+                        return;
+                    }
+                }
+                code = &mut stop_rx => {
+                    if let Ok(code) = code {
+                        let _ = reader.get_mut().stop(code);
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    Stream0 {
+        frames,
+        stop: Some(stop),
+        reader: AbortOnDrop(task),
+    }
+}
+
+/// The reading half of a [`Stream`].
+struct Stream0 {
+    frames: mpsc::Receiver<Inbound>,
+    stop: Option<tokio::sync::oneshot::Sender<quinn::VarInt>>,
+    reader: AbortOnDrop,
 }
 
 /// Opens the urgent lane of a migration in post-copy (high priority; see
@@ -437,9 +497,12 @@ async fn open(
             return Err((true, format!("bad reply: {e}")));
         }
     }
+    let r = spawn_reader(recv, frame_cap(g.chunks()));
     Ok(Stream {
         send,
-        reader: FrameReader::new(recv, frame_cap(g.chunks())),
+        frames: r.frames,
+        stop: r.stop,
+        _reader: r.reader,
         conn,
         urgent: None,
     })
@@ -627,7 +690,11 @@ impl Driver {
     /// Feeds one event; queues the actions. An error from a peer message means the peer
     /// broke the protocol: the caller drops the stream.
     fn feed(&mut self, ev: SourceEvent) -> Result<(), MigrateError> {
-        let now = self.now();
+        self.feed_at(self.now(), ev)
+    }
+
+    /// Feeds an event that happened at `now` (a frame's arrival).
+    fn feed_at(&mut self, now: Duration, ev: SourceEvent) -> Result<(), MigrateError> {
         let actions = lock(&self.engine).handle(now, ev)?;
         self.queue.extend(actions);
         Ok(())
@@ -729,7 +796,7 @@ impl Driver {
                 continue;
             }
             enum Got {
-                Frame(Result<Option<MigrateBack>, FrameError>),
+                Frame(Inbound),
                 Collected(Result<Vec<u64>, String>),
                 Frozen(Result<(), String>),
                 Tick,
@@ -751,7 +818,14 @@ impl Driver {
                 };
                 let frame = async {
                     match stream.as_mut() {
-                        Some(s) => Got::Frame(s.reader.next::<MigrateBack>().await),
+                        Some(s) => Got::Frame(s.frames.recv().await.unwrap_or_else(|| {
+                            (
+                                Instant::now(),
+                                Err(FrameError::Io(std::io::Error::other(
+                                    "the frame reader ended",
+                                ))),
+                            )
+                        })),
                         None => std::future::pending().await,
                     }
                 };
@@ -771,7 +845,9 @@ impl Driver {
                         Err((code, why)) => {
                             if let Some(code) = code {
                                 tracing::warn!(peer = %self.opts.to, code = code.name(), "closing migration stream: {why}");
-                                let _ = s.reader.get_mut().stop(code.varint());
+                                if let Some(stop) = s.stop.take() {
+                                    let _ = stop.send(code.varint());
+                                }
                                 let _ = s.send.reset(code.varint());
                             }
                             let why = if code.is_none() {
@@ -887,10 +963,7 @@ impl Driver {
 
     /// A frame from B. `Err((Some(code), why))`: B broke the protocol; `Err((None, why))`:
     /// the stream ended.
-    fn on_frame(
-        &mut self,
-        f: Result<Option<MigrateBack>, FrameError>,
-    ) -> Result<(), (Option<WireCode>, String)> {
+    fn on_frame(&mut self, (at, f): Inbound) -> Result<(), (Option<WireCode>, String)> {
         let g = self.region.geometry();
         let m = match f {
             Ok(Some(m)) => m,
@@ -955,7 +1028,7 @@ impl Driver {
                 return Err((None, format!("the destination refused: {}: {m}", e.kind)));
             }
         };
-        self.feed(ev)
+        self.feed_at(at.saturating_duration_since(self.started), ev)
             .map_err(|e| (Some(WireCode::ProtocolViolation), e.to_string()))
     }
 
