@@ -177,6 +177,9 @@ pub enum MigrateBack {
     Fetch { chunks: Vec<u64> },
     /// The receiver refused a frame; the stream ends after this.
     Error(ErrorReply),
+    /// The receiver dropped the copies named by the `Stale` frame before this one
+    /// (one answer per `Stale`).
+    Dropped,
 }
 
 /// Opens a replication stream.

@@ -640,6 +640,7 @@ impl Session<'_> {
                             missing: missing.map(|b| b.to_bytes()),
                         },
                         Message::Fetch { chunks } => MigrateBack::Fetch { chunks },
+                        Message::Dropped => MigrateBack::Dropped,
                         other => {
                             tracing::warn!("destination engine asked to send {other:?}: ignored");
                             continue;

@@ -1022,6 +1022,7 @@ impl Driver {
                 }
                 SourceEvent::Message(Message::Fetch { chunks })
             }
+            MigrateBack::Dropped => SourceEvent::Message(Message::Dropped),
             MigrateBack::Error(e) => {
                 let mut m = e.message;
                 m.truncate(crate::proto::MAX_MESSAGE_LEN);

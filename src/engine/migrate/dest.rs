@@ -350,12 +350,14 @@ impl MigrateDest {
                     if drop.count_ones() > 0 {
                         out.push(DestAction::Drop(drop));
                     }
+                    out.push(DestAction::Send(Message::Dropped));
                 }
                 // Data of a migration given up.
                 (DestPhase::Idle | DestPhase::Aborted, _) => {}
                 _ => return Err(self.unexpected("Stale")),
             },
             Message::Accept { .. } => return Err(self.unexpected("Accept")),
+            Message::Dropped => return Err(self.unexpected("Dropped")),
             Message::Status { .. } => return Err(self.unexpected("Status")),
             Message::Fetch { .. } => return Err(self.unexpected("Fetch")),
         }

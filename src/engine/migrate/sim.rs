@@ -166,6 +166,9 @@ pub(super) struct Sim {
     /// Chunks in `Stale` notices A sent once it had decided to freeze: B's drops of
     /// them delay the handover behind them as much as drops at the handover itself.
     pub(super) stale_notified_at_freeze: u64,
+    /// While set, B's `Dropped` answers are kept here instead of sent.
+    pub(super) hold_back_dropped: bool,
+    pub(super) held_dropped: Vec<Message>,
     pub(super) released: bool,
     pub(super) cut: Option<Cut>,
 }
@@ -214,6 +217,8 @@ impl Sim {
             b_drops_precopy: 0,
             b_drops_at_handover: 0,
             stale_notified_at_freeze: 0,
+            hold_back_dropped: false,
+            held_dropped: Vec::new(),
             released: false,
             cut: None,
         }
@@ -311,6 +316,9 @@ impl Sim {
     pub(super) fn apply_b(&mut self, acts: Vec<DestAction>, version: u64) {
         for act in acts {
             match act {
+                DestAction::Send(Message::Dropped) if self.hold_back_dropped => {
+                    self.held_dropped.push(Message::Dropped);
+                }
                 DestAction::Send(m) => {
                     if self.up {
                         let bytes = Self::msg_bytes(&m);

@@ -142,6 +142,8 @@ struct Run {
     peeked: Bitmap,
     /// When the freeze was asked for.
     freeze_asked: Option<Duration>,
+    /// `Stale` notices B has not answered (`Dropped`) yet.
+    stale_unanswered: u32,
     /// `acked_total` when the round began, and the last full round's delivered rate.
     round_acked: u64,
     round_rate: f64,
@@ -192,6 +194,11 @@ impl MigrateSource {
 
     pub fn phase(&self) -> SourcePhase {
         self.phase
+    }
+
+    /// `Stale` notices B has not answered yet.
+    pub fn stale_unanswered(&self) -> u32 {
+        self.run.as_ref().map_or(0, |r| r.stale_unanswered)
     }
 
     /// The ownership generation of the latest migration.
@@ -273,9 +280,8 @@ impl MigrateSource {
                         run.sending = false;
                         // Nothing dirty is sent again before the freeze: B may drop its
                         // copies while the round drains.
-                        if let Some(stale) = run.newly_stale(true) {
-                            out.push(SourceAction::Send(Message::Stale { chunks: stale }));
-                        }
+                        let stale = run.newly_stale(true);
+                        run.notify(stale, &mut out);
                     }
                 }
                 self.pump(now, &mut out);
@@ -325,6 +331,7 @@ impl MigrateSource {
             last_peek: now,
             peeked: Bitmap::new(n),
             freeze_asked: None,
+            stale_unanswered: 0,
             round_acked: 0,
             round_rate: 0.0,
             forced: false,
@@ -377,9 +384,8 @@ impl MigrateSource {
         match self.phase {
             SourcePhase::Precopy { .. } if run.peeking => {
                 run.peeking = false;
-                if let Some(stale) = run.peeked(&chunks) {
-                    out.push(SourceAction::Send(Message::Stale { chunks: stale }));
-                }
+                let stale = run.peeked(&chunks);
+                run.notify(stale, out);
                 self.pump(now, out);
             }
             SourcePhase::Precopy { .. } if run.collecting => {
@@ -493,9 +499,8 @@ impl MigrateSource {
         let freeze = fits || limit;
         // B may drop what is stale now: everything dirty before a freeze (it goes in the
         // final sync or is left for post-copy), else the hot chunks (not re-sent).
-        if let Some(stale) = run.newly_stale(freeze) {
-            out.push(SourceAction::Send(Message::Stale { chunks: stale }));
-        }
+        let stale = run.newly_stale(freeze);
+        run.notify(stale, out);
         if freeze {
             self.phase = SourcePhase::Freezing;
             run.freeze_asked = Some(now);
@@ -556,7 +561,12 @@ impl MigrateSource {
                     run.last_peek = now;
                     out.push(SourceAction::CollectDirty);
                 }
-                if !run.sending && run.inflight == 0 && !run.collecting && !run.peeking {
+                if !run.sending
+                    && run.inflight == 0
+                    && !run.collecting
+                    && !run.peeking
+                    && run.stale_unanswered == 0
+                {
                     run.collecting = true;
                     out.push(SourceAction::CollectDirty);
                 }
@@ -715,6 +725,13 @@ impl MigrateSource {
             Message::Handover { .. } => return Err(self.unexpected("Handover")),
             Message::Query { .. } => return Err(self.unexpected("Query")),
             Message::Stale { .. } => return Err(self.unexpected("Stale")),
+            Message::Dropped => match self.run.as_mut() {
+                Some(run) if run.stale_unanswered > 0 => {
+                    run.stale_unanswered -= 1;
+                    self.pump(now, out);
+                }
+                _ => return Err(self.unexpected("Dropped")),
+            },
         }
         Ok(())
     }
@@ -783,6 +800,14 @@ impl Run {
             }
         }
         (stale.count_ones() > 0).then_some(stale)
+    }
+
+    /// Sends a `Stale` notice (if there is anything in it); B answers it.
+    fn notify(&mut self, stale: Option<Bitmap>, out: &mut Vec<SourceAction>) {
+        if let Some(chunks) = stale {
+            self.stale_unanswered += 1;
+            out.push(SourceAction::Send(Message::Stale { chunks }));
+        }
     }
 
     /// A mid-round peek's chunks: dirty from now on (those behind the cursor wait for

@@ -76,11 +76,12 @@ fn hot_chunks_are_deferred_not_resent_every_round() {
         );
     }
     assert!(r.rounds <= 5, "{}", r.rounds);
-    // The final sync sends what fits (70 − 50 ms at 125 MB/s ≈ 38 chunks), hot chunks
-    // first; the rest (hot ones and the few cold chunks of the last round) goes to
-    // post-copy, where B's writer faults on it.
+    // The final sync sends what fits (half of 70 − 50 ms at 125 MB/s ≈ 19 chunks), hot
+    // chunks first; the rest (hot ones and the few cold chunks of the last round, which
+    // ends one RTT after B answered its `Stale` notice) goes to post-copy, where B's
+    // writer faults on it.
     assert!(
-        r.deferred_chunks > 0 && r.deferred_chunks <= 64 + 16,
+        r.deferred_chunks > 0 && r.deferred_chunks <= 64 + 24,
         "{r:?}"
     );
     assert!(r.postcopy_faults > 0, "{r:?}");
@@ -689,13 +690,17 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
             })
         )
         .unwrap(),
-        vec![DestAction::Drop(bits(&[1, 2]))]
+        vec![
+            DestAction::Drop(bits(&[1, 2])),
+            DestAction::Send(Message::Dropped)
+        ]
     );
-    // Told again (a repeated notice): nothing more to drop.
-    assert!(b
-        .handle(t, msg(Message::Stale { chunks: bits(&[1]) }))
-        .unwrap()
-        .is_empty());
+    // Told again (a repeated notice): nothing more to drop, but answered.
+    assert_eq!(
+        b.handle(t, msg(Message::Stale { chunks: bits(&[1]) }))
+            .unwrap(),
+        vec![DestAction::Send(Message::Dropped)]
+    );
     // Chunk 2 cooled off and was re-sent: it is held again.
     b.handle(t, DestEvent::Arrived(vec![2])).unwrap();
     // At the handover 1, 2 and 3 are stale: 1 is gone already, 2 and 3 are dropped now.
@@ -818,4 +823,41 @@ fn peeks_let_b_drop_what_a_fast_writer_staled_before_the_freeze() {
         r0.deferred_chunks
     );
     assert!(late * 4 <= late0, "{late} vs {late0} without peeks");
+}
+
+#[test]
+fn a_round_ends_only_once_b_has_answered_its_stale_notices() {
+    let size = 64 * MIB;
+    let w = Writer::uniform(3000.0);
+    let mut sim = Sim::new(size, ms(20), w, Writer::idle(), 8);
+    let mut c = cfg(size);
+    c.max_rounds = 3;
+    sim.start(c).unwrap();
+    // Run until A has a notice out, then hold B's answers back: the round cannot end.
+    while sim.a.stale_unanswered() == 0 {
+        sim.step();
+        assert!(sim.now < Duration::from_secs(20), "no Stale notice sent");
+    }
+    let rounds = sim.a.progress().unwrap().rounds;
+    sim.hold_back_dropped = true;
+    sim.run_for(Duration::from_millis(500));
+    assert_eq!(
+        sim.a.progress().unwrap().rounds,
+        rounds,
+        "a round ended with a notice unanswered"
+    );
+    assert!(matches!(sim.a.phase(), SourcePhase::Precopy { .. }));
+    sim.hold_back_dropped = false;
+    for m in std::mem::take(&mut sim.held_dropped) {
+        sim.a_event(SourceEvent::Message(m));
+    }
+    let r = sim.run(Duration::from_secs(30));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    // An answer to no notice is a protocol error.
+    let mut a = MigrateSource::new();
+    a.handle(ms(0), SourceEvent::Start(cfg(MIB))).unwrap();
+    assert!(a
+        .handle(ms(1), SourceEvent::Message(Message::Dropped))
+        .is_err());
 }
