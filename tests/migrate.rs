@@ -904,6 +904,48 @@ async fn a_cut_during_the_handover_never_leaves_two_owners() {
     b.shutdown().await;
 }
 
+/// Publishes `name` (`size` bytes, for migration only: no replicas) from an application
+/// on A's control socket `sock` under `tracker`, with a sparse file of that name served
+/// on B to receive it.
+async fn publish_to_b(
+    p: &Pair,
+    b: &pagewire::agent::Agent,
+    sock: &Path,
+    name: &str,
+    size: u64,
+    tracker: pagewire::client::publish::TrackerKind,
+) -> Arc<pagewire::client::publish::Published> {
+    use pagewire::client::publish::{publish, PublishOptions};
+    let dst = p.db.path().join(name);
+    sparse_file(&dst, size, &[]);
+    b.add_region(name, &dst).unwrap();
+    let mut o = PublishOptions::new(sock, name, size, &[]);
+    o.tracker = tracker;
+    Arc::new(
+        tokio::task::spawn_blocking(move || publish(&o))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("publish with {tracker:?}: {e}")),
+    )
+}
+
+/// A writer storing random 4 KiB through `published`'s mapping every 300 µs, returned
+/// once 50 stores have landed.
+async fn storing(
+    published: &Arc<pagewire::client::publish::Published>,
+    size: u64,
+    seed: u64,
+) -> Writer {
+    let pb = published.clone();
+    let w = Writer::run(seed, Duration::from_micros(300), move |rng, b| {
+        pb.write_at(rng.gen_range(0..size as usize - 4096), b)
+    });
+    while w.writes.load(Ordering::SeqCst) < 50 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    w
+}
+
 /// An application's published memory migrates: under each memory tracker, a writer
 /// thread stores into the mapping (nothing tells the agent what it wrote) while A
 /// migrates the region to B's file; the freeze hook pauses the writer at a safe point;
@@ -911,7 +953,7 @@ async fn a_cut_during_the_handover_never_leaves_two_owners() {
 /// tracker, not from hashing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_memory_migrates_with_its_tracker() {
-    use pagewire::client::publish::{publish, PublishOptions, TrackerKind};
+    use pagewire::client::publish::TrackerKind;
     logs();
     let p = Pair::new();
     random_file(&p.a_file(), MIB, 1);
@@ -931,26 +973,10 @@ async fn published_memory_migrates_with_its_tracker() {
     {
         let name = format!("m{i}");
         let dst = p.db.path().join(&name);
-        sparse_file(&dst, size, &[]);
-        b.add_region(&name, &dst).unwrap();
-        // Published for migration only: no replicas.
-        let mut o = PublishOptions::new(&sock, &name, size, &[]);
-        o.tracker = tracker;
-        let published = Arc::new(
-            tokio::task::spawn_blocking(move || publish(&o))
-                .await
-                .unwrap()
-                .unwrap_or_else(|e| panic!("publish with {tracker:?}: {e}")),
-        );
+        let published = publish_to_b(&p, &b, &sock, &name, size, tracker).await;
         // The writer: random 4 KiB stores through the mapping, until paused.
-        let pb = published.clone();
-        let w = Writer::run(40 + i as u64, Duration::from_micros(300), move |rng, b| {
-            pb.write_at(rng.gen_range(0..size as usize - 4096), b)
-        });
+        let w = storing(&published, size, 40 + i as u64).await;
         let writes = w.writes.clone();
-        while writes.load(Ordering::SeqCst) < 50 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         let r = within(a.migrate(&name, opts(50, 8, w.hook()), |_| {}))
             .await
             .unwrap_or_else(|e| panic!("{tracker:?}: {e}"));
@@ -981,7 +1007,7 @@ async fn published_memory_migrates_with_its_tracker() {
 /// tracked by uffd-wp-async (which cannot hold writers) is refused before anything moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freeze_by_write_protection_holds_the_writers() {
-    use pagewire::client::publish::{publish, PublishOptions, TrackerKind};
+    use pagewire::client::publish::TrackerKind;
     logs();
     let p = Pair::new();
     random_file(&p.a_file(), MIB, 1);
@@ -996,17 +1022,7 @@ async fn freeze_by_write_protection_holds_the_writers() {
         ("wa", TrackerKind::UffdWpAsync),
         ("ws", TrackerKind::UffdWpSync),
     ] {
-        let dst = p.db.path().join(name);
-        sparse_file(&dst, size, &[]);
-        b.add_region(name, &dst).unwrap();
-        let mut o = PublishOptions::new(&sock, name, size, &[]);
-        o.tracker = tracker;
-        publications.push(Arc::new(
-            tokio::task::spawn_blocking(move || publish(&o))
-                .await
-                .unwrap()
-                .unwrap_or_else(|e| panic!("publish with {tracker:?}: {e}")),
-        ));
+        publications.push(publish_to_b(&p, &b, &sock, name, size, tracker).await);
     }
     // uffd-wp-async cannot hold writers: refused with a clear error, nothing sent.
     let e = a
@@ -1025,14 +1041,8 @@ async fn freeze_by_write_protection_holds_the_writers() {
         .all(|m| m.region != "wa" || m.owner));
     // uffd-wp-sync: the writer stores random pages until the agent holds it.
     let published = publications[1].clone();
-    let pb = published.clone();
-    let w = Writer::run(77, Duration::from_micros(300), move |rng, b| {
-        pb.write_at(rng.gen_range(0..size as usize - 4096), b)
-    });
+    let w = storing(&published, size, 77).await;
     let writes = w.writes.clone();
-    while writes.load(Ordering::SeqCst) < 50 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     let r = within(a.migrate("ws", opts(50, 8, Freeze::WriteProtect), |_| {}))
         .await
         .unwrap();

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::receive::{ReceivingApp, RecvState};
-use super::{frame_cap, lock, Slot, ACK_BATCH};
+use super::{frame_cap, lock, AbortOnDrop, Slot, ACK_BATCH};
 use crate::agent::Inner;
 use crate::engine::migrate::{
     DestAction, DestEvent, DestPhase, Message, MigrateDest, MigrateError, SourcePhase,
@@ -423,15 +423,6 @@ pub(crate) async fn serve_urgent(
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Session<'_> {
     async fn run(&mut self, started: Instant, recv: quinn::RecvStream) -> Result<(), Fail> {
         let now = || started.elapsed();
@@ -666,10 +657,7 @@ impl Session<'_> {
                 }
                 DestAction::Resume => {
                     if let Some(app) = &self.app {
-                        let stale = {
-                            let e = lock(self.engine);
-                            (0..g.chunks()).filter(|&c| e.is_missing(c)).count() as u64
-                        };
+                        let stale = lock(self.engine).missing_count();
                         app.state.send_replace(RecvState::Owner { stale });
                         tracing::info!(peer = %self.peer, region = %self.region.name(), stale, "migration: this agent owns the region now; the application runs");
                     } else {

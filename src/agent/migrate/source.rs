@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{frame_cap, lock, Slot, CONNECT_TIMEOUT};
+use super::{frame_cap, lock, AbortOnDrop, Slot, CONNECT_TIMEOUT};
 use crate::agent::{reason, Inner};
 use crate::control::{MigrationProgress, MigrationReport};
 use crate::engine::migrate::{
@@ -374,17 +374,15 @@ struct Stream {
     urgent: Option<quinn::SendStream>,
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Reads B's frames into a channel, stamping each with its arrival time.
-fn spawn_reader(recv: quinn::RecvStream, cap: usize) -> Stream0 {
+fn spawn_reader(
+    recv: quinn::RecvStream,
+    cap: usize,
+) -> (
+    mpsc::Receiver<Inbound>,
+    tokio::sync::oneshot::Sender<quinn::VarInt>,
+    AbortOnDrop,
+) {
     let (tx, frames) = mpsc::channel::<Inbound>(64);
     let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<quinn::VarInt>();
     let task = tokio::spawn(async move {
@@ -411,18 +409,7 @@ fn spawn_reader(recv: quinn::RecvStream, cap: usize) -> Stream0 {
             }
         }
     });
-    Stream0 {
-        frames,
-        stop: Some(stop),
-        reader: AbortOnDrop(task),
-    }
-}
-
-/// The reading half of a [`Stream`].
-struct Stream0 {
-    frames: mpsc::Receiver<Inbound>,
-    stop: Option<tokio::sync::oneshot::Sender<quinn::VarInt>>,
-    reader: AbortOnDrop,
+    (frames, stop, AbortOnDrop(task))
 }
 
 /// Opens the urgent lane of a migration in post-copy (high priority; see
@@ -497,12 +484,12 @@ async fn open(
             return Err((true, format!("bad reply: {e}")));
         }
     }
-    let r = spawn_reader(recv, frame_cap(g.chunks()));
+    let (frames, stop, reader) = spawn_reader(recv, frame_cap(g.chunks()));
     Ok(Stream {
         send,
-        frames: r.frames,
-        stop: r.stop,
-        _reader: r.reader,
+        frames,
+        stop: Some(stop),
+        _reader: reader,
         conn,
         urgent: None,
     })

@@ -152,6 +152,15 @@ impl MigrateDest {
         self.phase == DestPhase::Owner && self.missing.get(chunk)
     }
 
+    /// How many chunks B's app must fault on (0 unless B owns the region).
+    pub fn missing_count(&self) -> u64 {
+        if self.phase == DestPhase::Owner {
+            self.missing.count_ones()
+        } else {
+            0
+        }
+    }
+
     fn unexpected(&self, what: &'static str) -> MigrateError {
         MigrateError::Unexpected {
             what,

@@ -817,11 +817,12 @@ impl Run {
         for &c in chunks {
             self.peeked.set(c);
             self.dirty.set(c);
-            if (c < self.cursor || self.hot.get(c)) && self.notified.set(c) {
+            let behind = c < self.cursor || self.hot.get(c);
+            if self.cfg.postcopy && behind && self.notified.set(c) {
                 stale.set(c);
             }
         }
-        (self.cfg.postcopy && stale.count_ones() > 0).then_some(stale)
+        (stale.count_ones() > 0).then_some(stale)
     }
 
     fn mark_sent(&mut self, now: Duration, c: u64) {

@@ -7,6 +7,21 @@ use super::sim::*;
 use super::*;
 use crate::region::Bitmap;
 
+/// B after `Begin` of generation 1 for a region of `size` bytes.
+fn begun(size: u64) -> MigrateDest {
+    let mut b = MigrateDest::new();
+    b.handle(
+        ms(0),
+        DestEvent::Message(Message::Begin {
+            generation: 1,
+            size,
+            chunk_size: CHUNK,
+        }),
+    )
+    .unwrap();
+    b
+}
+
 #[test]
 fn an_idle_writer_migrates_in_one_pass_at_link_rate() {
     let size = 128 * MIB;
@@ -544,17 +559,8 @@ fn hostile_messages_are_rejected() {
 #[test]
 fn after_a_reconnect_b_fetches_only_once_it_has_answered_the_query() {
     let t = ms(0);
-    let mut b = MigrateDest::new();
+    let mut b = begun(4 * CHUNK as u64);
     let msg = DestEvent::Message;
-    b.handle(
-        t,
-        msg(Message::Begin {
-            generation: 1,
-            size: 4 * CHUNK as u64,
-            chunk_size: CHUNK,
-        }),
-    )
-    .unwrap();
     b.handle(t, DestEvent::Arrived(vec![0, 1])).unwrap();
     let mut stale = Bitmap::new(4);
     stale.set(2);
@@ -607,18 +613,9 @@ fn after_a_reconnect_b_fetches_only_once_it_has_answered_the_query() {
 #[test]
 fn a_chunk_whose_install_failed_is_missing_again_and_reported() {
     let size = 4 * MIB;
-    let mut b = MigrateDest::new();
+    let mut b = begun(size);
     let geo = crate::region::Geometry::new(size, CHUNK as u64).unwrap();
     let t = Duration::ZERO;
-    b.handle(
-        t,
-        DestEvent::Message(Message::Begin {
-            generation: 1,
-            size,
-            chunk_size: CHUNK,
-        }),
-    )
-    .unwrap();
     // Everything stale at the handover: B owns the region at once.
     let mut stale = Bitmap::new(geo.chunks());
     for c in 0..geo.chunks() {
@@ -662,7 +659,7 @@ fn a_chunk_whose_install_failed_is_missing_again_and_reported() {
 #[test]
 fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
     let t = ms(0);
-    let mut b = MigrateDest::new();
+    let mut b = begun(4 * CHUNK as u64);
     let msg = DestEvent::Message;
     let bits = |set: &[u64]| {
         let mut m = Bitmap::new(4);
@@ -671,15 +668,6 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
         });
         m
     };
-    b.handle(
-        t,
-        msg(Message::Begin {
-            generation: 1,
-            size: 4 * CHUNK as u64,
-            chunk_size: CHUNK,
-        }),
-    )
-    .unwrap();
     b.handle(t, DestEvent::Arrived(vec![0, 1, 2, 3])).unwrap();
     // Chunks 1 and 2 went hot: B drops them now.
     assert_eq!(
@@ -728,16 +716,7 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
         b.handle(t, msg(Message::Stale { chunks: bits(&[0]) })),
         Err(MigrateError::Unexpected { .. })
     ));
-    let mut b2 = MigrateDest::new();
-    b2.handle(
-        t,
-        msg(Message::Begin {
-            generation: 1,
-            size: 4 * CHUNK as u64,
-            chunk_size: CHUNK,
-        }),
-    )
-    .unwrap();
+    let mut b2 = begun(4 * CHUNK as u64);
     assert!(matches!(
         b2.handle(
             t,
