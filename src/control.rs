@@ -157,6 +157,10 @@ pub struct MigrationReport {
     /// `xxh3 chunk hashes` (file regions).
     #[serde(default)]
     pub dirty_tracking: String,
+    /// Times the copy started over because its connection to the destination was
+    /// replaced during pre-copy (both agents dialed each other at once).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// A region's migration state on this agent, in `status`.

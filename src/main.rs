@@ -684,6 +684,12 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
             r.postcopy_faults,
             r.freeze,
         );
+        if r.restarts > 0 {
+            println!(
+                "the copy started over {} time(s): the connection to {} was replaced during pre-copy",
+                r.restarts, r.to
+            );
+        }
         if m.freeze_pid.is_some() {
             println!(
                 "process {} stays stopped (SIGSTOP): it must not write the old copy",

@@ -15,7 +15,9 @@ use crate::engine::migrate::{
     SourcePhase, Window,
 };
 use crate::proto::codec::{encode, read_frame, FrameError, FrameReader};
-use crate::proto::{ChunkHeader, MigrateBack, MigrateFrame, MigrateOpen, Reply, Request, WireCode};
+use crate::proto::{
+    ChunkHeader, ErrorKind, MigrateBack, MigrateFrame, MigrateOpen, Reply, Request, WireCode,
+};
 use crate::region::{chunk_hash, is_zero, Bitmap, FileRegion};
 
 /// How the writer of the region is paused for the final sync.
@@ -443,6 +445,39 @@ fn lost(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// Whether `conn` ended because another connection to `peer` replaced it (both agents
+/// dialed each other at once; see `Peers::register`), rather than by a cut or B going.
+fn replaced(inner: &Inner, peer: &str, conn: &quinn::Connection) -> bool {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == WireCode::Duplicate.varint()
+        }
+        Some(quinn::ConnectionError::LocallyClosed) => inner
+            .peers
+            .current(peer)
+            .is_some_and(|c| c.stable_id() != conn.stable_id()),
+        _ => false,
+    }
+}
+
+/// Why a migration stream could not be opened.
+enum OpenError {
+    /// No connection, or it failed under us: worth another try.
+    Link(String),
+    /// B answered with an error, or broke the protocol. `busy`: B still holds the region
+    /// for another migration (after a replaced connection, until B sees the old one go).
+    Refused { busy: bool, why: String },
+}
+
+impl OpenError {
+    fn refused(why: impl Into<String>) -> Self {
+        OpenError::Refused {
+            busy: false,
+            why: why.into(),
+        }
+    }
+}
+
 /// Opens a migration stream to `peer` and waits for its answer.
 async fn open(
     inner: &Inner,
@@ -450,16 +485,19 @@ async fn open(
     region: &FileRegion,
     postcopy: bool,
     wait: Option<Duration>,
-) -> Result<Stream, (bool, String)> {
+) -> Result<Stream, OpenError> {
     let waited = async { inner.peers.wait(peer, &inner.shutdown).await };
     let conn = match wait {
         Some(t) => tokio::time::timeout(t, waited).await.ok().flatten(),
         None => waited.await,
     };
     let Some(conn) = conn else {
-        return Err((false, format!("no connection to {peer}")));
+        return Err(OpenError::Link(format!("no connection to {peer}")));
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (false, lost(&conn, &e)))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| OpenError::Link(lost(&conn, &e)))?;
     let g = region.geometry();
     let req = Request::Migrate(MigrateOpen {
         region: region.name().into(),
@@ -469,19 +507,24 @@ async fn open(
     });
     crate::proto::codec::write_frame(&mut send, &req)
         .await
-        .map_err(|e| (false, lost(&conn, &e)))?;
+        .map_err(|e| OpenError::Link(lost(&conn, &e)))?;
     match read_frame::<_, Reply>(&mut recv, 4096).await {
         Ok(Some(Reply::Migrating)) => {}
-        Ok(Some(Reply::Error(e))) => return Err((true, format!("{}: {}", e.kind, e.message))),
+        Ok(Some(Reply::Error(e))) => {
+            return Err(OpenError::Refused {
+                busy: e.kind == ErrorKind::Busy,
+                why: format!("{}: {}", e.kind, e.message),
+            })
+        }
         Ok(Some(_)) => {
             let _ = recv.stop(WireCode::UnexpectedFrame.varint());
-            return Err((true, "unexpected reply to migrate".into()));
+            return Err(OpenError::refused("unexpected reply to migrate"));
         }
-        Ok(None) => return Err((false, "the peer closed the stream".into())),
-        Err(FrameError::Io(e)) => return Err((false, lost(&conn, &e))),
+        Ok(None) => return Err(OpenError::Link("the peer closed the stream".into())),
+        Err(FrameError::Io(e)) => return Err(OpenError::Link(lost(&conn, &e))),
         Err(e) => {
             let _ = recv.stop(e.code().varint());
-            return Err((true, format!("bad reply: {e}")));
+            return Err(OpenError::refused(format!("bad reply: {e}")));
         }
     }
     let (frames, stop, reader) = spawn_reader(recv, frame_cap(g.chunks()));
@@ -535,12 +578,56 @@ fn progress(
 /// `Config::peek`): a `PAGEMAP_SCAN` of 1 GiB costs 0.3-11 ms here.
 const PEEK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How many times a migration starts over when its connection is replaced in pre-copy.
+const MAX_RESTARTS: u32 = 3;
+
 /// Runs one migration of `region_name` to `opts.to`; progress goes to `progress_tx`.
+///
+/// When both agents dial each other at once (at start-up, or both reconnecting), one of
+/// the two connections is closed as a duplicate a moment later. A migration stream on it
+/// is lost, and a loss in pre-copy aborts (nothing was handed over, the writer runs on),
+/// but the peer was never unreachable: the copy starts over on the connection that stayed,
+/// up to [`MAX_RESTARTS`] times. A cut link or a dead B still ends the migration.
 pub(crate) async fn run(
     inner: Arc<Inner>,
     region_name: &str,
     opts: MigrateOptions,
     progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
+) -> Result<MigrationReport, MigrateRunError> {
+    let mut restart = 0;
+    loop {
+        let mut replaced = false;
+        let r = attempt(
+            inner.clone(),
+            region_name,
+            opts.clone(),
+            progress_tx.clone(),
+            restart,
+            &mut replaced,
+        )
+        .await;
+        match r {
+            Err(MigrateRunError::Aborted {
+                outcome: "link-lost",
+                ref why,
+                ..
+            }) if replaced && restart < MAX_RESTARTS && !inner.shutdown.is_cancelled() => {
+                restart += 1;
+                tracing::info!(region = region_name, to = %opts.to, restart, "the connection was replaced during pre-copy ({why}); starting the migration again");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One attempt of [`run`]; sets `replaced` when its connection was replaced.
+async fn attempt(
+    inner: Arc<Inner>,
+    region_name: &str,
+    opts: MigrateOptions,
+    progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
+    restart: u32,
+    replaced: &mut bool,
 ) -> Result<MigrationReport, MigrateRunError> {
     let region = inner
         .region(region_name)
@@ -641,9 +728,12 @@ pub(crate) async fn run(
         progress_tx,
         pacer: None,
         zero_sent: Bitmap::new(g.chunks()),
+        restart,
+        replaced: false,
     };
     d.pacer = d.opts.max_bandwidth.map(Pacer::new);
     let r = d.drive().await;
+    *replaced = d.replaced;
     tracing::info!(region = region_name, result = ?r.as_ref().map(|r| &r.outcome), "migration ended");
     r
 }
@@ -667,6 +757,10 @@ struct Driver {
     /// Chunks whose last send was a zero marker: their acks count as the marker's few
     /// bytes, not the chunk's length, or a sparse region would fake a huge bandwidth.
     zero_sent: Bitmap,
+    /// Which attempt this is (see [`run`]): 0 for the first.
+    restart: u32,
+    /// The stream was lost because its connection was replaced by another to B.
+    replaced: bool,
 }
 
 impl Driver {
@@ -709,46 +803,48 @@ impl Driver {
     async fn drive(&mut self) -> Result<MigrationReport, MigrateRunError> {
         // A connection replaced just then (both agents dialed each other at once, and
         // one of the two connections is closed as a duplicate) is worth another try;
-        // nothing was sent yet.
+        // nothing was sent yet. After a restart (see `run`) B may still hold the region
+        // for the copy on the replaced connection until it sees that one go: Busy is
+        // worth another try then too.
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let opened = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match open(
+            let r = open(
                 &self.inner,
                 &self.opts.to,
                 &self.region,
                 self.opts.postcopy,
                 Some(left),
             )
-            .await
-            {
-                Err((false, why))
-                    if Instant::now() < deadline && !self.inner.shutdown.is_cancelled() =>
-                {
-                    tracing::debug!(peer = %self.opts.to, "migration stream not opened, trying again: {why}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                r => break r,
+            .await;
+            let why = match &r {
+                Err(OpenError::Link(why)) => why,
+                Err(OpenError::Refused { busy: true, why }) if self.restart > 0 => why,
+                _ => break r,
+            };
+            if Instant::now() >= deadline || self.inner.shutdown.is_cancelled() {
+                break r;
             }
+            tracing::debug!(peer = %self.opts.to, "migration stream not opened, trying again: {why}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let mut stream = match opened {
             Ok(s) => Some(s),
-            Err((refused, why)) => {
+            Err(e) => {
                 let _ = self.feed(SourceEvent::LinkDown);
                 self.queue.clear();
-                return Err(if refused {
-                    MigrateRunError::Refused {
+                return Err(match e {
+                    OpenError::Refused { why, .. } => MigrateRunError::Refused {
                         peer: self.opts.to.clone(),
                         why,
-                    }
-                } else {
-                    MigrateRunError::Aborted {
+                    },
+                    OpenError::Link(why) => MigrateRunError::Aborted {
                         region: self.region.name().into(),
                         peer: self.opts.to.clone(),
                         outcome: "link-lost",
                         why,
                         resumed: "",
-                    }
+                    },
                 });
             }
         };
@@ -775,7 +871,7 @@ impl Driver {
                         stream = Some(s);
                         let _ = self.feed(SourceEvent::LinkUp);
                     }
-                    Err((_, why)) => {
+                    Err(OpenError::Link(why) | OpenError::Refused { why, .. }) => {
                         tracing::info!(region = %self.region.name(), "handover in doubt, peer not reachable: {why}");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -838,6 +934,7 @@ impl Driver {
                                 let _ = s.send.reset(code.varint());
                             }
                             let why = if code.is_none() {
+                                self.replaced = replaced(&self.inner, &self.opts.to, &conn);
                                 lost(&conn, &why)
                             } else {
                                 why
@@ -927,6 +1024,7 @@ impl Driver {
             rtt_ms: r.rtt_ms,
             freeze: self.opts.freeze.label(),
             dirty_tracking: lock(&self.scanner).kind().into(),
+            restarts: self.restart,
         };
         if r.outcome == Outcome::Migrated {
             Ok(report)
