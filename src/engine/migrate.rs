@@ -155,8 +155,10 @@ pub enum Message {
         stale: Bitmap,
         sent: u64,
     },
-    /// B → A: B owns `generation` and its app runs.
-    Accept { generation: u64 },
+    /// B → A: B owns `generation` and its app runs. `held`: how long B took from reading
+    /// the `Handover` to letting its app run (waiting for chunks still on the way,
+    /// dropping stale copies), so A can place B's resume on its own clock.
+    Accept { generation: u64, held: Duration },
     /// A → B, on reconnect while the handover is in doubt or in post-copy.
     Query { generation: u64 },
     /// A → B during pre-copy, in order with the chunk data: B's copies of these chunks
@@ -221,8 +223,10 @@ pub struct Report {
     pub total_ms: f64,
     /// Start to frozen (pre-copy and freeze), 0 if never frozen.
     pub precopy_ms: f64,
-    /// Frozen on A to resumed on B (B's resume estimated as Accept's arrival − RTT/2),
-    /// 0 if B never resumed.
+    /// Frozen on A to resumed on B, 0 if B never resumed. B's resume is placed on A's
+    /// clock as the `Handover`'s send + RTT/2 + the bytes queued before it at the
+    /// delivered rate + B's `held`, but never later than the `Accept`'s arrival − RTT/2
+    /// (an upper bound: the `Accept` can queue behind B's post-copy work).
     pub downtime_ms: f64,
     /// Accept to release, 0 without post-copy.
     pub postcopy_ms: f64,

@@ -165,8 +165,9 @@ pub enum MigrateFrame {
 pub enum MigrateBack {
     /// These chunks arrived and were written.
     Ack { chunks: Vec<u64> },
-    /// The receiver owns `generation` now.
-    Accept { generation: u64 },
+    /// The receiver owns `generation` now; `held_us`: from reading the `Handover` to its
+    /// application running, in µs (how A places B's resume on its own clock).
+    Accept { generation: u64, held_us: u64 },
     /// Answer to `Query`: the bitmap of chunks still missing if the receiver owns
     /// `generation`, `None` if it does not (and never will: the generation is fenced).
     Status {

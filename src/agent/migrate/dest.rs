@@ -158,6 +158,7 @@ pub(crate) async fn serve(
         refusal: None,
         app: app.clone(),
         migrations: &inner.migrations,
+        handover_read: None,
     };
     // A reused engine: this is a new connection.
     let _ = lock(&engine).handle(now(), DestEvent::LinkUp);
@@ -209,6 +210,9 @@ struct Session<'a> {
     /// An application receiving the region (post-copy possible).
     app: Option<Arc<ReceivingApp>>,
     migrations: &'a super::Migrations,
+    /// When the last `Handover` was taken from the stream: its `Accept` says how long
+    /// this side held the application after it (dropping stale copies included).
+    handover_read: Option<Instant>,
 }
 
 /// Unregisters a session's inbox when the session ends.
@@ -493,6 +497,9 @@ impl Session<'_> {
                     None | Some(Ok(None)) => return Ok(()),
                     Some(Err(f)) => return Err(f),
                     Some(Ok(Some(inb))) => {
+                        if matches!(inb.ev, DestEvent::Message(Message::Handover { .. })) {
+                            self.handover_read = Some(Instant::now());
+                        }
                         let handled = lock(self.engine).handle(now(), inb.ev);
                         let actions = match handled {
                             Ok(a) => a,
@@ -622,7 +629,15 @@ impl Session<'_> {
                 }
                 DestAction::Send(m) => {
                     let back = match m {
-                        Message::Accept { generation } => MigrateBack::Accept { generation },
+                        Message::Accept { generation, held } => MigrateBack::Accept {
+                            generation,
+                            // The application was released just before this (`Resume`).
+                            held_us: self
+                                .handover_read
+                                .map_or(held, |t| t.elapsed())
+                                .as_micros()
+                                .min(u64::MAX as u128) as u64,
+                        },
                         Message::Status {
                             generation,
                             missing,

@@ -1077,9 +1077,14 @@ impl Driver {
                     .sum();
                 SourceEvent::Acked { bytes, chunks }
             }
-            MigrateBack::Accept { generation } => {
-                SourceEvent::Message(Message::Accept { generation })
-            }
+            MigrateBack::Accept {
+                generation,
+                held_us,
+            } => SourceEvent::Message(Message::Accept {
+                generation,
+                // Past an hour it is nonsense; a sum with it must not overflow.
+                held: Duration::from_micros(held_us.min(3_600_000_000)),
+            }),
             MigrateBack::Status {
                 generation,
                 missing,

@@ -93,7 +93,7 @@ pub struct MigrateDest {
     /// Chunks arrived on this connection.
     received: u64,
     /// A handover waiting for `sent` chunks of this connection to arrive.
-    pending: Option<(Bitmap, u64)>,
+    pending: Option<(Bitmap, u64, Duration)>,
     missing: Bitmap,
     /// Chunks B dropped on A's `Stale` and has not received since (pre-copy).
     dropped: Bitmap,
@@ -311,7 +311,7 @@ impl MigrateDest {
                     return Err(self.unexpected("Handover"));
                 };
                 check_bitmap(&geo, &stale)?;
-                self.pending = Some((stale, sent));
+                self.pending = Some((stale, sent, now));
                 self.try_accept(now, out);
             }
             Message::Query { generation } => {
@@ -375,11 +375,11 @@ impl MigrateDest {
 
     /// Accepts a pending handover once every chunk sent before it has arrived.
     fn try_accept(&mut self, now: Duration, out: &mut Vec<DestAction>) {
-        let ready = matches!(&self.pending, Some((_, sent)) if self.received >= *sent);
+        let ready = matches!(&self.pending, Some((_, sent, _)) if self.received >= *sent);
         if !ready || self.phase != DestPhase::Receiving {
             return;
         }
-        let Some((stale, _)) = self.pending.take() else {
+        let Some((stale, _, handover_at)) = self.pending.take() else {
             return;
         };
         // Drop what is stale and was not dropped already in pre-copy.
@@ -401,6 +401,7 @@ impl MigrateDest {
         out.push(DestAction::Resume);
         out.push(DestAction::Send(Message::Accept {
             generation: self.generation,
+            held: now.saturating_sub(handover_at),
         }));
         self.check_complete(out);
     }

@@ -169,6 +169,8 @@ pub(super) struct Sim {
     /// While set, B's `Dropped` answers are kept here instead of sent.
     pub(super) hold_back_dropped: bool,
     pub(super) held_dropped: Vec<Message>,
+    /// B's `Accept` leaves this much after B resumed (queued behind B's own work).
+    pub(super) accept_late: Duration,
     pub(super) released: bool,
     pub(super) cut: Option<Cut>,
 }
@@ -219,6 +221,7 @@ impl Sim {
             stale_notified_at_freeze: 0,
             hold_back_dropped: false,
             held_dropped: Vec::new(),
+            accept_late: Duration::ZERO,
             released: false,
             cut: None,
         }
@@ -322,8 +325,12 @@ impl Sim {
                 DestAction::Send(m) => {
                     if self.up {
                         let bytes = Self::msg_bytes(&m);
+                        let delay = match m {
+                            Message::Accept { .. } => self.delay + self.accept_late,
+                            _ => self.delay,
+                        };
                         self.back
-                            .push(self.now, bytes, self.rate, self.delay, Ba::Msg(m));
+                            .push(self.now, bytes, self.rate, delay, Ba::Msg(m));
                     }
                 }
                 DestAction::Install(cs) => {

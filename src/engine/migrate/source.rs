@@ -173,6 +173,10 @@ struct Run {
     faults: u64,
     deferred: u64,
     frozen_at: Option<Duration>,
+    /// When the `Handover` was sent, and the chunk bytes still unacknowledged then.
+    handover_at: Option<(Duration, u64)>,
+    /// B's time from reading the `Handover` to its app running (from its `Accept`).
+    held: Option<Duration>,
     accepted_at: Option<Duration>,
 }
 
@@ -353,6 +357,8 @@ impl MigrateSource {
             faults: 0,
             deferred: 0,
             frozen_at: None,
+            handover_at: None,
+            held: None,
             accepted_at: None,
         });
         out.push(SourceAction::Send(Message::Begin {
@@ -438,6 +444,7 @@ impl MigrateSource {
                     });
                 }
                 run.deferred = run.dirty.count_ones();
+                run.handover_at = Some((now, run.inflight));
                 out.push(SourceAction::Send(Message::Handover {
                     generation: self.generation,
                     stale: run.dirty.clone(),
@@ -654,11 +661,12 @@ impl MigrateSource {
             }
         };
         match m {
-            Message::Accept { generation } => {
+            Message::Accept { generation, held } => {
                 check_gen(generation)?;
                 match (self.phase, self.run.as_mut()) {
                     (SourcePhase::HandingOver, Some(run)) => {
                         run.accepted_at = Some(now);
+                        run.held = Some(held);
                         run.cursor = 0;
                         self.phase = SourcePhase::Postcopy;
                         self.pump(now, out);
@@ -922,7 +930,22 @@ impl Run {
 
     fn report(&self, now: Duration, outcome: Outcome) -> Report {
         let downtime = match (self.frozen_at, self.accepted_at) {
-            (Some(f), Some(a)) => ms(a.saturating_sub(f).saturating_sub(self.rtt() / 2)),
+            (Some(f), Some(a)) => {
+                let upper = a.saturating_sub(self.rtt() / 2);
+                let resumed = match (self.handover_at, self.held) {
+                    (Some((h, queued)), Some(held)) => {
+                        let bw = self.bandwidth();
+                        let drain = if bw > 0.0 {
+                            Duration::from_secs_f64((queued as f64 / bw).min(3600.0))
+                        } else {
+                            Duration::ZERO
+                        };
+                        (h + self.rtt() / 2 + drain + held).min(upper)
+                    }
+                    _ => upper,
+                };
+                ms(resumed.saturating_sub(f))
+            }
             _ => 0.0,
         };
         Report {

@@ -356,6 +356,58 @@ fn a_cut_that_loses_the_accept_still_ends_with_b_the_owner() {
     assert!(r.downtime_ms >= 200.0, "{r:?}");
 }
 
+/// B's `Accept` can leave well after B resumed (it queues behind B's post-copy work):
+/// A places B's resume from its own `Handover` send and B's `held`, not from the
+/// `Accept`'s arrival, which stays an upper bound.
+#[test]
+fn downtime_comes_from_the_handover_and_b_held_time_not_a_late_accept() {
+    let size = 16 * MIB;
+    for (late, writer) in [
+        (ms(0), Writer::idle()),
+        (ms(40), Writer::idle()),
+        (ms(40), Writer::hot(2000.0, 0..64, 0.5)),
+    ] {
+        let mut sim = Sim::new(size, ms(50), writer, Writer::uniform(1000.0), 15);
+        sim.accept_late = late;
+        sim.start(cfg(size)).unwrap();
+        let r = sim.run(Duration::from_secs(10));
+        assert_eq!(r.outcome, Outcome::Migrated);
+        sim.check_b_has_everything();
+        let truth = sim.true_downtime().as_secs_f64() * 1e3;
+        assert!(
+            close(r.downtime_ms, truth, 2.0),
+            "late {late:?}: {} vs {truth}",
+            r.downtime_ms
+        );
+    }
+}
+
+#[test]
+fn a_dest_accept_says_how_long_b_held_the_app_after_the_handover() {
+    let mut b = begun(2 * CHUNK as u64);
+    let msg = DestEvent::Message;
+    b.handle(ms(1), DestEvent::Arrived(vec![0])).unwrap();
+    let acts = b
+        .handle(
+            ms(10),
+            msg(Message::Handover {
+                generation: 1,
+                stale: Bitmap::new(2),
+                sent: 2,
+            }),
+        )
+        .unwrap();
+    assert!(acts.is_empty(), "chunk 1 is still on its way: {acts:?}");
+    let acts = b.handle(ms(25), DestEvent::Arrived(vec![1])).unwrap();
+    assert!(
+        acts.contains(&DestAction::Send(Message::Accept {
+            generation: 1,
+            held: ms(15)
+        })),
+        "{acts:?}"
+    );
+}
+
 #[test]
 fn a_cut_during_postcopy_waits_and_resumes_without_losing_a_chunk() {
     let size = 64 * MIB;
@@ -490,11 +542,23 @@ fn hostile_messages_are_rejected() {
     let a = &mut sim.a;
     let m = SourceEvent::Message;
     assert!(matches!(
-        a.handle(t, m(Message::Accept { generation: 1 })),
+        a.handle(
+            t,
+            m(Message::Accept {
+                generation: 1,
+                held: Duration::ZERO
+            })
+        ),
         Err(MigrateError::Unexpected { .. })
     ));
     assert!(matches!(
-        a.handle(t, m(Message::Accept { generation: 9 })),
+        a.handle(
+            t,
+            m(Message::Accept {
+                generation: 9,
+                held: Duration::ZERO
+            })
+        ),
         Err(MigrateError::Generation { got: 9, want: 1 })
     ));
     assert!(matches!(
@@ -707,7 +771,10 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
         vec![
             DestAction::Drop(bits(&[2, 3])),
             DestAction::Resume,
-            DestAction::Send(Message::Accept { generation: 1 }),
+            DestAction::Send(Message::Accept {
+                generation: 1,
+                held: Duration::ZERO
+            }),
         ]
     );
     assert!(b.is_missing(1) && b.is_missing(2) && b.is_missing(3) && !b.is_missing(0));
