@@ -221,9 +221,9 @@ pub struct Report {
     pub outcome: Outcome,
     /// Start to release (or abort).
     pub total_ms: f64,
-    /// Start to frozen (pre-copy and freeze), 0 if never frozen.
+    /// Start to the freeze request (pre-copy), 0 if never frozen.
     pub precopy_ms: f64,
-    /// Frozen on A to resumed on B, 0 if B never resumed. B's resume is placed on A's
+    /// Freeze request on A to resumed on B, 0 if B never resumed. B's resume is placed on A's
     /// clock as the `Handover`'s send + RTT/2 + the bytes queued before it at the
     /// delivered rate + B's `held`, but never later than the `Accept`'s arrival − RTT/2
     /// (an upper bound: the `Accept` can queue behind B's post-copy work).

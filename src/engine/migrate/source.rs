@@ -369,6 +369,9 @@ impl MigrateSource {
         if cfg.max_rounds == 0 {
             // Pure post-copy: freeze at once.
             self.phase = SourcePhase::Freezing;
+            if let Some(run) = self.run.as_mut() {
+                run.freeze_asked = Some(now);
+            }
             out.push(SourceAction::Freeze);
         } else {
             self.phase = SourcePhase::Precopy { round: 0 };
@@ -929,7 +932,10 @@ impl Run {
     }
 
     fn report(&self, now: Duration, outcome: Outcome) -> Report {
-        let downtime = match (self.frozen_at, self.accepted_at) {
+        // The app stops at the freeze request (the hook, SIGSTOP or write-protection act
+        // at once); `Frozen` comes back after the driver's own scheduling.
+        let paused = self.freeze_asked.or(self.frozen_at);
+        let downtime = match (paused, self.accepted_at) {
             (Some(f), Some(a)) => {
                 let upper = a.saturating_sub(self.rtt() / 2);
                 let resumed = match (self.handover_at, self.held) {
@@ -951,9 +957,7 @@ impl Run {
         Report {
             outcome,
             total_ms: ms(now.saturating_sub(self.started)),
-            precopy_ms: self
-                .frozen_at
-                .map_or(0.0, |f| ms(f.saturating_sub(self.started))),
+            precopy_ms: paused.map_or(0.0, |f| ms(f.saturating_sub(self.started))),
             downtime_ms: downtime,
             postcopy_ms: self.accepted_at.map_or(0.0, |a| ms(now.saturating_sub(a))),
             bytes_sent: self.bytes_sent,
