@@ -223,10 +223,11 @@ pub struct Report {
     pub total_ms: f64,
     /// Start to the freeze request (pre-copy), 0 if never frozen.
     pub precopy_ms: f64,
-    /// Freeze request on A to resumed on B, 0 if B never resumed. B's resume is placed on A's
-    /// clock as the `Handover`'s send + RTT/2 + the bytes queued before it at the
-    /// delivered rate + B's `held`, but never later than the `Accept`'s arrival − RTT/2
-    /// (an upper bound: the `Accept` can queue behind B's post-copy work).
+    /// Freeze request on A to resumed on B, 0 if B never resumed. B's resume is placed on
+    /// A's clock as when B read the `Handover` (its send + RTT/2, or the ack of the last
+    /// chunk sent before it − RTT/2 if later) + B's `held`, but never later than the
+    /// `Accept`'s arrival − RTT/2 (an upper bound: the `Accept` can queue behind B's
+    /// post-copy work).
     pub downtime_ms: f64,
     /// Accept to release, 0 without post-copy.
     pub postcopy_ms: f64,

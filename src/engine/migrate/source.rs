@@ -175,6 +175,11 @@ struct Run {
     frozen_at: Option<Duration>,
     /// When the `Handover` was sent, and the chunk bytes still unacknowledged then.
     handover_at: Option<(Duration, u64)>,
+    /// Chunks sent before the `Handover` and not acknowledged yet, and how many: B reads
+    /// the `Handover` right after the last of them.
+    drain: Option<(Bitmap, u64)>,
+    /// When the last chunk sent before the `Handover` was acknowledged.
+    drained_at: Option<Duration>,
     /// B's time from reading the `Handover` to its app running (from its `Accept`).
     held: Option<Duration>,
     accepted_at: Option<Duration>,
@@ -358,6 +363,8 @@ impl MigrateSource {
             deferred: 0,
             frozen_at: None,
             handover_at: None,
+            drain: None,
+            drained_at: None,
             held: None,
             accepted_at: None,
         });
@@ -448,6 +455,14 @@ impl MigrateSource {
                 }
                 run.deferred = run.dirty.count_ones();
                 run.handover_at = Some((now, run.inflight));
+                let mut drain = Bitmap::new(run.geo.chunks());
+                for (c, &o) in run.outstanding.iter().enumerate() {
+                    if o > 0 {
+                        drain.set(c as u64);
+                    }
+                }
+                let left = drain.count_ones();
+                run.drain = (left > 0).then_some((drain, left));
                 out.push(SourceAction::Send(Message::Handover {
                     generation: self.generation,
                     stale: run.dirty.clone(),
@@ -856,6 +871,18 @@ impl Run {
     fn acked(&mut self, now: Duration, bytes: u64, chunks: &[u64]) {
         self.acked_total += bytes;
         self.delivered_at = now;
+        if let Some((drain, left)) = self.drain.as_mut() {
+            for &c in chunks {
+                if c < drain.len() && drain.get(c) {
+                    drain.clear(c);
+                    *left -= 1;
+                }
+            }
+            if *left == 0 {
+                self.drain = None;
+                self.drained_at = Some(now);
+            }
+        }
         for &c in chunks {
             let o = &mut self.outstanding[c as usize];
             if *o == 0 {
@@ -938,15 +965,26 @@ impl Run {
         let downtime = match (paused, self.accepted_at) {
             (Some(f), Some(a)) => {
                 let upper = a.saturating_sub(self.rtt() / 2);
+                let half = self.rtt() / 2;
                 let resumed = match (self.handover_at, self.held) {
                     (Some((h, queued)), Some(held)) => {
-                        let bw = self.bandwidth();
-                        let drain = if bw > 0.0 {
-                            Duration::from_secs_f64((queued as f64 / bw).min(3600.0))
-                        } else {
-                            Duration::ZERO
+                        // When B read the Handover: after the chunks ahead of it, whose
+                        // last ack says when B had them; else their bytes at the
+                        // delivered rate.
+                        let read = match (self.drained_at, self.drain.is_some()) {
+                            (Some(d), _) => (h + half).max(d.saturating_sub(half)),
+                            (None, false) => h + half,
+                            (None, true) => {
+                                let bw = self.bandwidth();
+                                let drain = if bw > 0.0 {
+                                    Duration::from_secs_f64((queued as f64 / bw).min(3600.0))
+                                } else {
+                                    Duration::ZERO
+                                };
+                                h + half + drain
+                            }
                         };
-                        (h + self.rtt() / 2 + drain + held).min(upper)
+                        (read + held).min(upper)
                     }
                     _ => upper,
                 };
