@@ -12,7 +12,8 @@
 //! `cargo bench --bench postcopy`. Environment: PAGEWIRE_BENCH_MB (region size, default
 //! 1024), PAGEWIRE_BENCH_WAN_MB (region for WAN first-touch sampling, default 256),
 //! PAGEWIRE_BENCH_REPS (throughput runs, raw and lazy alternating, default 3),
-//! PAGEWIRE_BENCH_WORKERS (worker threads per side, default 1). Regions live in /dev/shm
+//! PAGEWIRE_BENCH_WORKERS (worker threads per side, default 1), PAGEWIRE_BENCH_ONLY=touch
+//! (benchmark 1 only). Regions live in /dev/shm
 //! and are removed at the end (and on Ctrl-C/SIGTERM). Prints a table and one
 //! `BENCH_JSON {...}` line.
 //!
@@ -926,6 +927,9 @@ async fn run() {
     let wan_mb = env_u64("PAGEWIRE_BENCH_WAN_MB", 256.min(mb));
     let (size, wan_size) = (mb << 20, wan_mb << 20);
     let reps = env_u64("PAGEWIRE_BENCH_REPS", 3).max(1) as usize;
+    // PAGEWIRE_BENCH_ONLY=touch: only benchmark 1 (first-touch latency).
+    let only_touch = std::env::var("PAGEWIRE_BENCH_ONLY").as_deref() == Ok("touch");
+    let seq_reps = if only_touch { 0 } else { reps };
     let env = Env::new();
     // In RAM at once: the region and the WAN region in /dev/shm, one mount's memfd (up to
     // the region size), plus a warm-up file of 2x the region (freed at once).
@@ -1005,7 +1009,7 @@ async fn run() {
             .unwrap();
     // 2: raw and mount alternate `reps` times; medians are compared.
     let (mut lo_raws, mut lo_seqs, mut lo_seq_info) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
+    for _ in 0..seq_reps {
         lo_raws.push(raw.throughput(size).await);
         let o = opts.clone();
         let (secs, attach_ms, faults) = tokio::task::spawn_blocking(move || seq_read(&o, hash))
@@ -1037,7 +1041,7 @@ async fn run() {
     let pair_relays: Vec<&Relay> = p.relays.iter().collect();
     let (mut wan_raws, mut wan_seqs, mut wan_seq_info) = (Vec::new(), Vec::new(), Vec::new());
     let (mut wan_raw_drops, mut wan_seq_drops) = (Drops::default(), Drops::default());
-    for _ in 0..reps {
+    for _ in 0..seq_reps {
         let d0 = Drops::now(&raw_relays);
         wan_raws.push(raw.throughput(size).await);
         wan_raw_drops.add(d0.since(&raw_relays));
@@ -1053,63 +1057,7 @@ async fn run() {
     raw.close().await;
     p.stop().await;
 
-    // ---- 3. fault handling with the data local -----------------------------------------------
-    const N: usize = 2000;
-    let k_anon_r = kernel_first_touch(4 * N, false, false);
-    let k_anon_w = kernel_first_touch(4 * N, true, false);
-    let k_memfd_r = kernel_first_touch(4 * N, false, true);
-    let raw_uffd_free = raw_uffd(4 * N, None);
-    let (raw_uffd_same, raw_uffd_cross) = if cpus() >= 2 {
-        (
-            Some(raw_uffd(4 * N, Some((0, 0)))),
-            Some(raw_uffd(4 * N, Some((0, 1)))),
-        )
-    } else {
-        (None, None)
-    };
-    let mp_handler = mprotect_handler(N);
-    // Mounts of a region that is zeros except a 4 MiB data tail, through a relay limited to
-    // 8 Mbit/s: the zero runs arrive at once, the tail takes ~4 s, so the mount stays
-    // incomplete (uffd registered, mapping protected) while we touch the zero chunks, and
-    // the background copy costs next to no CPU.
-    let tail = 4u64 << 20;
-    let zsize = size.max(64 << 20);
-    make_zero_head(&zeros, zsize, tail);
-    let zero_chunks = (zsize - tail) / CHUNK;
-    let slow = LinkParams {
-        rate_bps: Some(8_000_000),
-        ..LinkParams::default()
-    };
-    let p = pair(&env, &[("zeros", &zeros)], Some(&slow)).await;
-    let o = p.opts("zeros", Mechanism::Userfaultfd);
-    let (pw_uffd, pw_uffd_faults) =
-        tokio::task::spawn_blocking(move || local_faults(&o, zero_chunks, N, None))
-            .await
-            .unwrap();
-    // The same with the application thread and the agent's worker on one CPU, and on two
-    // (a fault wakes the agent, the agent's ioctl wakes the application).
-    let mut pw_uffd_pinned = Vec::new();
-    if cpus() >= 2 && workers() == 1 {
-        for (app, agent) in [(0, 0), (0, 1)] {
-            pin_worker(Some(agent)).await;
-            let o = p.opts("zeros", Mechanism::Userfaultfd);
-            let (us, _) =
-                tokio::task::spawn_blocking(move || local_faults(&o, zero_chunks, N, Some(app)))
-                    .await
-                    .unwrap();
-            pw_uffd_pinned.push((app, agent, us));
-        }
-        pin_worker(None).await;
-    }
-    let o = p.opts("zeros", Mechanism::Mprotect);
-    let (pw_mp, pw_mp_faults) =
-        tokio::task::spawn_blocking(move || local_faults(&o, zero_chunks, N, None))
-            .await
-            .unwrap();
-    p.stop().await;
-    let _ = std::fs::remove_file(&zeros);
-
-    // ---- report ---------------------------------------------------------------------------
+    // ---- report 1 -----------------------------------------------------------------------------
     let lat_line = |what: &str, l: &Lat, extra: &str| {
         println!(
             "   {what:<52} p50 {:8.0}  p99 {:8.0}  (n={}{extra})",
@@ -1198,6 +1146,88 @@ async fn run() {
         wan_touch_l.p99 / wan_raw_rtt.p50
     );
 
+    if only_touch {
+        let json = serde_json::json!({
+            "region_mib": mb,
+            "wan_region_mib": wan_mb,
+            "workers": workers(),
+            "first_touch": {
+                "loopback": {
+                    "raw_rtt_64k": lo_raw_rtt.json(), "idle_fetch": lo_fetch.json(),
+                    "uffd": lo_touch_l.json(), "uffd_raced": lo_raced, "uffd_bulk_bps": lo_bulk,
+                    "mprotect": lo_touch_mp_l.json(),
+                    "target_p50_us": 250.0, "met": lo_ok,
+                },
+                "wan_25ms": {
+                    "path_rtt": wan_ping.json(), "raw_rtt_64k": wan_raw_rtt.json(),
+                    "idle_fetch": wan_fetch.json(), "uffd": wan_touch_l.json(),
+                    "uffd_raced": wan_raced, "uffd_bulk_bps": wan_bulk,
+                    "target_p99_us": wan_target, "met": wan_ok,
+                },
+            },
+        });
+        println!("\nBENCH_JSON {json}");
+        drop(env);
+        return;
+    }
+
+    // ---- 3. fault handling with the data local -----------------------------------------------
+    const N: usize = 2000;
+    let k_anon_r = kernel_first_touch(4 * N, false, false);
+    let k_anon_w = kernel_first_touch(4 * N, true, false);
+    let k_memfd_r = kernel_first_touch(4 * N, false, true);
+    let raw_uffd_free = raw_uffd(4 * N, None);
+    let (raw_uffd_same, raw_uffd_cross) = if cpus() >= 2 {
+        (
+            Some(raw_uffd(4 * N, Some((0, 0)))),
+            Some(raw_uffd(4 * N, Some((0, 1)))),
+        )
+    } else {
+        (None, None)
+    };
+    let mp_handler = mprotect_handler(N);
+    // Mounts of a region that is zeros except a 4 MiB data tail, through a relay limited to
+    // 8 Mbit/s: the zero runs arrive at once, the tail takes ~4 s, so the mount stays
+    // incomplete (uffd registered, mapping protected) while we touch the zero chunks, and
+    // the background copy costs next to no CPU.
+    let tail = 4u64 << 20;
+    let zsize = size.max(64 << 20);
+    make_zero_head(&zeros, zsize, tail);
+    let zero_chunks = (zsize - tail) / CHUNK;
+    let slow = LinkParams {
+        rate_bps: Some(8_000_000),
+        ..LinkParams::default()
+    };
+    let p = pair(&env, &[("zeros", &zeros)], Some(&slow)).await;
+    let o = p.opts("zeros", Mechanism::Userfaultfd);
+    let (pw_uffd, pw_uffd_faults) =
+        tokio::task::spawn_blocking(move || local_faults(&o, zero_chunks, N, None))
+            .await
+            .unwrap();
+    // The same with the application thread and the agent's worker on one CPU, and on two
+    // (a fault wakes the agent, the agent's ioctl wakes the application).
+    let mut pw_uffd_pinned = Vec::new();
+    if cpus() >= 2 && workers() == 1 {
+        for (app, agent) in [(0, 0), (0, 1)] {
+            pin_worker(Some(agent)).await;
+            let o = p.opts("zeros", Mechanism::Userfaultfd);
+            let (us, _) =
+                tokio::task::spawn_blocking(move || local_faults(&o, zero_chunks, N, Some(app)))
+                    .await
+                    .unwrap();
+            pw_uffd_pinned.push((app, agent, us));
+        }
+        pin_worker(None).await;
+    }
+    let o = p.opts("zeros", Mechanism::Mprotect);
+    let (pw_mp, pw_mp_faults) =
+        tokio::task::spawn_blocking(move || local_faults(&o, zero_chunks, N, None))
+            .await
+            .unwrap();
+    p.stop().await;
+    let _ = std::fs::remove_file(&zeros);
+
+    // ---- report (2 and 3) -------------------------------------------------------------------
     let lo_raw_bps = pct(&lo_raws, 0.5);
     let lo_seq_bps = pct(&lo_seqs, 0.5);
     let wan_raw_bps = pct(&wan_raws, 0.5);

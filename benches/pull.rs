@@ -7,7 +7,8 @@
 //!    pull, with the bounded bulk window (default) and with an effectively unbounded one;
 //! 4. a chunk-size sweep (throughput and idle fetch latency) behind the 64 KiB default.
 //!
-//! `cargo bench --bench pull` (PAGEWIRE_BENCH_MB sets the region size, default 1024).
+//! `cargo bench --bench pull` (PAGEWIRE_BENCH_MB sets the region size, default 1024;
+//! PAGEWIRE_BENCH_ONLY=throughput or urgent runs one part).
 //! Prints a table and one JSON line (`BENCH_JSON {...}`) for scripts.
 
 use std::net::SocketAddr;
@@ -365,6 +366,55 @@ async fn run() {
     )
     .await;
     let out: PathBuf = env.data.path().join("out");
+    // PAGEWIRE_BENCH_ONLY=urgent: only benchmark 3's idle and auto-window rows.
+    if std::env::var("PAGEWIRE_BENCH_ONLY").as_deref() == Ok("urgent") {
+        let mut idle = fetch_latencies(
+            &p.a,
+            "random",
+            size / chunk,
+            300,
+            Duration::from_millis(1),
+            || false,
+        )
+        .await;
+        p.stop().await;
+        let (mut loaded, loaded_bps) = loaded_latency(
+            &env,
+            &random,
+            size,
+            pagewire::agent::config::DEFAULT_BULK_WINDOW,
+        )
+        .await;
+        let (idle_p50, idle_p99) = (pct(&mut idle, 0.5), pct(&mut idle, 0.99));
+        let target = 2.0 * idle_p50 + 1000.0;
+        println!("\n3. urgent fetch of one 64 KiB chunk (µs) (PAGEWIRE_BENCH_ONLY=urgent)");
+        println!(
+            "   idle connection          p50 {:8.0}  p99 {:8.0}  (n={})",
+            idle_p50,
+            idle_p99,
+            idle.len()
+        );
+        let (l50, l99) = (pct(&mut loaded, 0.5), pct(&mut loaded, 0.99));
+        println!(
+            "   during pull, auto window  p50 {:8.0}  p99 {:8.0}  (n={}, bulk {})  target p99 <= {:.0}: {}",
+            l50,
+            l99,
+            loaded.len(),
+            mbps(loaded_bps),
+            target,
+            if l99 <= target { "met" } else { "NOT met" }
+        );
+        let json = serde_json::json!({
+            "region_mib": mb,
+            "idle_fetch_p50_us": idle_p50,
+            "idle_fetch_p99_us": idle_p99,
+            "loaded_fetch_p50_us": l50,
+            "loaded_fetch_p99_us": l99,
+            "loaded_bulk_bps": loaded_bps,
+        });
+        println!("\nBENCH_JSON {json}");
+        return;
+    }
     let (mut raws, mut pulls) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         raws.push(raw_quinn(&env, size).await);
