@@ -1136,10 +1136,12 @@ async fn run() {
             mbps(wan_bulk)
         ),
     );
-    let wan_target = 27_000.0;
+    // One RTT is the path's as measured (the relay's own forwarding adds to its 25 ms).
+    let wan_target = wan_ping.p50 + 2_000.0;
     let wan_ok = wan_touch_l.p99 <= wan_target;
     println!(
-        "   target p99 <= 1 RTT + 2 ms = 27000 µs: {} (p99 {:.0} µs = measured path RTT p50 + {:.1} ms; {:.2}x the idle 64 KiB request/response p50)",
+        "   target p99 <= 1 RTT + 2 ms = {:.0} µs (measured path RTT p50 + 2 ms): {} (p99 {:.0} µs = measured path RTT p50 + {:.1} ms; {:.2}x the idle 64 KiB request/response p50)",
+        wan_target,
         yes(wan_ok),
         wan_touch_l.p99,
         (wan_touch_l.p99 - wan_ping.p50) / 1e3,
