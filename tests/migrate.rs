@@ -800,6 +800,19 @@ async fn a_hostile_source_gets_named_errors_and_a_real_migration_still_works() {
         assert!(matches!(ok, Some(Reply::Migrating)), "{ok:?}");
         s1.write_all(&begin).await.unwrap();
     }
+    // B has taken the first stream's Begin (else the second stream's could be the one it
+    // takes, and the first the one refused).
+    within(async {
+        while !b
+            .status()
+            .migrations
+            .iter()
+            .any(|m| m.region == "r" && m.phase == "receiving")
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     bad(hostile_stream(&conn, open(), &begin).await, ErrorKind::Busy);
     drop((s1, r1));
     // A frame length far over the cap: the stream is reset.
