@@ -784,6 +784,13 @@ impl Driver {
         Ok(())
     }
 
+    /// The migration stream on `conn` failed with `e` (read or write): a link loss, and
+    /// noted if another connection to B replaced this one (see [`run`]).
+    fn stream_lost(&mut self, conn: &quinn::Connection, e: &dyn std::fmt::Display) {
+        self.replaced = replaced(&self.inner, &self.opts.to, conn);
+        self.link_down(lost(conn, e));
+    }
+
     fn link_down(&mut self, why: String) {
         tracing::info!(region = %self.region.name(), peer = %self.opts.to, "migration stream lost: {why}");
         self.last_error = Some(why);
@@ -936,14 +943,12 @@ impl Driver {
                                 }
                                 let _ = s.send.reset(code.varint());
                             }
-                            let why = if code.is_none() {
-                                self.replaced = replaced(&self.inner, &self.opts.to, &conn);
-                                lost(&conn, &why)
-                            } else {
-                                why
-                            };
                             stream = None;
-                            self.link_down(why);
+                            if code.is_none() {
+                                self.stream_lost(&conn, &why);
+                            } else {
+                                self.link_down(why);
+                            }
                         }
                     }
                 }
@@ -1165,9 +1170,9 @@ impl Driver {
                     }
                     if let Some(s) = stream.as_mut() {
                         if let Err(e) = s.send.write_all(&encode(&frame)).await {
-                            let why = lost(&s.conn, &e);
+                            let conn = s.conn.clone();
                             *stream = None;
-                            self.link_down(why);
+                            self.stream_lost(&conn, &e);
                         }
                     }
                 }
@@ -1191,9 +1196,9 @@ impl Driver {
                             self.send_chunks(&mut s.send, &chunks).await
                         };
                         if let Err(e) = r {
-                            let why = lost(&s.conn, &e);
+                            let conn = s.conn.clone();
                             *stream = None;
-                            self.link_down(why);
+                            self.stream_lost(&conn, &e);
                         }
                     }
                 }
