@@ -243,6 +243,33 @@ async fn fetch_latencies(
     out
 }
 
+/// Benchmark 3a: urgent fetches of random chunks of "random" on the idle connection; the
+/// pair is stopped after.
+async fn idle_latencies(p: Pair, chunks: u64) -> Vec<f64> {
+    let idle = fetch_latencies(
+        &p.a,
+        "random",
+        chunks,
+        300,
+        Duration::from_millis(1),
+        || false,
+    )
+    .await;
+    p.stop().await;
+    idle
+}
+
+/// Benchmark 3b's first row: urgent fetches during a saturating pull, default window.
+async fn default_window_latency(env: &Env, random: &Path, size: u64) -> (Vec<f64>, f64) {
+    loaded_latency(
+        env,
+        random,
+        size,
+        pagewire::agent::config::DEFAULT_BULK_WINDOW,
+    )
+    .await
+}
+
 async fn loaded_latency(env: &Env, random: &Path, size: u64, window: Window) -> (Vec<f64>, f64) {
     let p = pair(env, &[("random", random)], 64 << 10, window).await;
     let to = env.data.path().join("loaded.out");
@@ -368,23 +395,8 @@ async fn run() {
     let out: PathBuf = env.data.path().join("out");
     // PAGEWIRE_BENCH_ONLY=urgent: only benchmark 3's idle and auto-window rows.
     if std::env::var("PAGEWIRE_BENCH_ONLY").as_deref() == Ok("urgent") {
-        let mut idle = fetch_latencies(
-            &p.a,
-            "random",
-            size / chunk,
-            300,
-            Duration::from_millis(1),
-            || false,
-        )
-        .await;
-        p.stop().await;
-        let (mut loaded, loaded_bps) = loaded_latency(
-            &env,
-            &random,
-            size,
-            pagewire::agent::config::DEFAULT_BULK_WINDOW,
-        )
-        .await;
+        let mut idle = idle_latencies(p, size / chunk).await;
+        let (mut loaded, loaded_bps) = default_window_latency(&env, &random, size).await;
         let (idle_p50, idle_p99) = (pct(&mut idle, 0.5), pct(&mut idle, 0.99));
         let target = 2.0 * idle_p50 + 1000.0;
         println!("\n3. urgent fetch of one 64 KiB chunk (µs) (PAGEWIRE_BENCH_ONLY=urgent)");
@@ -437,16 +449,7 @@ async fn run() {
         );
         return;
     }
-    let mut idle = fetch_latencies(
-        &p.a,
-        "random",
-        size / chunk,
-        300,
-        Duration::from_millis(1),
-        || false,
-    )
-    .await;
-    p.stop().await;
+    let mut idle = idle_latencies(p, size / chunk).await;
     println!("\n1. throughput (1 stream; median of 3, runs alternate)");
     let runs = |v: &[f64]| {
         v.iter()
@@ -480,13 +483,7 @@ async fn run() {
 
     // 3b. latency under a saturating pull, default window vs others (the "measure which
     // works" of issue 2: the credit window bounds what is queued ahead of an urgent reply)
-    let (mut loaded, loaded_bps) = loaded_latency(
-        &env,
-        &random,
-        size,
-        pagewire::agent::config::DEFAULT_BULK_WINDOW,
-    )
-    .await;
+    let (mut loaded, loaded_bps) = default_window_latency(&env, &random, size).await;
     let (mut unbounded, unb_bps) =
         loaded_latency(&env, &random, size, Window::Fixed(1 << 30)).await;
     let mut window_sweep = Vec::new();

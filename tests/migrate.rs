@@ -191,6 +191,14 @@ impl Pair {
         (out.pop().unwrap(), to_a)
     }
 
+    /// Both agents with the default configs, started and [`settled`].
+    async fn agents(&self) -> (pagewire::agent::Agent, pagewire::agent::Agent) {
+        let a = start(self.config_a()).await;
+        let b = start(self.config_b()).await;
+        settled(&a, &b).await;
+        (a, b)
+    }
+
     fn config_b(&self) -> pagewire::agent::AgentConfig {
         let mut c = self.mesh.config("b", self.pb, &[("a", self.pa)]);
         c.regions.push(("r".into(), self.b_file()));
@@ -215,9 +223,7 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
     let size = 64 * MIB;
     random_file(&p.a_file(), size, 1);
     random_file(&p.b_file(), size, 2);
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
 
     let w = Writer::start(&p.a_file(), size, 7, Duration::from_micros(500), None);
     // The freeze hook pauses the writer, then lets the test try a second migrate while
@@ -351,9 +357,7 @@ async fn a_link_cut_during_precopy_aborts_and_the_source_is_intact() {
     random_file(&p.a_file(), size, 3);
     random_file(&p.b_file(), size, 4);
     let mirror = Arc::new(Mutex::new(std::fs::read(p.a_file()).unwrap()));
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
     let w = Writer::start(
         &p.a_file(),
         size,
@@ -480,9 +484,7 @@ async fn a_destination_of_another_size_refuses() {
     let p = Pair::new();
     random_file(&p.a_file(), 4 * MIB, 5);
     random_file(&p.b_file(), 4 * MIB + 4096, 6);
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
     let r = a.migrate("r", MigrateOptions::new("b"), |_| {}).await;
     match r {
         Err(MigrateRunError::Refused { why, .. }) => assert!(why.contains("mismatch"), "{why}"),
@@ -508,9 +510,7 @@ async fn max_bandwidth_caps_the_copy_rate() {
     let size = 8 * MIB;
     random_file(&p.a_file(), size, 11);
     sparse_file(&p.b_file(), size, &[]);
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
     let cap = 4_000_000u64; // bytes/s: 8 MiB take >= ~2 s
     let o = MigrateOptions {
         max_bandwidth: Some(cap),
@@ -602,9 +602,7 @@ async fn the_cli_migrates_with_freeze_pid_and_the_writer_stays_stopped() {
     let size = 32 * MIB;
     random_file(&p.a_file(), size, 21);
     random_file(&p.b_file(), size, 22);
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
     let Some(mut writer) = perl_writer(&p.a_file(), size) else {
         eprintln!("no perl here: skipping the --freeze-pid test");
         a.shutdown().await;
@@ -1029,9 +1027,7 @@ async fn published_memory_migrates_with_its_tracker() {
     let p = Pair::new();
     random_file(&p.a_file(), MIB, 1);
     random_file(&p.b_file(), MIB, 2);
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
     let sock = p.da.path().join("a.sock");
     let size = 16 * MIB + 5000;
     for (i, tracker) in [
@@ -1083,9 +1079,7 @@ async fn freeze_by_write_protection_holds_the_writers() {
     let p = Pair::new();
     random_file(&p.a_file(), MIB, 1);
     random_file(&p.b_file(), MIB, 2);
-    let a = start(p.config_a()).await;
-    let b = start(p.config_b()).await;
-    settled(&a, &b).await;
+    let (a, b) = p.agents().await;
     let sock = p.da.path().join("a.sock");
     let size = 8 * MIB + 4096;
     let mut publications = Vec::new();

@@ -173,8 +173,8 @@ struct Run {
     faults: u64,
     deferred: u64,
     frozen_at: Option<Duration>,
-    /// When the `Handover` was sent, and the chunk bytes still unacknowledged then.
-    handover_at: Option<(Duration, u64)>,
+    /// When the `Handover` was sent.
+    handover_at: Option<Duration>,
     /// Chunks sent before the `Handover` and not acknowledged yet, and how many: B reads
     /// the `Handover` right after the last of them.
     drain: Option<(Bitmap, u64)>,
@@ -454,7 +454,7 @@ impl MigrateSource {
                     });
                 }
                 run.deferred = run.dirty.count_ones();
-                run.handover_at = Some((now, run.inflight));
+                run.handover_at = Some(now);
                 let mut drain = Bitmap::new(run.geo.chunks());
                 for (c, &o) in run.outstanding.iter().enumerate() {
                     if o > 0 {
@@ -964,26 +964,16 @@ impl Run {
         let paused = self.freeze_asked.or(self.frozen_at);
         let downtime = match (paused, self.accepted_at) {
             (Some(f), Some(a)) => {
-                let upper = a.saturating_sub(self.rtt() / 2);
                 let half = self.rtt() / 2;
+                let upper = a.saturating_sub(half);
                 let resumed = match (self.handover_at, self.held) {
-                    (Some((h, queued)), Some(held)) => {
+                    (Some(h), Some(held)) => {
                         // When B read the Handover: after the chunks ahead of it, whose
-                        // last ack says when B had them; else their bytes at the
-                        // delivered rate.
-                        let read = match (self.drained_at, self.drain.is_some()) {
-                            (Some(d), _) => (h + half).max(d.saturating_sub(half)),
-                            (None, false) => h + half,
-                            (None, true) => {
-                                let bw = self.bandwidth();
-                                let drain = if bw > 0.0 {
-                                    Duration::from_secs_f64((queued as f64 / bw).min(3600.0))
-                                } else {
-                                    Duration::ZERO
-                                };
-                                h + half + drain
-                            }
-                        };
+                        // acks precede the Accept on B's stream; the last says when B
+                        // had them.
+                        let read = self
+                            .drained_at
+                            .map_or(h + half, |d| (h + half).max(d.saturating_sub(half)));
                         (read + held).min(upper)
                     }
                     _ => upper,
