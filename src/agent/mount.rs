@@ -65,6 +65,9 @@ pub(crate) struct MountSink {
     map_len: u64,
     /// Set when an install found the application's mapping gone (it exited or unmapped).
     app_gone: AtomicBool,
+    /// Every chunk is here and the range is unregistered: a late install (an urgent fetch
+    /// that raced the background copy's last chunk) has nothing left to do.
+    complete: AtomicBool,
     /// Released (set to `None`) when the session ends, so the descriptors close even
     /// while status still lists the mount.
     io: RwLock<Option<(File, Kind)>>,
@@ -88,6 +91,11 @@ impl MountSink {
     /// kept.
     pub(crate) fn install(&self, g: &Geometry, chunk: u64, data: &[u8]) -> Result<(), RegionError> {
         let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        if self.complete.load(Ordering::Acquire) {
+            // The chunk is here already (every chunk is); after the unregistration a
+            // UFFDIO_COPY would fail with ENOENT, which is not the application leaving.
+            return Ok(());
+        }
         let Some((file, kind)) = io.as_ref() else {
             return Err(self.gone(chunk));
         };
@@ -169,8 +177,11 @@ impl MountSink {
         }
     }
 
-    fn unregister(&self) -> Result<(), uffd::UffdError> {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+    /// Every chunk is here: marks the sink complete and unregisters the range. Holds the
+    /// write lock so an install in progress finishes first and later ones see `complete`.
+    fn finish(&self) -> Result<(), uffd::UffdError> {
+        let io = self.io.write().unwrap_or_else(|e| e.into_inner());
+        self.complete.store(true, Ordering::Release);
         if let Some((_, Kind::Uffd { fd })) = io.as_ref() {
             uffd::unregister(
                 fd.as_raw_fd(),
@@ -378,6 +389,12 @@ impl Mount {
             if *ph == "failed" {
                 return;
             }
+            if *ph == "complete" {
+                // Every page is in the mapping: nothing can fail any more, and no thread
+                // may get SIGBUS for a late error.
+                tracing::debug!(id = self.id, "after completion: {why}");
+                return;
+            }
             *ph = "failed";
         }
         tracing::warn!(id = self.id, region = %self.region, "mount failed: {why}; faulting threads get SIGBUS");
@@ -474,6 +491,7 @@ fn build_sink(
         base: AtomicU64::new(req.base),
         map_len: req.map_len,
         app_gone: AtomicBool::new(false),
+        complete: AtomicBool::new(false),
         io: RwLock::new(Some((file, kind))),
     });
     Ok((sink, events))
@@ -589,7 +607,7 @@ impl Session {
                     self.fill_done = true;
                     return match r {
                         Ok(Ok(_)) => {
-                            if let Err(e) = m.sink.unregister() {
+                            if let Err(e) = m.sink.finish() {
                                 tracing::debug!(id = m.id, "unregister: {e}");
                             }
                             m.set_phase("complete");
@@ -733,4 +751,70 @@ fn read_requests(m: &Arc<Mount>, fd: i32) -> Result<bool, String> {
     }
     m.on_fault(chunk, 0, 0);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The background copy's last chunk completes the mount (the range is unregistered)
+    /// while an urgent fetch of that chunk is still in flight: its late install must not
+    /// read as the application leaving (which failed the mount and sent SIGBUS to the
+    /// faulting threads).
+    #[test]
+    fn an_install_after_completion_is_not_an_error() {
+        let page = uffd::page_size();
+        let g = Geometry::new(4 * page, page).unwrap();
+        let file = crate::fault::memfd("mount-test", g.size).unwrap();
+        // SAFETY: a new shared mapping of our memfd; unmapped at the end.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                g.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let Ok(u) = uffd::create() else {
+            eprintln!("userfaultfd unavailable here: skipped");
+            return;
+        };
+        uffd::api(u.as_raw_fd()).unwrap();
+        uffd::register_missing(u.as_raw_fd(), base as u64, g.size).unwrap();
+        let req = AttachFds {
+            base: base as u64,
+            map_len: g.size,
+            mechanism: Mechanism::Userfaultfd,
+            label: "memfd".into(),
+        };
+        let (sink, _events) = build_sink(vec![file.into(), u], &req, &g).unwrap();
+        let data = vec![7u8; page as usize];
+        sink.install(&g, 0, &data).unwrap();
+        // Without the completion mark, a UFFDIO_COPY into the unregistered range fails.
+        uffd::unregister(
+            {
+                let io = sink.io.read().unwrap();
+                match io.as_ref() {
+                    Some((_, Kind::Uffd { fd })) => fd.as_raw_fd(),
+                    _ => unreachable!(),
+                }
+            },
+            base as u64,
+            page,
+        )
+        .unwrap();
+        assert!(sink.install(&g, 0, &data).is_err());
+        sink.finish().unwrap();
+        sink.install(&g, 1, &data).unwrap();
+        sink.release();
+        sink.install(&g, 2, &data).unwrap();
+        // SAFETY: our mapping, no references into it remain.
+        let page0 = unsafe { std::slice::from_raw_parts(base as *const u8, page as usize) };
+        assert_eq!(page0, &data[..]);
+        // SAFETY: as above.
+        unsafe { libc::munmap(base, g.size as usize) };
+    }
 }
