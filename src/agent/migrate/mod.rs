@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::control::MigrationStatus;
-use crate::engine::migrate::{DestPhase, MigrateDest, MigrateSource, SourcePhase};
+use crate::engine::migrate::{MigrateDest, MigrateSource, SourcePhase};
 
 pub use source::{Freeze, MigrateOptions, MigrateRunError};
 
@@ -95,16 +95,6 @@ fn source_phase(p: SourcePhase) -> String {
     }
 }
 
-fn dest_phase(p: DestPhase) -> &'static str {
-    match p {
-        DestPhase::Idle => "idle",
-        DestPhase::Receiving => "receiving",
-        DestPhase::Owner => "owner",
-        DestPhase::Complete => "complete",
-        DestPhase::Aborted => "aborted",
-    }
-}
-
 impl Migrations {
     pub(crate) fn status(&self) -> Vec<MigrationStatus> {
         lock(&self.map)
@@ -135,7 +125,7 @@ impl Migrations {
                         region: region.clone(),
                         role: "destination".into(),
                         peer: peer.clone(),
-                        phase: dest_phase(e.phase()).into(),
+                        phase: e.phase().name().into(),
                         owner: e.owns(),
                         generation: 0,
                     }

@@ -22,7 +22,8 @@ pub enum DestPhase {
 }
 
 impl DestPhase {
-    fn name(&self) -> &'static str {
+    /// The phase as `status` shows it.
+    pub fn name(&self) -> &'static str {
         match self {
             DestPhase::Idle => "idle",
             DestPhase::Receiving => "receiving",
