@@ -67,6 +67,11 @@ pub enum ControlRequest {
         ranges: Vec<(u64, u64)>,
         error: Option<String>,
     },
+    /// The application's answer to [`ControlEvent::Hold`] (its writers are held) and to
+    /// [`ControlEvent::Release`].
+    Held {
+        error: Option<String>,
+    },
     /// An application on the destination receives a region being migrated here, with its
     /// memfd and a userfaultfd registered in MISSING mode over the mapping attached
     /// (SCM_RIGHTS). Answered with [`ControlEvent::Receiving`], then
@@ -94,9 +99,9 @@ pub struct MigrateArgs {
     /// Freeze the writer by SIGSTOP of this process (SIGCONT on abort; it stays stopped
     /// after a successful migration). Without it, the freeze is the final snapshot.
     pub freeze_pid: Option<i32>,
-    /// Freeze by write-protecting the region and holding its writers (a region
-    /// published with the uffd-wp-sync tracker); they stay held after a successful
-    /// migration.
+    /// Freeze by write-protecting the region and holding its writers (memory an
+    /// application published with the client library); they stay held after a
+    /// successful migration.
     #[serde(default)]
     pub freeze_writes: bool,
     /// Leave chunks stale at the handover for post-copy (the destination must have an
@@ -376,6 +381,14 @@ pub enum ControlEvent {
     /// To a publishing application with the mprotect tracker: collect now and answer
     /// [`ControlRequest::Collected`].
     Collect,
+    /// To a publishing application whose tracker cannot hold writers in the agent
+    /// (uffd-wp-async, mprotect): hold every writer of the region (a migration's freeze
+    /// by write-protection, [`crate::fault::hold`]) and answer [`ControlRequest::Held`]
+    /// once no store can land.
+    Hold,
+    /// To a publishing application: let the writers held by [`ControlEvent::Hold`] go
+    /// (the migration was aborted); answered with [`ControlRequest::Held`].
+    Release,
     MigrateProgress(MigrationProgress),
     Migrated(MigrationReport),
     /// To a receiving application: registered; waiting for a migration.

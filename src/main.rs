@@ -88,8 +88,8 @@ struct MigrateCmd {
     #[arg(long, conflicts_with = "freeze_writes")]
     freeze_pid: Option<i32>,
     /// Freeze by write-protecting the region: every thread of the application that
-    /// stores to it stops at its next store (reads go on). For application memory
-    /// published with the uffd-wp-sync tracker. Released if the migration aborts; after
+    /// stores to it stops at its next store (reads go on). For memory an application
+    /// published with the client library (any tracker). Released if the migration aborts; after
     /// a successful migration the writers STAY HELD until the application ends its
     /// publication or exits.
     #[arg(long)]

@@ -1068,10 +1068,12 @@ async fn published_memory_migrates_with_its_tracker() {
 }
 
 /// Freeze by write-protection: the application's writer thread never pauses itself; the
-/// agent write-protects the published memory (uffd-wp-sync) and holds its write faults,
-/// so the writer stops at its next store. B's copy equals A's memory, the writer stays
-/// held after the migration, and is let go when A's agent ends the publication. A region
-/// tracked by uffd-wp-async (which cannot hold writers) is refused before anything moves.
+/// region is write-protected and its write faults held, so the writer stops at its next
+/// store — by A's agent for uffd-wp-sync (it handles the write faults), by the client
+/// library for uffd-wp-async and mprotect (`fault::hold`: `PROT_READ` and a SIGSEGV
+/// handler that parks the thread), asked over the publication's control session. Under
+/// each tracker B's copy equals A's memory, the writer stays held after the migration,
+/// and is let go when A's agent ends the publication.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freeze_by_write_protection_holds_the_writers() {
     use pagewire::client::publish::TrackerKind;
@@ -1082,65 +1084,70 @@ async fn freeze_by_write_protection_holds_the_writers() {
     let (a, b) = p.agents().await;
     let sock = p.da.path().join("a.sock");
     let size = 8 * MIB + 4096;
-    let mut publications = Vec::new();
-    for (name, tracker) in [
-        ("wa", TrackerKind::UffdWpAsync),
-        ("ws", TrackerKind::UffdWpSync),
-    ] {
-        publications.push(publish_to_b(&p, &b, &sock, name, size, tracker).await);
-    }
-    // uffd-wp-async cannot hold writers: refused with a clear error, nothing sent.
+    // A file region's writers (any process, write(2)) cannot be held: refused up front.
     let e = a
-        .migrate("wa", opts(50, 8, Freeze::WriteProtect), |_| {})
+        .migrate("r", opts(50, 8, Freeze::WriteProtect), |_| {})
         .await
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("uffd-wp-async") && e.contains("cannot hold writers"),
-        "{e}"
-    );
+    assert!(e.contains("cannot be held"), "{e}");
     assert!(a
         .status()
         .migrations
         .iter()
-        .all(|m| m.region != "wa" || m.owner));
-    // uffd-wp-sync: the writer stores random pages until the agent holds it.
-    let published = publications[1].clone();
-    let w = storing(&published, size, 77).await;
-    let writes = w.writes.clone();
-    let r = within(a.migrate("ws", opts(50, 8, Freeze::WriteProtect), |_| {}))
-        .await
-        .unwrap();
-    assert_eq!(r.dirty_tracking, "uffd-wp-sync", "{r:?}");
-    assert_eq!(r.freeze, "write-protect", "{r:?}");
-    // Held: no store completes any more.
-    let held_at = writes.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        writes.load(Ordering::SeqCst),
-        held_at,
-        "a write got through the freeze"
-    );
-    let mut mem = vec![0u8; size as usize];
-    published.read_at(0, &mut mem);
-    let got = std::fs::read(p.db.path().join("ws")).unwrap();
-    assert!(
-        got == mem,
-        "B's copy differs from the memory at the freeze ({held_at} writes, {r:?})"
-    );
-    // Ending the publication on A (its agent going away) lets the writer go.
-    w.stop.store(true, Ordering::SeqCst);
+        .all(|m| m.region != "r" || m.owner));
+    let mut writers = Vec::new();
+    for (i, (name, tracker)) in [
+        ("ws", TrackerKind::UffdWpSync),
+        ("wa", TrackerKind::UffdWpAsync),
+        ("wm", TrackerKind::Mprotect),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let published = publish_to_b(&p, &b, &sock, name, size, tracker).await;
+        // The writer stores random pages until it is held.
+        let w = storing(&published, size, 77 + i as u64).await;
+        let writes = w.writes.clone();
+        let r = within(a.migrate(name, opts(50, 8, Freeze::WriteProtect), |_| {}))
+            .await
+            .unwrap_or_else(|e| panic!("{tracker:?}: {e}"));
+        assert_eq!(r.dirty_tracking, tracker.name(), "{r:?}");
+        assert_eq!(r.freeze, "write-protect", "{r:?}");
+        // Held: no store completes any more.
+        let held_at = writes.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            held_at,
+            "{tracker:?}: a write got through the freeze"
+        );
+        let mut mem = vec![0u8; size as usize];
+        published.read_at(0, &mut mem);
+        let got = std::fs::read(p.db.path().join(name)).unwrap();
+        assert!(
+            got == mem,
+            "{tracker:?}: B's copy differs from the memory at the freeze ({held_at} writes, {r:?})"
+        );
+        w.stop.store(true, Ordering::SeqCst);
+        writers.push((tracker, w, published));
+    }
+    // Ending the publications on A (its agent going away) lets the writers go.
     a.shutdown().await;
     b.shutdown().await;
     let t0 = std::time::Instant::now();
-    while !w.idle.load(Ordering::SeqCst) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the writer stayed held"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    for (tracker, w, _published) in &writers {
+        while !w.idle.load(Ordering::SeqCst) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{tracker:?}: the writer stayed held"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
-    w.join();
+    for (_, w, _) in writers {
+        w.join();
+    }
 }
 
 /// Post-copy into a receiving application: pure post-copy (no pre-copy round), so every

@@ -182,8 +182,8 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
         ControlRequest::Publish(args) => {
             super::publish::run(inner, args, fds, &mut reader, &r, &mut w).await
         }
-        ControlRequest::Collected { .. } => {
-            send_error(&mut w, "collected without a publish session".into()).await;
+        ControlRequest::Collected { .. } | ControlRequest::Held { .. } => {
+            send_error(&mut w, "an answer without a publish session".into()).await;
         }
         ControlRequest::Migrate(args) => migrate(inner, args, w).await,
         ControlRequest::Receive(args) => {

@@ -19,10 +19,52 @@ use crate::track::{uffd_wp, DirtyTracker, Ranges, TrackError};
 
 type CollectReply = Result<Ranges, String>;
 
-/// The mprotect tracker's proxy: `collect` asks the application over its control
-/// connection and waits for the answer.
+/// What the agent asks a publishing application to do.
+#[derive(Debug, Clone, Copy)]
+enum AppOp {
+    /// Collect its (mprotect) tracker.
+    Collect,
+    /// Hold its writers (a migration's freeze by write-protection).
+    Hold,
+    /// Let them go.
+    Release,
+}
+
+type AppRequest = (AppOp, oneshot::Sender<CollectReply>);
+
+/// The application's end of the session, as trackers see it: a request goes over the
+/// control connection and the call blocks until the answer.
+#[derive(Clone)]
+struct AppLink {
+    tx: mpsc::Sender<AppRequest>,
+}
+
+impl AppLink {
+    fn ask(&self, op: AppOp) -> Result<Ranges, TrackError> {
+        let gone = |why: &str| TrackError::Gone(why.into());
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .blocking_send((op, tx))
+            .map_err(|_| gone("the application detached"))?;
+        match rx.blocking_recv() {
+            Ok(Ok(r)) => Ok(crate::track::normalize(r)),
+            Ok(Err(e)) => Err(TrackError::Collect {
+                what: match op {
+                    AppOp::Collect => "collect in the application",
+                    AppOp::Hold => "holding the writers in the application",
+                    AppOp::Release => "releasing the writers in the application",
+                },
+                source: std::io::Error::other(e),
+            }),
+            Err(_) => Err(gone("the application detached")),
+        }
+    }
+}
+
+/// The mprotect tracker's proxy: it runs in the application, which collects, holds and
+/// releases its writers when asked.
 struct RemoteTracker {
-    tx: mpsc::Sender<oneshot::Sender<CollectReply>>,
+    app: AppLink,
 }
 
 impl DirtyTracker for RemoteTracker {
@@ -31,19 +73,49 @@ impl DirtyTracker for RemoteTracker {
     }
 
     fn collect(&mut self) -> Result<Ranges, TrackError> {
-        let gone = |why: &str| TrackError::Gone(why.into());
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .blocking_send(tx)
-            .map_err(|_| gone("the application detached"))?;
-        match rx.blocking_recv() {
-            Ok(Ok(r)) => Ok(crate::track::normalize(r)),
-            Ok(Err(e)) => Err(TrackError::Collect {
-                what: "collect in the application",
-                source: std::io::Error::other(e),
-            }),
-            Err(_) => Err(gone("the application detached")),
-        }
+        self.app.ask(AppOp::Collect)
+    }
+
+    fn can_freeze(&self) -> bool {
+        true
+    }
+
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        self.app.ask(AppOp::Hold).map(drop)
+    }
+
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        self.app.ask(AppOp::Release).map(drop)
+    }
+}
+
+/// A tracker that cannot hold writers itself (uffd-wp-async: the kernel resolves its
+/// write faults), with the application holding them instead
+/// ([`crate::fault::hold`]: `PROT_READ` and a handler that parks the writing thread).
+struct AppHeld<T> {
+    tracker: T,
+    app: AppLink,
+}
+
+impl<T: DirtyTracker> DirtyTracker for AppHeld<T> {
+    fn name(&self) -> &'static str {
+        self.tracker.name()
+    }
+
+    fn collect(&mut self) -> Result<Ranges, TrackError> {
+        self.tracker.collect()
+    }
+
+    fn can_freeze(&self) -> bool {
+        true
+    }
+
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        self.app.ask(AppOp::Hold).map(drop)
+    }
+
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        self.app.ask(AppOp::Release).map(drop)
     }
 }
 
@@ -51,8 +123,9 @@ impl DirtyTracker for RemoteTracker {
 pub(crate) struct PublishSession {
     pub(crate) region: String,
     pub(crate) chunk_size: u32,
-    /// Collect requests for the application (mprotect); `None` for uffd trackers.
-    pub(crate) collects: Option<mpsc::Receiver<oneshot::Sender<CollectReply>>>,
+    /// Requests for the application (collects for mprotect, holds for a freeze);
+    /// `None` for uffd-wp-sync, which needs none.
+    requests: Option<mpsc::Receiver<AppRequest>>,
 }
 
 /// Validates and starts a publication.
@@ -88,7 +161,9 @@ pub(crate) fn start(
     let region = FileRegion::from_file(&args.region, &label, memfd, inner.config.chunk_size)
         .map_err(|e| e.to_string())?;
     let chunk_size = region.geometry().chunk_size;
-    let (tracker, collects): (Box<dyn DirtyTracker>, _) = match args.tracker.as_str() {
+    let (tx, rx) = mpsc::channel(1);
+    let app = AppLink { tx };
+    let (tracker, requests): (Box<dyn DirtyTracker>, _) = match args.tracker.as_str() {
         "uffd-wp-async" => {
             let uffd = fds.next().ok_or("no uffd passed")?;
             let pagemap = std::fs::File::from(fds.next().ok_or("no pagemap passed")?);
@@ -99,7 +174,7 @@ pub(crate) fn start(
                 args.map_len as usize,
             )
             .map_err(|e| e.to_string())?;
-            (Box::new(t), None)
+            (Box::new(AppHeld { tracker: t, app }), Some(rx))
         }
         "uffd-wp-sync" => {
             let uffd = fds.next().ok_or("no uffd passed")?;
@@ -107,10 +182,7 @@ pub(crate) fn start(
                 .map_err(|e| e.to_string())?;
             (Box::new(t), None)
         }
-        "mprotect" => {
-            let (tx, rx) = mpsc::channel(1);
-            (Box::new(RemoteTracker { tx }), Some(rx))
-        }
+        "mprotect" => (Box::new(RemoteTracker { app }), Some(rx)),
         o => return Err(format!("unknown tracker {o:?}")),
     };
     if let Ok(mut r) = inner.regions.write() {
@@ -131,7 +203,7 @@ pub(crate) fn start(
     Ok(PublishSession {
         region: args.region.clone(),
         chunk_size,
-        collects,
+        requests,
     })
 }
 
@@ -173,29 +245,38 @@ pub(crate) async fn run(
     }
     let mut pending: std::collections::VecDeque<oneshot::Sender<CollectReply>> = Default::default();
     loop {
-        let collect = async {
-            match s.collects.as_mut() {
+        let request = async {
+            match s.requests.as_mut() {
                 Some(rx) => rx.recv().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            req = collect => {
-                let Some(tx) = req else { continue };
-                if send(w, &ControlEvent::Collect).await.is_err() {
+            req = request => {
+                let Some((op, tx)) = req else { continue };
+                let ev = match op {
+                    AppOp::Collect => ControlEvent::Collect,
+                    AppOp::Hold => ControlEvent::Hold,
+                    AppOp::Release => ControlEvent::Release,
+                };
+                if send(w, &ev).await.is_err() {
                     break;
                 }
                 pending.push_back(tx);
             }
             l = reader.next(r) => match l {
                 Ok(Some((line, _))) => {
-                    if let Ok(ControlRequest::Collected { ranges, error }) = serde_json::from_slice(&line) {
-                        if let Some(tx) = pending.pop_front() {
-                            let _ = tx.send(match error {
-                                None => Ok(ranges.into_iter().map(|(a, b)| a..b).collect()),
-                                Some(e) => Err(e),
-                            });
-                        }
+                    // The application answers in order.
+                    let answer = match serde_json::from_slice(&line) {
+                        Ok(ControlRequest::Collected { ranges, error }) => match error {
+                            None => Ok(ranges.into_iter().map(|(a, b)| a..b).collect()),
+                            Some(e) => Err(e),
+                        },
+                        Ok(ControlRequest::Held { error }) => error.map_or(Ok(Vec::new()), Err),
+                        _ => continue,
+                    };
+                    if let Some(tx) = pending.pop_front() {
+                        let _ = tx.send(answer);
                     }
                 }
                 Ok(None) | Err(_) => break,

@@ -200,9 +200,10 @@ pub fn publish(opts: &PublishOptions) -> Result<Published, AttachError> {
     }
     let writer = stream.try_clone()?;
     let t = local.clone();
+    let range = (base as usize, map_len as usize);
     let thread = std::thread::Builder::new()
         .name("pagewire-publish".into())
-        .spawn(move || serve_collects(reader, writer, t))?;
+        .spawn(move || serve_agent(reader, writer, t, range))?;
     Ok(Published {
         ptr: base,
         len: opts.size as usize,
@@ -217,46 +218,82 @@ pub fn publish(opts: &PublishOptions) -> Result<Published, AttachError> {
     })
 }
 
-/// Answers the agent's collect requests (mprotect tracker) until the session ends.
-fn serve_collects(
+fn locked(t: &Mutex<Box<dyn DirtyTracker>>) -> std::sync::MutexGuard<'_, Box<dyn DirtyTracker>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answers the agent's requests until the session ends: collects (mprotect tracker)
+/// and a migration's hold/release of the writers. Writers still held when the session
+/// ends (the region migrated away, or the agent went) are let go.
+fn serve_agent(
     mut reader: BufReader<UnixStream>,
     mut writer: UnixStream,
     tracker: Option<Arc<Mutex<Box<dyn DirtyTracker>>>>,
+    (base, len): (usize, usize),
 ) {
+    // Without a local tracker (uffd-wp-async) the hold is ours.
+    let mut hold: Option<fault::hold::Hold> = None;
     let mut line = String::new();
     loop {
         line.clear();
         match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let Ok(ControlEvent::Collect) = serde_json::from_str::<ControlEvent>(line.trim_end())
-        else {
-            continue;
-        };
-        let reply = match &tracker {
-            Some(t) => match t.lock().unwrap_or_else(|e| e.into_inner()).collect() {
-                Ok(r) => ControlRequest::Collected {
-                    ranges: r.into_iter().map(|r| (r.start, r.end)).collect(),
-                    error: None,
+        let reply = match serde_json::from_str::<ControlEvent>(line.trim_end()) {
+            Ok(ControlEvent::Collect) => match &tracker {
+                Some(t) => match locked(t).collect() {
+                    Ok(r) => ControlRequest::Collected {
+                        ranges: r.into_iter().map(|r| (r.start, r.end)).collect(),
+                        error: None,
+                    },
+                    Err(e) => ControlRequest::Collected {
+                        ranges: Vec::new(),
+                        error: Some(e.to_string()),
+                    },
                 },
-                Err(e) => ControlRequest::Collected {
+                None => ControlRequest::Collected {
                     ranges: Vec::new(),
-                    error: Some(e.to_string()),
+                    error: Some("this process has no local tracker".into()),
                 },
             },
-            None => ControlRequest::Collected {
-                ranges: Vec::new(),
-                error: Some("this process has no local tracker".into()),
-            },
+            Ok(ControlEvent::Hold) => {
+                let r = match &tracker {
+                    Some(t) => locked(t).freeze().map_err(|e| e.to_string()),
+                    None if hold.is_some() => Ok(()),
+                    None => fault::hold::Hold::new(base as *mut u8, len)
+                        .map(|h| hold = Some(h))
+                        .map_err(|e| format!("holding the writers: {e}")),
+                };
+                ControlRequest::Held { error: r.err() }
+            }
+            Ok(ControlEvent::Release) => {
+                let r = match &tracker {
+                    Some(t) => locked(t).thaw().map_err(|e| e.to_string()),
+                    None => {
+                        if let Some(h) = hold.take() {
+                            h.release(true);
+                        }
+                        Ok(())
+                    }
+                };
+                ControlRequest::Held { error: r.err() }
+            }
+            _ => continue,
         };
         let Ok(mut out) = serde_json::to_vec(&reply) else {
-            return;
+            break;
         };
         out.push(b'\n');
         if writer.write_all(&out).is_err() {
-            return;
+            break;
         }
+    }
+    if let Some(h) = hold.take() {
+        h.release(true);
+    }
+    if let Some(t) = &tracker {
+        let _ = locked(t).thaw();
     }
 }
 

@@ -11,6 +11,7 @@
 //! * [`fdpass`] — SCM_RIGHTS over the control socket.
 
 pub mod fdpass;
+pub mod hold;
 pub mod sigsegv;
 pub mod uffd;
 

@@ -41,7 +41,7 @@ pub enum TrackError {
     #[error("tracked region is gone: {0}")]
     Gone(String),
     /// The tracker cannot hold writers ([`DirtyTracker::freeze`]).
-    #[error("the {0} tracker cannot hold writers: freezing by write-protection needs a region published with the uffd-wp-sync tracker")]
+    #[error("the {0} tracker cannot hold writers: freezing by write-protection needs memory an application published with the client library")]
     CannotFreeze(&'static str),
 }
 

@@ -118,6 +118,13 @@ fn mark(s: &Slot, base: usize, len: usize, addr: usize) {
     let glen = (1usize << shift).min(base + len - start);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     spin_lock(&s.lock);
+    if crate::fault::hold::is_held(addr) {
+        // Frozen for a migration (checked under the lock `freeze` takes): the store
+        // must not land. Wait for the thaw; the retried store faults again.
+        spin_unlock(&s.lock);
+        crate::fault::hold::park(addr);
+        return;
+    }
     let bits = s.bits.load(Ordering::Acquire);
     // SAFETY: `bits` has one bit per granule and lives until `busy` drops to zero after
     // the slot is cleared; mprotect is async-signal-safe and the range lies in the
@@ -142,6 +149,8 @@ pub struct MprotectTracker {
     granules: usize,
     bits: Box<[AtomicU64]>,
     overflow: Box<AtomicBool>,
+    /// Writers held for a migration's freeze ([`DirtyTracker::freeze`]).
+    hold: Option<crate::fault::hold::Hold>,
 }
 
 // SAFETY: the raw address is only passed to mprotect; the bitmap is atomic.
@@ -198,6 +207,7 @@ impl MprotectTracker {
             granules,
             bits,
             overflow,
+            hold: None,
         };
         // Protect only once the handler knows the range.
         t.protect(0, granules).map_err(|source| TrackError::Setup {
@@ -236,6 +246,36 @@ impl DirtyTracker for MprotectTracker {
         spin_unlock(lock);
         r
     }
+
+    fn can_freeze(&self) -> bool {
+        true
+    }
+
+    /// Holds the writers in the SIGSEGV handler ([`crate::fault::hold`]): taken under
+    /// the slot's lock, so no handler opens a granule after it; granules open before it
+    /// are protected again and keep their marks.
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        if self.hold.is_some() {
+            return Ok(());
+        }
+        let lock = &SLOTS[self.slot].lock;
+        spin_lock(lock);
+        let h = crate::fault::hold::Hold::new(self.base as *mut u8, self.len);
+        spin_unlock(lock);
+        self.hold = Some(h.map_err(|source| TrackError::Setup {
+            what: "holding the writers (mprotect)",
+            source,
+        })?);
+        Ok(())
+    }
+
+    /// The region stays protected: released stores fault again and are tracked.
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        if let Some(h) = self.hold.take() {
+            h.release(false);
+        }
+        Ok(())
+    }
 }
 
 impl MprotectTracker {
@@ -266,6 +306,11 @@ impl MprotectTracker {
 
 impl Drop for MprotectTracker {
     fn drop(&mut self) {
+        // Writers still held (a migration that moved the region away) go on now, into
+        // a writable region, as when a uffd tracker's descriptor closes.
+        if let Some(h) = self.hold.take() {
+            h.release(true);
+        }
         // Open the region first (no new faults), then leave the slot, then wait for
         // handlers still reading our bitmap.
         // SAFETY: inside our mapping.
@@ -315,6 +360,51 @@ mod tests {
         assert_eq!(t.collect().unwrap(), vec![40 * pg..41 * pg]);
         drop(t);
         write(p, 0, 9); // writable again, no handler
+    }
+
+    /// A freeze holds a writer at its next store (reads go on); what was written before
+    /// it is still reported; after the thaw the held store lands and is reported.
+    #[test]
+    fn freeze_holds_writers_until_thaw() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let page = crate::fault::uffd::page_size() as usize;
+        let m = memmap2::MmapMut::map_anon(16 * page).unwrap();
+        let p = m.as_ptr() as *mut u8;
+        let mut t = MprotectTracker::new(p, m.len(), None).unwrap();
+        assert!(t.can_freeze());
+        write(p, 2 * page, 1); // opens granule 2
+        t.freeze().unwrap();
+        let addr = p as usize;
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let w = std::thread::spawn(move || {
+            // Granule 2 is open no more, granule 9 never was: both are held.
+            write(addr as *mut u8, 2 * page + 1, 2);
+            write(addr as *mut u8, 9 * page, 3);
+            d.store(true, Ordering::Release);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!done.load(Ordering::Acquire), "a store landed while frozen");
+        // SAFETY: inside the mapping; reads are not held.
+        assert_eq!(unsafe { std::ptr::read_volatile(p.add(2 * page + 1)) }, 0);
+        let pg = page as u64;
+        assert_eq!(t.collect().unwrap(), vec![2 * pg..3 * pg]);
+        assert!(
+            !done.load(Ordering::Acquire),
+            "collect let a held store through"
+        );
+        t.thaw().unwrap();
+        w.join().unwrap();
+        assert_eq!(t.collect().unwrap(), vec![2 * pg..3 * pg, 9 * pg..10 * pg]);
+        // Frozen again, then dropped (the region moved away): the writer goes on.
+        t.freeze().unwrap();
+        let w = std::thread::spawn(move || write(addr as *mut u8, 5 * page, 4));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(t);
+        w.join().unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::ptr::read_volatile(p.add(5 * page)) }, 4);
     }
 
     /// 1 GiB written at random pages: page-granular protection would pass

@@ -677,6 +677,47 @@ mod tests {
         check(&mut t, &m);
     }
 
+    /// The client library holds an async tracker's writers with a [`Hold`]
+    /// (mprotect in the writing process): the held store waits, and the tracking is
+    /// intact across the hold (pages written before it, the held store after it, and
+    /// clean pages stay clean).
+    ///
+    /// [`Hold`]: crate::fault::hold::Hold
+    #[test]
+    fn async_tracker_survives_a_hold() {
+        if !async_supported() {
+            return;
+        }
+        let page = uffd::page_size() as usize;
+        let f = crate::fault::memfd("wp-hold", 64 * page as u64).unwrap();
+        let m = unsafe { memmap2::MmapOptions::new().map_mut(&f) }.unwrap();
+        let mut t = UffdWpAsync::new(m.as_ptr() as *mut u8, m.len()).unwrap();
+        assert_eq!(t.collect().unwrap(), vec![]);
+        write(&m, 3 * page, 1);
+        write(&m, 4 * page, 1);
+        let base = m.as_ptr() as usize;
+        let h = crate::fault::hold::Hold::new(base as *mut u8, m.len()).unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        let d = done.clone();
+        let w = std::thread::spawn(move || {
+            // SAFETY: inside the mapping, which outlives the join below.
+            unsafe { std::ptr::write_volatile((base + 9 * page) as *mut u8, 7) };
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(done.load(Ordering::SeqCst), 0, "a store landed while held");
+        let pg = page as u64;
+        assert_eq!(t.collect().unwrap(), vec![3 * pg..5 * pg]);
+        h.release(true);
+        w.join().unwrap();
+        assert_eq!(m[9 * page], 7);
+        // Page 3 was collected (clean again) before the release: a write to it is
+        // reported, like the held store; nothing else is.
+        write(&m, 3 * page, 2);
+        assert_eq!(t.collect().unwrap(), vec![3 * pg..4 * pg, 9 * pg..10 * pg]);
+        assert_eq!(t.collect().unwrap(), vec![]);
+    }
+
     #[test]
     fn sync_tracker_freeze_holds_writers_until_thaw() {
         if !sync_supported() {

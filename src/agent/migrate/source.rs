@@ -33,10 +33,12 @@ pub enum Freeze {
     /// `false` to resume after an abort. Runs on a blocking thread.
     Hook(Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>),
     /// Write-protect the whole region and hold every write fault: each writing thread
-    /// stops at its next store (reads go on). Needs a region published with the
-    /// uffd-wp-sync tracker. Released if the migration aborts; after a successful one
-    /// the writers STAY HELD until the application ends its publication (or exits),
-    /// since they must not write the old copy.
+    /// stops at its next store (reads go on). Needs memory an application published
+    /// with the client library (any tracker: A's agent holds uffd-wp-sync write faults;
+    /// for uffd-wp-async and mprotect the library holds them, `fault::hold`). Released
+    /// if the migration aborts; after a successful one the writers STAY HELD until the
+    /// application ends its publication (or exits), since they must not write the old
+    /// copy.
     WriteProtect,
 }
 
@@ -186,11 +188,11 @@ impl Scanner {
         match self {
             Scanner::Tracked(p) if p.can_freeze() => Ok(()),
             Scanner::Tracked(p) => Err(format!(
-                "the region is tracked by {}, which cannot hold writers; publish it with the uffd-wp-sync tracker, or freeze with a hook or --freeze-pid",
+                "the region is tracked by {}, which cannot hold writers (only memory an application published with the client library can be); freeze with a hook or --freeze-pid",
                 p.tracker_name()
             )),
             Scanner::Hashes { .. } => Err(
-                "a file region's writers cannot be held by write-protection (only an application's memory published with the uffd-wp-sync tracker can); use --freeze-pid".into(),
+                "a file region's writers cannot be held by write-protection (only memory an application published with the client library can be); use --freeze-pid".into(),
             ),
         }
     }
