@@ -8,7 +8,11 @@
 //!    write to a new page costs);
 //! 2. the cost of one `collect`: PAGEMAP_SCAN with WP_MATCHING over 1 GiB with no page,
 //!    1% and every page written; the mprotect tracker's collect; and an xxh3 hash of
-//!    the same 1 GiB (what the hash-scan file tracker pays per collection).
+//!    the same 1 GiB (what the hash-scan file tracker pays per collection);
+//! 3. the cost of a migration's freeze by write-protection over the whole populated
+//!    region and of its release: uffd-wp sync (the agent's UFFDIO_WRITEPROTECT), and the
+//!    client library's hold (`fault::hold`, mprotect) used for uffd-wp async and the
+//!    mprotect tracker, next to the same xxh3 pass.
 //!
 //! `cargo bench --bench track` (PAGEWIRE_BENCH_MB sets the size, default 1024). Prints a
 //! table and one `BENCH_JSON {...}` line. Published figures for context: mprotect
@@ -270,5 +274,80 @@ fn main() {
             b,
         );
     }
+    println!("freeze (hold every writer of the region; a migration's --freeze-writes):");
+    let mut frow = |name: &str, key: &str, (hold, release): (f64, f64)| {
+        println!(
+            "  {name:<34} {hold:>9.2} ms hold, {release:.2} ms release  {:>6.1}% of an xxh3 pass",
+            hold * 100.0 / hash_ms
+        );
+        json.insert(key.into(), serde_json::json!(hold));
+    };
+    if sync_supported() {
+        let mut t = UffdWpSync::new(r.ptr(), r.len()).expect("uffd-wp sync");
+        let times = (0..ROUNDS)
+            .map(|i| {
+                r.touch_all(10 + i as u8);
+                let s = Instant::now();
+                t.freeze().expect("freeze");
+                let hold = s.elapsed();
+                let s = Instant::now();
+                t.thaw().expect("thaw");
+                (hold, s.elapsed())
+            })
+            .collect();
+        frow(
+            "uffd-wp sync (agent: UFFDIO_WP)",
+            "freeze_sync_ms",
+            median_pair(times),
+        );
+    }
+    if async_supported() {
+        let mut t = UffdWpAsync::new(r.ptr(), r.len()).expect("uffd-wp async");
+        let times = (0..ROUNDS)
+            .map(|i| {
+                r.touch_all(20 + i as u8);
+                t.collect().expect("collect");
+                let s = Instant::now();
+                let h = pagewire::fault::hold::Hold::new(r.ptr(), r.len()).expect("hold");
+                let hold = s.elapsed();
+                let s = Instant::now();
+                h.release(true);
+                (hold, s.elapsed())
+            })
+            .collect();
+        frow(
+            "uffd-wp async (library: mprotect)",
+            "freeze_async_ms",
+            median_pair(times),
+        );
+    }
+    {
+        let mut t = MprotectTracker::new(r.ptr(), r.len(), None).expect("mprotect");
+        let times = (0..ROUNDS)
+            .map(|i| {
+                r.touch_all(30 + i as u8);
+                let s = Instant::now();
+                t.freeze().expect("freeze");
+                let hold = s.elapsed();
+                let s = Instant::now();
+                t.thaw().expect("thaw");
+                (hold, s.elapsed())
+            })
+            .collect();
+        frow(
+            "mprotect tracker (library)",
+            "freeze_mprotect_ms",
+            median_pair(times),
+        );
+    }
     println!("BENCH_JSON {}", serde_json::Value::Object(json));
+}
+
+/// Medians of the first and second members, in ms.
+fn median_pair(v: Vec<(Duration, Duration)>) -> (f64, f64) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        median(v.iter().map(|p| ms(p.0)).collect()),
+        median(v.iter().map(|p| ms(p.1)).collect()),
+    )
 }
