@@ -16,7 +16,9 @@
 //! `cargo bench --bench wan`. Environment: PAGEWIRE_BENCH_MB (bytes per transfer, default
 //! 256), PAGEWIRE_BENCH_SECS (time cap per transfer, default 15), PAGEWIRE_BENCH_RATES
 //! (default `200mbit,400mbit`: the relay carries ~570-750 Mbit/s at most on the 2-vCPU machine), PAGEWIRE_BENCH_LOSSES (default `0,0.001,0.01`),
-//! PAGEWIRE_BENCH_ONLY (`ceiling`, `bulk` or `fetch` to run one part). Loss applies to both
+//! PAGEWIRE_BENCH_ONLY (`ceiling`, `bulk` or `fetch` to run one part), PAGEWIRE_BENCH_TUNINGS
+//! (comma-separated labels, e.g. `default,cubic+link`: run only these candidates in parts 2
+//! and 3). Loss applies to both
 //! directions (data and ACKs). The relay's queue per direction is rate × (one-way delay +
 //! RTT): what is in flight plus one bandwidth-delay product of buffer.
 //!
@@ -292,12 +294,20 @@ async fn run() {
         json.insert("ceiling".into(), c.into());
     }
 
-    let candidates = [
+    let tunings = std::env::var("PAGEWIRE_BENCH_TUNINGS").ok();
+    let candidates: Vec<Option<Congestion>> = [
         None,
         Some(Congestion::Cubic),
         Some(Congestion::NewReno),
         Some(Congestion::Bbr),
-    ];
+    ]
+    .into_iter()
+    .filter(|c| {
+        tunings
+            .as_deref()
+            .is_none_or(|t| t.split(',').any(|l| l == label(*c)))
+    })
+    .collect();
     if run_part("bulk") {
         println!("\n2. bulk throughput at 50 ms RTT (one raw quinn stream)");
         println!(
@@ -312,7 +322,7 @@ async fn run() {
             };
             for &loss in &losses {
                 let mut base = f64::NAN;
-                for c in candidates {
+                for &c in &candidates {
                     let b = raw_bulk(
                         &env,
                         &tuning(c, l),
@@ -366,10 +376,10 @@ async fn run() {
             }
         }
         let mut rows = Vec::new();
-        for c in candidates {
+        for &c in &candidates {
             let r = fetch_during_pull(&env, &region, bytes, c, rate, delay).await;
             println!(
-                "   {:>13}: path RTT {:5.1}  idle fetch p50 {:5.1}  during pull p50 {:5.1} p99 {:5.1} (n={}, {} x RTT at p50)  pull {}",
+                "   {:>13}: path RTT {:5.1}  idle fetch p50 {:5.1}  during pull p50 {:5.1} p99 {:5.1} (n={}, {} x RTT at p50)  pull {} (while fetching {})",
                 label(c),
                 r.rtt_ms,
                 r.idle_p50,
@@ -377,11 +387,13 @@ async fn run() {
                 r.p99,
                 r.n,
                 format_args!("{:.2}", r.p50 / r.rtt_ms),
-                mbit(r.pull_bps)
+                mbit(r.pull_bps),
+                mbit(r.steady_bps)
             );
             rows.push(serde_json::json!({
                 "tuning": label(c), "rtt_ms": r.rtt_ms, "idle_p50_ms": r.idle_p50,
                 "p50_ms": r.p50, "p99_ms": r.p99, "n": r.n, "pull_bps": r.pull_bps * 8.0,
+                "steady_bps": r.steady_bps * 8.0,
             }));
         }
         let _ = std::fs::remove_file(&region);
@@ -397,6 +409,8 @@ struct FetchResult {
     p99: f64,
     n: usize,
     pull_bps: f64,
+    /// Bulk rate while the fetches ran (after the first 2 s, up to 90 % done).
+    steady_bps: f64,
 }
 
 async fn fetch_during_pull(
@@ -450,12 +464,14 @@ async fn fetch_during_pull(
     // Let the bulk copy leave slow start first.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut lat = Vec::new();
+    let (s0, t_s0) = (h.status().bytes_done, Instant::now());
     while h.status().bytes_done < size * 9 / 10 {
         let t1 = Instant::now();
         a.fetch("b", "r", rng.gen_range(0..chunks)).await.unwrap();
         lat.push(t1.elapsed().as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let steady_bps = (h.status().bytes_done - s0) as f64 / t_s0.elapsed().as_secs_f64();
     h.wait().await.unwrap();
     let pull_bps = size as f64 / t0.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&to);
@@ -470,5 +486,6 @@ async fn fetch_during_pull(
         p99: pct(&lat, 0.99),
         n: lat.len(),
         pull_bps,
+        steady_bps,
     }
 }
