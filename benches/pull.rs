@@ -8,7 +8,8 @@
 //! 4. a chunk-size sweep (throughput and idle fetch latency) behind the 64 KiB default.
 //!
 //! `cargo bench --bench pull` (PAGEWIRE_BENCH_MB sets the region size, default 1024;
-//! PAGEWIRE_BENCH_ONLY=throughput or urgent runs one part).
+//! PAGEWIRE_BENCH_ONLY=throughput or urgent runs one part; PAGEWIRE_BENCH_GAIN=PERCENT sets
+//! the gain of the automatic window in benchmark 3's default-window row).
 //! Prints a table and one JSON line (`BENCH_JSON {...}`) for scripts.
 
 use std::net::SocketAddr;
@@ -260,14 +261,18 @@ async fn idle_latencies(p: Pair, chunks: u64) -> Vec<f64> {
 }
 
 /// Benchmark 3b's first row: urgent fetches during a saturating pull, default window.
+/// The agents' default window; PAGEWIRE_BENCH_GAIN=PERCENT sets an automatic window's gain.
 async fn default_window_latency(env: &Env, random: &Path, size: u64) -> (Vec<f64>, f64) {
-    loaded_latency(
-        env,
-        random,
-        size,
-        pagewire::agent::config::DEFAULT_BULK_WINDOW,
-    )
-    .await
+    let mut window = pagewire::agent::config::DEFAULT_BULK_WINDOW;
+    if let (Ok(g), Window::Auto { min, max, .. }) = (std::env::var("PAGEWIRE_BENCH_GAIN"), window) {
+        window = Window::Auto {
+            min,
+            max,
+            gain_pct: g.parse().unwrap(),
+        };
+    }
+    println!("default window: {window:?}");
+    loaded_latency(env, random, size, window).await
 }
 
 async fn loaded_latency(env: &Env, random: &Path, size: u64, window: Window) -> (Vec<f64>, f64) {

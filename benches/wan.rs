@@ -16,7 +16,11 @@
 //! `cargo bench --bench wan`. Environment: PAGEWIRE_BENCH_MB (bytes per transfer, default
 //! 256), PAGEWIRE_BENCH_SECS (time cap per transfer, default 15), PAGEWIRE_BENCH_RATES
 //! (default `200mbit,400mbit`: the relay carries ~570-750 Mbit/s at most on the 2-vCPU machine), PAGEWIRE_BENCH_LOSSES (default `0,0.001,0.01`),
-//! PAGEWIRE_BENCH_ONLY (`ceiling`, `bulk` or `fetch` to run one part). Loss applies to both
+//! PAGEWIRE_BENCH_ONLY (`ceiling`, `bulk` or `fetch` to run one part), PAGEWIRE_BENCH_TUNINGS
+//! (comma-separated labels, e.g. `default,cubic+link`: run only these candidates in parts 2
+//! and 3), PAGEWIRE_BENCH_GAINS (comma-separated gains of the pull's automatic bulk window
+//! in percent, e.g. `200,125,110`: part 3 runs each candidate with each, in turn; default:
+//! the agents' default window). Loss applies to both
 //! directions (data and ACKs). The relay's queue per direction is rate × (one-way delay +
 //! RTT): what is in flight plus one bandwidth-delay product of buffer.
 //!
@@ -29,6 +33,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagewire::agent::{Agent, AgentConfig, PeerSpec};
+use pagewire::engine::pull::Window;
 use pagewire::transport::{endpoint, Congestion, Identity, Link, Tuning};
 use pagewire::wan::{LinkParams, Relay, RelayConfig};
 use rand::{Rng, RngCore, SeedableRng};
@@ -248,6 +253,13 @@ fn mbit(bps: f64) -> String {
 }
 
 fn main() {
+    // RUST_LOG (e.g. `pagewire::agent::pull=trace`: the bulk window): logs on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     runtime("receiving-side").block_on(run());
 }
 
@@ -292,12 +304,20 @@ async fn run() {
         json.insert("ceiling".into(), c.into());
     }
 
-    let candidates = [
+    let tunings = std::env::var("PAGEWIRE_BENCH_TUNINGS").ok();
+    let candidates: Vec<Option<Congestion>> = [
         None,
         Some(Congestion::Cubic),
         Some(Congestion::NewReno),
         Some(Congestion::Bbr),
-    ];
+    ]
+    .into_iter()
+    .filter(|c| {
+        tunings
+            .as_deref()
+            .is_none_or(|t| t.split(',').any(|l| l == label(*c)))
+    })
+    .collect();
     if run_part("bulk") {
         println!("\n2. bulk throughput at 50 ms RTT (one raw quinn stream)");
         println!(
@@ -312,7 +332,7 @@ async fn run() {
             };
             for &loss in &losses {
                 let mut base = f64::NAN;
-                for c in candidates {
+                for &c in &candidates {
                     let b = raw_bulk(
                         &env,
                         &tuning(c, l),
@@ -366,10 +386,24 @@ async fn run() {
             }
         }
         let mut rows = Vec::new();
-        for c in candidates {
-            let r = fetch_during_pull(&env, &region, bytes, c, rate, delay).await;
-            println!(
-                "   {:>13}: path RTT {:5.1}  idle fetch p50 {:5.1}  during pull p50 {:5.1} p99 {:5.1} (n={}, {} x RTT at p50)  pull {}",
+        let gains: Vec<Option<u16>> = match std::env::var("PAGEWIRE_BENCH_GAINS") {
+            Ok(g) => g.split(',').map(|g| Some(g.parse().unwrap())).collect(),
+            Err(_) => vec![None],
+        };
+        for &gain in &gains {
+            for &c in &candidates {
+                let window = match (gain, pagewire::agent::config::DEFAULT_BULK_WINDOW) {
+                    (Some(gain_pct), Window::Auto { min, max, .. }) => {
+                        Window::Auto { min, max, gain_pct }
+                    }
+                    (_, w) => w,
+                };
+                let r = fetch_during_pull(&env, &region, bytes, c, rate, delay, window).await;
+                let gain_label = gain
+                    .map(|g| format!(" gain {:.2}", g as f64 / 100.0))
+                    .unwrap_or_default();
+                println!(
+                "   {:>13}{gain_label}: path RTT {:5.1}  idle fetch p50 {:5.1}  during pull p50 {:5.1} p99 {:5.1} (n={}, {} x RTT at p50)  pull {} (while fetching {}, RTT {:5.1})",
                 label(c),
                 r.rtt_ms,
                 r.idle_p50,
@@ -377,12 +411,16 @@ async fn run() {
                 r.p99,
                 r.n,
                 format_args!("{:.2}", r.p50 / r.rtt_ms),
-                mbit(r.pull_bps)
+                mbit(r.pull_bps),
+                mbit(r.steady_bps),
+                r.loaded_rtt
             );
-            rows.push(serde_json::json!({
-                "tuning": label(c), "rtt_ms": r.rtt_ms, "idle_p50_ms": r.idle_p50,
+                rows.push(serde_json::json!({
+                "tuning": label(c), "gain_pct": gain, "window": format!("{window:?}"), "rtt_ms": r.rtt_ms, "idle_p50_ms": r.idle_p50,
                 "p50_ms": r.p50, "p99_ms": r.p99, "n": r.n, "pull_bps": r.pull_bps * 8.0,
+                "steady_bps": r.steady_bps * 8.0, "loaded_rtt_ms": r.loaded_rtt,
             }));
+            }
         }
         let _ = std::fs::remove_file(&region);
         json.insert("fetch".into(), rows.into());
@@ -395,8 +433,12 @@ struct FetchResult {
     idle_p50: f64,
     p50: f64,
     p99: f64,
+    /// The agents' smoothed RTT during the pull (median over the fetches).
+    loaded_rtt: f64,
     n: usize,
     pull_bps: f64,
+    /// Bulk rate while the fetches ran (after the first 2 s, up to 90 % done).
+    steady_bps: f64,
 }
 
 async fn fetch_during_pull(
@@ -406,6 +448,7 @@ async fn fetch_during_pull(
     c: Option<Congestion>,
     rate: u64,
     delay: Duration,
+    window: Window,
 ) -> FetchResult {
     let l = Link {
         bandwidth_bps: rate,
@@ -422,6 +465,7 @@ async fn fetch_during_pull(
     cb.tuning = t.clone();
     let mut ca = env.config("a", pa, "b", rb.local_addr());
     ca.tuning = t;
+    ca.bulk_window = window;
     let b = server_rt().spawn(Agent::start(cb)).await.unwrap().unwrap();
     let a = Agent::start(ca).await.unwrap();
     assert!(a.wait_connected("b", Duration::from_secs(20)).await);
@@ -450,12 +494,22 @@ async fn fetch_during_pull(
     // Let the bulk copy leave slow start first.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut lat = Vec::new();
+    let mut rtts = Vec::new();
+    let (s0, t_s0) = (h.status().bytes_done, Instant::now());
     while h.status().bytes_done < size * 9 / 10 {
         let t1 = Instant::now();
         a.fetch("b", "r", rng.gen_range(0..chunks)).await.unwrap();
         lat.push(t1.elapsed().as_secs_f64() * 1e3);
+        let rtt = a
+            .status()
+            .peers
+            .iter()
+            .find(|p| p.name == "b")
+            .and_then(|p| p.rtt_us);
+        rtts.extend(rtt.map(|u| u as f64 / 1e3));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let steady_bps = (h.status().bytes_done - s0) as f64 / t_s0.elapsed().as_secs_f64();
     h.wait().await.unwrap();
     let pull_bps = size as f64 / t0.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&to);
@@ -468,7 +522,9 @@ async fn fetch_during_pull(
         idle_p50: pct(&idle, 0.5),
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
+        loaded_rtt: pct(&rtts, 0.5),
         n: lat.len(),
         pull_bps,
+        steady_bps,
     }
 }

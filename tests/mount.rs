@@ -303,6 +303,7 @@ async fn mount_cli_fills_the_file() {
         Window::Auto {
             min: 256 << 10,
             max: 16 << 20,
+            gain_pct: 200,
         },
     )
     .await;

@@ -805,7 +805,16 @@ async fn read_bulk(
                 let grant = {
                     let mut s = lock(&p.state);
                     s.accept(h.chunk, h.len);
+                    let before = s.window();
                     s.tune(p.started.elapsed(), conn.min_rtt());
+                    if s.window() != before {
+                        tracing::trace!(
+                            peer = %p.peer,
+                            window = s.window(),
+                            min_rtt_us = conn.min_rtt().as_micros() as u64,
+                            "bulk window"
+                        );
+                    }
                     s.grant(h.len as u64)
                 };
                 p.arrived.notify_waiters();

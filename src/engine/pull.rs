@@ -10,7 +10,7 @@
 //! * an urgent fetch of chunk `c` ends with `Have(c)` (skip it) and `Seek(c + 1)` (carry
 //!   on next to where the application is reading).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use crate::proto::{BulkControl, BulkStart, ChunkHeader};
@@ -85,21 +85,44 @@ pub enum Accepted {
 /// Measured on loopback (README, `cargo bench --bench pull`): every byte of bulk data
 /// queued beyond the bandwidth-delay product sits FIFO in socket buffers ahead of any
 /// urgent reply, so an 8 MiB window made urgent fetches wait ~11 ms (p50) while a 256 KiB
-/// one kept them under 0.5 ms — and moved bulk data faster. So the window tracks the
-/// path: about twice the delivered rate times the minimum RTT, never below a floor.
+/// one kept them under 0.5 ms — and moved bulk data faster. On a rate-limited path the
+/// same holds for the bottleneck's queue: what the window allows beyond one BDP waits
+/// there ahead of an urgent reply. So the window tracks the path (see [`Window::Auto`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     /// Always this many bytes.
     Fixed(u64),
-    /// `2 × delivered rate × min RTT`, clamped to `[min, max]` (`min` is also at least
-    /// four chunks).
-    Auto { min: u64, max: u64 },
+    /// `gain × bandwidth × min RTT`, clamped to `[min, max]` (`min` is also at least four
+    /// chunks), `gain = gain_pct / 100`. The bandwidth is the largest of the last
+    /// [`RATE_FILTER`] delivered-rate samples (each over ≥ 4 min RTTs and ≥ 10 ms), so one
+    /// slow sample does not shrink the window; a lasting drop is followed after that many.
+    /// Until the bandwidth stops growing (by 25 % over 3 samples) the gain is at least
+    /// [`STARTUP_GAIN_PCT`] (fast growth from the floor); after that, one sample in
+    /// [`PROBE_EVERY`] uses at least [`PROBE_GAIN_PCT`] so that a window that limits the
+    /// rate still finds a faster path.
+    Auto { min: u64, max: u64, gain_pct: u16 },
 }
 
-/// The default: adaptive between 256 KiB and 16 MiB (the per-stream receive window).
+/// Delivered-rate samples the automatic window's bandwidth filter keeps.
+pub const RATE_FILTER: usize = 10;
+/// Least gain (percent) of the automatic window until the bandwidth stops growing.
+pub const STARTUP_GAIN_PCT: u16 = 200;
+/// One sample in this many, after startup, is a probe.
+pub const PROBE_EVERY: u32 = 8;
+/// Least gain (percent) of a probe sample.
+pub const PROBE_GAIN_PCT: u16 = 150;
+
+/// The default: adaptive between 256 KiB and 16 MiB (the per-stream receive window),
+/// gain 1.1: about one BDP, so next to nothing stands in the bottleneck's queue ahead of
+/// an urgent reply. Measured (README, "WAN tuning"; `cargo bench --bench wan`, 200 Mbit/s,
+/// 50 ms RTT through the relay): urgent 64 KiB fetch during a pull p50 ~1.35× RTT with
+/// gain 1.1 vs ~1.5× with the former gain 2 (last sample only), bulk rate unchanged; gain
+/// 1.25 gained little, gain 2 with the max filter lost. On loopback the 256 KiB floor
+/// decides.
 pub const AUTO_WINDOW: Window = Window::Auto {
     min: 256 << 10,
     max: 16 << 20,
+    gain_pct: 110,
 };
 
 /// The receiving side of a pull.
@@ -118,6 +141,14 @@ pub struct PullState {
     bulk_active: bool,
     /// (time, data bytes) at the start of the current rate sample.
     sample: Option<(Duration, u64)>,
+    /// Bandwidth filter of the automatic window: the last [`RATE_FILTER`] delivered rates
+    /// (bytes/s), oldest first.
+    rates: VecDeque<f64>,
+    /// Startup: the bandwidth last seen growing by 25 %, and samples since then.
+    full_rate: f64,
+    flat_samples: u32,
+    /// Samples since startup ended (`None`: still in startup).
+    cruise: Option<u32>,
     stats: PullStats,
 }
 
@@ -140,6 +171,10 @@ impl PullState {
             received: 0,
             bulk_active: false,
             sample: None,
+            rates: VecDeque::with_capacity(RATE_FILTER + 1),
+            full_rate: 0.0,
+            flat_samples: 0,
+            cruise: None,
             stats: PullStats::default(),
         }
     }
@@ -152,7 +187,7 @@ impl PullState {
     /// Re-sizes an automatic window from the rate delivered since the last sample.
     /// `now` is any monotonic time; `min_rtt` the path's minimum round trip.
     pub fn tune(&mut self, now: Duration, min_rtt: Duration) {
-        let Window::Auto { min, max } = self.window_mode else {
+        let Window::Auto { min, max, gain_pct } = self.window_mode else {
             return;
         };
         let bytes = self.stats.data_bytes;
@@ -164,11 +199,38 @@ impl PullState {
         if dt < (min_rtt * 4).max(Duration::from_millis(10)) {
             return;
         }
-        let rate = (bytes - b0) as f64 / dt.as_secs_f64();
-        let floor = min.max(4 * self.geometry.chunk_size as u64);
-        let target = (2.0 * rate * min_rtt.as_secs_f64()) as u64;
-        self.window = target.clamp(floor, max.max(floor));
         self.sample = Some((now, bytes));
+        let rate = (bytes - b0) as f64 / dt.as_secs_f64();
+        if self.rates.len() == RATE_FILTER {
+            self.rates.pop_front();
+        }
+        self.rates.push_back(rate);
+        let bw = self.rates.iter().copied().fold(0.0, f64::max);
+        let gain = match &mut self.cruise {
+            None => {
+                if bw >= 1.25 * self.full_rate {
+                    self.full_rate = bw;
+                    self.flat_samples = 0;
+                } else {
+                    self.flat_samples += 1;
+                    if self.flat_samples >= 3 {
+                        self.cruise = Some(0);
+                    }
+                }
+                gain_pct.max(STARTUP_GAIN_PCT)
+            }
+            Some(n) => {
+                *n += 1;
+                if *n % PROBE_EVERY == 0 {
+                    gain_pct.max(PROBE_GAIN_PCT)
+                } else {
+                    gain_pct
+                }
+            }
+        };
+        let floor = min.max(4 * self.geometry.chunk_size as u64);
+        let target = (gain as f64 / 100.0 * bw * min_rtt.as_secs_f64()) as u64;
+        self.window = target.clamp(floor, max.max(floor));
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -657,6 +719,7 @@ mod tests {
             Window::Auto {
                 min: 256 << 10,
                 max: 16 << 20,
+                gain_pct: 200,
             },
         );
         assert_eq!(rx.window(), 256 << 10);
@@ -692,5 +755,118 @@ mod tests {
             }
             assert!(outstanding <= 1 << 20 && outstanding >= 0);
         }
+    }
+
+    /// One 200 ms rate sample (4 × 50 ms min RTT) delivering about `rate` bytes/s in
+    /// 64 KiB chunks; returns the window after it.
+    fn feed(rx: &mut PullState, next: &mut u64, t: &mut Duration, rate: f64) -> u64 {
+        for _ in 0..(rate * 0.2 / 65536.0).round() as u64 {
+            rx.accept(*next, 65536);
+            *next += 1;
+        }
+        *t += Duration::from_millis(200);
+        rx.tune(*t, Duration::from_millis(50));
+        rx.window()
+    }
+
+    fn auto(gain_pct: u16) -> PullState {
+        PullState::new(
+            Geometry::new(1 << 34, 65536).unwrap(),
+            Window::Auto {
+                min: 256 << 10,
+                max: 16 << 20,
+                gain_pct,
+            },
+        )
+    }
+
+    /// `gain × rate × 50 ms`, ±3 % (a sample holds whole chunks).
+    fn near(w: u64, gain: f64, rate: f64) -> bool {
+        let want = gain * rate * 0.05;
+        (w as f64 - want).abs() <= want * 0.03
+    }
+
+    #[test]
+    fn auto_window_starts_at_gain_two_then_cruises_at_its_gain_with_probes() {
+        let mut rx = auto(110);
+        let (mut next, mut t) = (0, Duration::ZERO);
+        rx.tune(t, Duration::from_millis(50));
+        // Startup: the rate grows (the window limits it), the gain is 2.
+        for rate in [5e6, 10e6, 20e6, 40e6, 80e6] {
+            let w = feed(&mut rx, &mut next, &mut t, rate);
+            assert!(near(w, 2.0, rate), "{w} at {rate}");
+        }
+        // The bandwidth stops growing: still gain 2 for the 3 flat samples...
+        for _ in 0..3 {
+            let w = feed(&mut rx, &mut next, &mut t, 80e6);
+            assert!(near(w, 2.0, 80e6), "{w}");
+        }
+        // ...then the configured gain, one sample in PROBE_EVERY at PROBE_GAIN_PCT.
+        for i in 1..=3 * PROBE_EVERY {
+            let w = feed(&mut rx, &mut next, &mut t, 80e6);
+            let gain = if i % PROBE_EVERY == 0 { 1.5 } else { 1.1 };
+            assert!(near(w, gain, 80e6), "sample {i}: {w}");
+        }
+    }
+
+    #[test]
+    fn auto_window_keeps_the_max_rate_over_the_filter_then_follows_a_drop() {
+        for gain_pct in [200u16, 125, 110] {
+            let mut rx = auto(gain_pct);
+            // The gain of the n-th sample after startup.
+            let gain = |n: u32| {
+                let g = if n % PROBE_EVERY == 0 {
+                    gain_pct.max(PROBE_GAIN_PCT)
+                } else {
+                    gain_pct
+                };
+                g as f64 / 100.0
+            };
+            let (mut next, mut t) = (0, Duration::ZERO);
+            rx.tune(t, Duration::from_millis(50));
+            // Startup: one sample up, three flat.
+            for _ in 0..4 {
+                feed(&mut rx, &mut next, &mut t, 100e6);
+            }
+            let mut n = 0;
+            for _ in 0..PROBE_EVERY + 2 {
+                n += 1;
+                let w = feed(&mut rx, &mut next, &mut t, 100e6);
+                assert!(near(w, gain(n), 100e6), "gain {gain_pct}, n {n}: {w}");
+            }
+            // One slow sample (a stall): the window does not shrink.
+            n += 1;
+            let w = feed(&mut rx, &mut next, &mut t, 1e6);
+            assert!(near(w, gain(n), 100e6), "gain {gain_pct}, n {n}: {w}");
+            // A lasting drop to 10 MB/s: the window holds until the 100 MB/s samples have
+            // left the filter, then follows.
+            for i in 2..=RATE_FILTER + 2 {
+                n += 1;
+                let w = feed(&mut rx, &mut next, &mut t, 10e6);
+                let rate = if i < RATE_FILTER { 100e6 } else { 10e6 };
+                assert!(near(w, gain(n), rate), "gain {gain_pct}, n {n}: {w}");
+            }
+            // A rate increase shows at once.
+            n += 1;
+            let w = feed(&mut rx, &mut next, &mut t, 50e6);
+            assert!(near(w, gain(n), 50e6), "gain {gain_pct}, n {n}: {w}");
+        }
+    }
+
+    #[test]
+    fn auto_window_stays_within_its_bounds() {
+        let mut rx = auto(110);
+        let (mut next, mut t) = (0, Duration::ZERO);
+        rx.tune(t, Duration::from_millis(50));
+        assert_eq!(feed(&mut rx, &mut next, &mut t, 1e6), 256 << 10);
+        for _ in 0..10 {
+            feed(&mut rx, &mut next, &mut t, 2e9);
+        }
+        assert_eq!(rx.window(), 16 << 20);
+        // No data for the whole filter: the floor.
+        for _ in 0..RATE_FILTER {
+            feed(&mut rx, &mut next, &mut t, 0.0);
+        }
+        assert_eq!(rx.window(), 256 << 10);
     }
 }

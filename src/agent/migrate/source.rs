@@ -662,6 +662,7 @@ async fn attempt(
         window: Window::Auto {
             min: 1 << 20,
             max: 16 << 20,
+            gain_pct: 200,
         },
         postcopy: opts.postcopy,
         // A tracker's collection is cheap (one PAGEMAP_SCAN, or taking marks); a rehash

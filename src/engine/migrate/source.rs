@@ -790,9 +790,10 @@ impl Run {
         let chunk = self.geo.chunk_size as u64;
         match self.cfg.window {
             Window::Fixed(w) => w.max(chunk),
-            Window::Auto { min, max } => {
+            Window::Auto { min, max, gain_pct } => {
                 let floor = min.max(4 * chunk);
-                let target = (2.0 * self.bandwidth() * self.rtt().as_secs_f64()) as u64;
+                let gain = gain_pct as f64 / 100.0;
+                let target = (gain * self.bandwidth() * self.rtt().as_secs_f64()) as u64;
                 target.clamp(floor, max.max(floor))
             }
         }
