@@ -743,8 +743,8 @@ async fn run(ctx: &Ctx, workers: usize) {
         "\ndelta sync of {n_changed} changed 64 KiB blocks ({changed} bytes), median of {rounds} rounds"
     );
     println!(
-        "  {:<44} {:>9} {:>14} {:>9} {:>9}   {}",
-        "", "wall ms", "wire bytes", "ms/rsync", "B/rsync", "runs (ms)"
+        "  {:<44} {:>9} {:>14} {:>9} {:>9}   runs (ms)",
+        "", "wall ms", "wire bytes", "ms/rsync", "B/rsync"
     );
     let row = |name: &str, ms: f64, wire: u64, runs: String| {
         println!(

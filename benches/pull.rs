@@ -374,7 +374,7 @@ async fn run() {
         let warm = env.data.path().join("warm");
         let f = std::fs::File::create(&warm).unwrap();
         let block = vec![1u8; 1 << 20];
-        for i in 0..(3 * size >> 20) {
+        for i in 0..((3 * size) >> 20) {
             f.write_all_at(&block, i << 20).unwrap();
         }
         drop(f);

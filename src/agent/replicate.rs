@@ -792,7 +792,7 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
     let sender = async {
         loop {
             loop {
-                let next = lock(&l.state).next().map(|q| q.payload.clone());
+                let next = lock(&l.state).next_to_send().map(|q| q.payload.clone());
                 let Some(e) = next else { break };
                 send_epoch(&mut send, &e)
                     .await

@@ -526,13 +526,11 @@ mod tests {
         let mut steps = 0;
         loop {
             for &(at, chunk) in urgent {
-                if at == steps {
-                    if rx.urgent_begin(chunk, false).unwrap() == UrgentStart::Fetch {
-                        let len = rx.geometry().chunk_len(chunk);
-                        let seek = rx.urgent_seek(chunk);
-                        for c in seek.into_iter().chain(rx.urgent_end(chunk, Some(len))) {
-                            tx.on_control(c).unwrap();
-                        }
+                if at == steps && rx.urgent_begin(chunk, false).unwrap() == UrgentStart::Fetch {
+                    let len = rx.geometry().chunk_len(chunk);
+                    let seek = rx.urgent_seek(chunk);
+                    for c in seek.into_iter().chain(rx.urgent_end(chunk, Some(len))) {
+                        tx.on_control(c).unwrap();
                     }
                 }
             }
@@ -753,7 +751,7 @@ mod tests {
             if let Some(n) = rx.grant(65536) {
                 outstanding += n as i64;
             }
-            assert!(outstanding <= 1 << 20 && outstanding >= 0);
+            assert!((0..=1 << 20).contains(&outstanding));
         }
     }
 

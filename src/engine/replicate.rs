@@ -94,7 +94,7 @@ impl<T> Link<T> {
     }
 
     /// The next epoch to send, moved to in-flight.
-    pub fn next(&mut self) -> Option<&Queued<T>> {
+    pub fn next_to_send(&mut self) -> Option<&Queued<T>> {
         if self.behind {
             return None;
         }
@@ -186,9 +186,9 @@ mod tests {
         l.sent_catch_up(1, 50, Duration::ZERO, ());
         assert!(l.enqueue(q(2, 100)));
         assert!(l.enqueue(q(3, 100)));
-        assert_eq!(l.next().unwrap().epoch, 2);
-        assert_eq!(l.next().unwrap().epoch, 3);
-        assert!(l.next().is_none());
+        assert_eq!(l.next_to_send().unwrap().epoch, 2);
+        assert_eq!(l.next_to_send().unwrap().epoch, 3);
+        assert!(l.next_to_send().is_none());
         assert_eq!(
             l.lag(Duration::from_millis(40)),
             (250, Duration::from_millis(40))
@@ -209,13 +209,13 @@ mod tests {
         assert!(l.enqueue(q(2, 100)));
         assert!(!l.enqueue(q(3, 100)), "over the window");
         assert!(l.is_behind());
-        assert!(l.next().is_none());
+        assert!(l.next_to_send().is_none());
         assert!(!l.enqueue(q(4, 1)));
         // The next session's catch-up covers everything up to 4.
         l.start_session(4);
         assert!(!l.is_behind());
         assert!(l.enqueue(q(5, 10)));
-        assert_eq!(l.next().unwrap().epoch, 5);
+        assert_eq!(l.next_to_send().unwrap().epoch, 5);
     }
 
     #[test]
@@ -232,7 +232,7 @@ mod tests {
         let mut l = Link::new(10);
         l.start_session(0);
         assert!(l.enqueue(q(1, 100)));
-        assert_eq!(l.next().unwrap().epoch, 1);
+        assert_eq!(l.next_to_send().unwrap().epoch, 1);
     }
 
     #[test]
@@ -241,8 +241,8 @@ mod tests {
         l.start_session(0);
         l.enqueue(q(1, 10));
         l.enqueue(q(2, 10));
-        l.next();
+        l.next_to_send();
         l.start_session(1);
-        assert_eq!(l.next().unwrap().epoch, 2);
+        assert_eq!(l.next_to_send().unwrap().epoch, 2);
     }
 }

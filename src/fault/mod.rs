@@ -219,7 +219,7 @@ pub fn is_shmem(file: &File) -> bool {
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and a pointer to a statfs on our stack.
     let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut s) };
-    r == 0 && s.f_type as i64 == libc::TMPFS_MAGIC as i64
+    r == 0 && s.f_type as i64 == libc::TMPFS_MAGIC
 }
 
 #[cfg(test)]

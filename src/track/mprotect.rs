@@ -291,7 +291,7 @@ impl MprotectTracker {
                 w.store(0, Ordering::Release);
             }
             self.protect(0, self.granules).map_err(collect_err)?;
-            return Ok(vec![0..self.len as u64]);
+            return Ok(std::iter::once(0..self.len as u64).collect());
         }
         let runs = super::take_runs(&self.bits);
         let mut out = Vec::with_capacity(runs.len());
