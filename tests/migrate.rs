@@ -1150,6 +1150,68 @@ async fn freeze_by_write_protection_holds_the_writers() {
     }
 }
 
+/// A publishing application whose library stops answering the agent (a hung process)
+/// cannot hang a migration of its region: the agent's requests time out and the
+/// migration fails with that reason, and A still owns the region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_that_stops_answering_fails_the_migration() {
+    use pagewire::control::{ControlEvent, ControlRequest, PublishArgs};
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::AsRawFd;
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let (a, b) = p.agents().await;
+    let size = 4 * MIB;
+    let dst = p.db.path().join("silent");
+    sparse_file(&dst, size, &[]);
+    b.add_region("silent", &dst).unwrap();
+    // A raw client publishes a memfd with the mprotect tracker (whose collects the
+    // application answers), then never reads or answers anything.
+    let memfd = pagewire::fault::memfd("silent", size).unwrap();
+    let stream = std::os::unix::net::UnixStream::connect(p.da.path().join("a.sock")).unwrap();
+    let req = ControlRequest::Publish(PublishArgs {
+        region: "silent".into(),
+        size,
+        base: 0x7f00_0000_0000,
+        map_len: size,
+        tracker: "mprotect".into(),
+        to: vec![],
+        interval_ms: 50,
+    });
+    let mut line = serde_json::to_vec(&req).unwrap();
+    line.push(b'\n');
+    pagewire::fault::fdpass::send_with_fds(stream.as_raw_fd(), &line, &[memfd.as_raw_fd()])
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(&stream).read_line(&mut first).unwrap();
+    assert!(
+        matches!(
+            serde_json::from_str::<ControlEvent>(first.trim_end()),
+            Ok(ControlEvent::Published { .. })
+        ),
+        "{first}"
+    );
+    let e = within(a.migrate("silent", opts(50, 4, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap_err()
+        .to_string();
+    eprintln!("migration error: {e}");
+    assert!(
+        e.contains("did not answer") && e.contains("source-error"),
+        "{e}"
+    );
+    assert!(a
+        .status()
+        .migrations
+        .iter()
+        .all(|m| m.region != "silent" || m.owner));
+    drop(stream);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Post-copy into a receiving application: pure post-copy (no pre-copy round), so every
 /// chunk is stale at the handover; the application on B runs as soon as it owns the
 /// region and reads everything in random order with 4 threads, faulting the chunks in

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::Inner;
 use crate::control::PublishArgs;
@@ -30,7 +30,15 @@ enum AppOp {
     Release,
 }
 
-type AppRequest = (AppOp, oneshot::Sender<CollectReply>);
+/// A request and where its answer goes (a std channel: the asking thread waits with a
+/// timeout, and a late answer to a request given up on is dropped).
+type AppRequest = (AppOp, std::sync::mpsc::Sender<CollectReply>);
+
+/// How long the agent waits for a publishing application's answer (its library thread
+/// collects, holds or releases; a collect or a hold of a large region takes tens of ms).
+/// An application that does not answer in time fails the request, never hangs the
+/// replication or a migration.
+pub(crate) const APP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The application's end of the session, as trackers see it: a request goes over the
 /// control connection and the call blocks until the answer.
@@ -41,22 +49,34 @@ struct AppLink {
 
 impl AppLink {
     fn ask(&self, op: AppOp) -> Result<Ranges, TrackError> {
+        use std::sync::mpsc::RecvTimeoutError;
         let gone = |why: &str| TrackError::Gone(why.into());
-        let (tx, rx) = oneshot::channel();
+        let what = match op {
+            AppOp::Collect => "collect in the application",
+            AppOp::Hold => "holding the writers in the application",
+            AppOp::Release => "releasing the writers in the application",
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
         self.tx
             .blocking_send((op, tx))
             .map_err(|_| gone("the application detached"))?;
-        match rx.blocking_recv() {
+        match rx.recv_timeout(APP_ANSWER_TIMEOUT) {
             Ok(Ok(r)) => Ok(crate::track::normalize(r)),
             Ok(Err(e)) => Err(TrackError::Collect {
-                what: match op {
-                    AppOp::Collect => "collect in the application",
-                    AppOp::Hold => "holding the writers in the application",
-                    AppOp::Release => "releasing the writers in the application",
-                },
+                what,
                 source: std::io::Error::other(e),
             }),
-            Err(_) => Err(gone("the application detached")),
+            Err(RecvTimeoutError::Timeout) => Err(TrackError::Collect {
+                what,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the application did not answer within {}s",
+                        APP_ANSWER_TIMEOUT.as_secs()
+                    ),
+                ),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(gone("the application detached")),
         }
     }
 }
@@ -243,7 +263,8 @@ pub(crate) async fn run(
     if send(w, &published).await.is_err() {
         return end(&inner, &s.region);
     }
-    let mut pending: std::collections::VecDeque<oneshot::Sender<CollectReply>> = Default::default();
+    let mut pending: std::collections::VecDeque<std::sync::mpsc::Sender<CollectReply>> =
+        Default::default();
     loop {
         let request = async {
             match s.requests.as_mut() {

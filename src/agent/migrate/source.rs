@@ -731,6 +731,7 @@ async fn attempt(
         frozen: false,
         report: None,
         last_error: None,
+        local_failure: false,
         progress_tx,
         pacer: None,
         zero_sent: Bitmap::new(g.chunks()),
@@ -758,6 +759,8 @@ struct Driver {
     frozen: bool,
     report: Option<Report>,
     last_error: Option<String>,
+    /// The abort came from this side (collecting or freezing failed), not the link.
+    local_failure: bool,
     progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
     pacer: Option<Pacer>,
     /// Chunks whose last send was a zero marker: their acks count as the marker's few
@@ -963,8 +966,10 @@ impl Driver {
                             let _ = self.feed(SourceEvent::Dirty(chunks));
                         }
                         Err(e) => {
-                            // Cannot know what changed: give up (as a link loss would).
+                            // Cannot know what changed: give up (as a link loss would,
+                            // reported as this side's error).
                             self.last_error = Some(format!("collecting changes: {e}"));
+                            self.local_failure = true;
                             if let Some(mut s) = stream.take() {
                                 let _ = s.send.reset(WireCode::Cancelled.varint());
                             }
@@ -982,6 +987,7 @@ impl Driver {
                         }
                         Err(e) => {
                             self.last_error = Some(format!("freeze failed: {e}"));
+                            self.local_failure = true;
                             // A half-done freeze is undone by the abort's Resume.
                             self.frozen = true;
                             if let Some(mut s) = stream.take() {
@@ -1043,7 +1049,11 @@ impl Driver {
             Err(MigrateRunError::Aborted {
                 region: self.region.name().into(),
                 peer: self.opts.to.clone(),
-                outcome: outcome_name(r.outcome),
+                outcome: if self.local_failure && r.outcome == Outcome::LinkLost {
+                    "source-error"
+                } else {
+                    outcome_name(r.outcome)
+                },
                 why: self
                     .last_error
                     .clone()
