@@ -208,6 +208,9 @@ pub enum Outcome {
     Migrated,
     /// The link went down before the handover; A's app runs on.
     LinkLost,
+    /// A's own side failed before the handover (collecting changes, or the freeze); A's
+    /// app runs on.
+    SourceFailed,
     /// After a cut during the handover, B said it did not take ownership; A resumed.
     HandoverRefused,
     /// After handover, B said it owns nothing (it lost its state); A resumed its frozen

@@ -134,6 +134,7 @@ pub(crate) fn outcome_name(o: Outcome) -> &'static str {
     match o {
         Outcome::Migrated => "migrated",
         Outcome::LinkLost => "link-lost",
+        Outcome::SourceFailed => "source-error",
         Outcome::HandoverRefused => "handover-refused",
         Outcome::DestinationLost => "destination-lost",
     }
@@ -731,7 +732,6 @@ async fn attempt(
         frozen: false,
         report: None,
         last_error: None,
-        local_failure: false,
         progress_tx,
         pacer: None,
         zero_sent: Bitmap::new(g.chunks()),
@@ -759,8 +759,6 @@ struct Driver {
     frozen: bool,
     report: Option<Report>,
     last_error: Option<String>,
-    /// The abort came from this side (collecting or freezing failed), not the link.
-    local_failure: bool,
     progress_tx: Option<mpsc::UnboundedSender<MigrationProgress>>,
     pacer: Option<Pacer>,
     /// Chunks whose last send was a zero marker: their acks count as the marker's few
@@ -966,14 +964,12 @@ impl Driver {
                             let _ = self.feed(SourceEvent::Dirty(chunks));
                         }
                         Err(e) => {
-                            // Cannot know what changed: give up (as a link loss would,
-                            // reported as this side's error).
+                            // Cannot know what changed: give up.
                             self.last_error = Some(format!("collecting changes: {e}"));
-                            self.local_failure = true;
                             if let Some(mut s) = stream.take() {
                                 let _ = s.send.reset(WireCode::Cancelled.varint());
                             }
-                            let _ = self.feed(SourceEvent::LinkDown);
+                            let _ = self.feed(SourceEvent::Failed);
                         }
                     }
                 }
@@ -987,13 +983,12 @@ impl Driver {
                         }
                         Err(e) => {
                             self.last_error = Some(format!("freeze failed: {e}"));
-                            self.local_failure = true;
                             // A half-done freeze is undone by the abort's Resume.
                             self.frozen = true;
                             if let Some(mut s) = stream.take() {
                                 let _ = s.send.reset(WireCode::Cancelled.varint());
                             }
-                            let _ = self.feed(SourceEvent::LinkDown);
+                            let _ = self.feed(SourceEvent::Failed);
                         }
                     }
                 }
@@ -1049,11 +1044,7 @@ impl Driver {
             Err(MigrateRunError::Aborted {
                 region: self.region.name().into(),
                 peer: self.opts.to.clone(),
-                outcome: if self.local_failure && r.outcome == Outcome::LinkLost {
-                    "source-error"
-                } else {
-                    outcome_name(r.outcome)
-                },
+                outcome: outcome_name(r.outcome),
                 why: self
                     .last_error
                     .clone()

@@ -60,6 +60,10 @@ pub enum SourceEvent {
     },
     LinkDown,
     LinkUp,
+    /// A's own side failed (collecting what changed, or pausing the app) and the driver
+    /// dropped the migration stream: before the handover, give up as a cut would but
+    /// with [`Outcome::SourceFailed`]; after it, handled as a cut.
+    Failed,
     /// The app is paused (answer to `Freeze`).
     Frozen,
     Message(Message),
@@ -259,6 +263,17 @@ impl MigrateSource {
                 }
             }
             SourceEvent::LinkDown => self.link_down(now, &mut out),
+            SourceEvent::Failed => {
+                if matches!(
+                    self.phase,
+                    SourcePhase::Precopy { .. } | SourcePhase::Freezing | SourcePhase::FinalSync
+                ) {
+                    self.abort(now, Outcome::SourceFailed, &mut out)
+                } else {
+                    // The driver dropped the stream with it: what a cut does.
+                    self.link_down(now, &mut out)
+                }
+            }
             SourceEvent::LinkUp => {
                 if let Some(run) = self.run.as_mut() {
                     run.link_up = true;

@@ -907,3 +907,36 @@ fn a_round_ends_only_once_b_has_answered_its_stale_notices() {
         .handle(ms(1), SourceEvent::Message(Message::Dropped))
         .is_err());
 }
+
+/// A failure on A's own side (collecting what changed, or the freeze) gives up before
+/// the handover with its own outcome; a freeze already asked for is undone.
+#[test]
+fn a_failure_on_the_source_side_aborts_with_its_own_outcome() {
+    let mut a = MigrateSource::new();
+    a.handle(ms(0), SourceEvent::Start(cfg(MIB))).unwrap();
+    let out = a.handle(ms(1), SourceEvent::Failed).unwrap();
+    assert_eq!(a.phase(), SourcePhase::Aborted(Outcome::SourceFailed));
+    assert!(
+        !out.iter().any(|x| matches!(x, SourceAction::Resume)),
+        "{out:?}"
+    );
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, SourceAction::Report(r) if r.outcome == Outcome::SourceFailed)));
+    assert!(a.owns());
+    // While freezing: the abort resumes the app.
+    let size = 8 * MIB;
+    let mut sim = Sim::new(size, ms(20), Writer::uniform(500.0), Writer::idle(), 31);
+    sim.start(cfg(size)).unwrap();
+    while sim.a.phase() != SourcePhase::Freezing {
+        assert!(sim.now < Duration::from_secs(5), "never froze");
+        sim.step();
+    }
+    let out = sim.a.handle(sim.now, SourceEvent::Failed).unwrap();
+    assert!(
+        out.iter().any(|x| matches!(x, SourceAction::Resume)),
+        "{out:?}"
+    );
+    assert_eq!(sim.a.phase(), SourcePhase::Aborted(Outcome::SourceFailed));
+    assert!(sim.a.owns());
+}
