@@ -57,10 +57,12 @@ enum Command {
     /// On a replica: print the last epoch of a region applied in full (--wait N: wait for
     /// epoch N first).
     Epoch(EpochCmd),
-    /// Live-migrate a file region this agent serves to a peer that serves a file of the
-    /// same name and size: pre-copy rounds while the writer runs, freeze, final sync,
-    /// handover (the peer owns the region; this agent no longer does). Progress on
-    /// stderr; --json prints the report on stdout.
+    /// Live-migrate a region this agent serves (a file, or memory an application
+    /// published with the client library) to a peer that serves a region of the same name
+    /// and size or has an application receiving it (client::receive): pre-copy rounds
+    /// while the writer runs, freeze, final sync, handover (the peer owns the region; this
+    /// agent no longer does), post-copy with --postcopy. Progress on stderr; --json prints
+    /// the report on stdout.
     Migrate(MigrateCmd),
 }
 
