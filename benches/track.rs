@@ -286,75 +286,66 @@ fn main() {
     };
     if sync_supported() {
         let mut t = UffdWpSync::new(r.ptr(), r.len()).expect("uffd-wp sync");
-        let times = (0..ROUNDS)
-            .map(|i| {
-                r.touch_all(10 + i as u8);
-                t.collect().expect("collect");
-                r.touch_some(100, 40 + i as u8);
-                let s = Instant::now();
-                t.freeze().expect("freeze");
-                let hold = s.elapsed();
-                let s = Instant::now();
-                t.thaw().expect("thaw");
-                (hold, s.elapsed())
-            })
-            .collect();
-        frow(
-            "uffd-wp sync (agent: UFFDIO_WP)",
-            "freeze_sync_ms",
-            median_pair(times),
+        let times = time_freezes(
+            &r,
+            &mut t,
+            10,
+            |t| t.freeze().expect("freeze"),
+            |t, ()| t.thaw().expect("thaw"),
         );
+        frow("uffd-wp sync (agent: UFFDIO_WP)", "freeze_sync_ms", times);
     }
     if async_supported() {
         let mut t = UffdWpAsync::new(r.ptr(), r.len()).expect("uffd-wp async");
-        let times = (0..ROUNDS)
-            .map(|i| {
-                r.touch_all(20 + i as u8);
-                t.collect().expect("collect");
-                r.touch_some(100, 50 + i as u8);
-                let s = Instant::now();
-                let h = pagewire::fault::hold::Hold::new(r.ptr(), r.len()).expect("hold");
-                let hold = s.elapsed();
-                let s = Instant::now();
-                h.release(true);
-                (hold, s.elapsed())
-            })
-            .collect();
+        let times = time_freezes(
+            &r,
+            &mut t,
+            20,
+            |_| pagewire::fault::hold::Hold::new(r.ptr(), r.len()).expect("hold"),
+            |_, h| h.release(true),
+        );
         frow(
             "uffd-wp async (library: mprotect)",
             "freeze_async_ms",
-            median_pair(times),
+            times,
         );
     }
     {
         let mut t = MprotectTracker::new(r.ptr(), r.len(), None).expect("mprotect");
-        let times = (0..ROUNDS)
-            .map(|i| {
-                r.touch_all(30 + i as u8);
-                t.collect().expect("collect");
-                r.touch_some(100, 60 + i as u8);
-                let s = Instant::now();
-                t.freeze().expect("freeze");
-                let hold = s.elapsed();
-                let s = Instant::now();
-                t.thaw().expect("thaw");
-                (hold, s.elapsed())
-            })
-            .collect();
-        frow(
-            "mprotect tracker (library)",
-            "freeze_mprotect_ms",
-            median_pair(times),
+        let times = time_freezes(
+            &r,
+            &mut t,
+            30,
+            |t| t.freeze().expect("freeze"),
+            |t, ()| t.thaw().expect("thaw"),
         );
+        frow("mprotect tracker (library)", "freeze_mprotect_ms", times);
     }
     println!("BENCH_JSON {}", serde_json::Value::Object(json));
 }
 
-/// Medians of the first and second members, in ms.
-fn median_pair(v: Vec<(Duration, Duration)>) -> (f64, f64) {
+/// Median times (ms) of `hold` and `release` over [`ROUNDS`] rounds, each after every
+/// page was written, collected, and 1% of the pages written again (`seed` varies the
+/// bytes).
+fn time_freezes<T: DirtyTracker, H>(
+    r: &Region,
+    t: &mut T,
+    seed: u8,
+    hold: impl Fn(&mut T) -> H,
+    release: impl Fn(&mut T, H),
+) -> (f64, f64) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    (
-        median(v.iter().map(|p| ms(p.0)).collect()),
-        median(v.iter().map(|p| ms(p.1)).collect()),
-    )
+    let (mut holds, mut releases) = (Vec::new(), Vec::new());
+    for i in 0..ROUNDS as u8 {
+        r.touch_all(seed + i);
+        t.collect().expect("collect");
+        r.touch_some(100, seed + 30 + i);
+        let s = Instant::now();
+        let h = hold(t);
+        holds.push(ms(s.elapsed()));
+        let s = Instant::now();
+        release(t, h);
+        releases.push(ms(s.elapsed()));
+    }
+    (median(holds), median(releases))
 }

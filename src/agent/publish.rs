@@ -81,8 +81,8 @@ impl AppLink {
     }
 }
 
-/// The mprotect tracker's proxy: it runs in the application, which collects, holds and
-/// releases its writers when asked.
+/// The mprotect tracker's proxy: it runs in the application, which collects when asked
+/// (and holds its writers, through [`AppHeld`]).
 struct RemoteTracker {
     app: AppLink,
 }
@@ -95,23 +95,11 @@ impl DirtyTracker for RemoteTracker {
     fn collect(&mut self) -> Result<Ranges, TrackError> {
         self.app.ask(AppOp::Collect)
     }
-
-    fn can_freeze(&self) -> bool {
-        true
-    }
-
-    fn freeze(&mut self) -> Result<(), TrackError> {
-        self.app.ask(AppOp::Hold).map(drop)
-    }
-
-    fn thaw(&mut self) -> Result<(), TrackError> {
-        self.app.ask(AppOp::Release).map(drop)
-    }
 }
 
-/// A tracker that cannot hold writers itself (uffd-wp-async: the kernel resolves its
-/// write faults), with the application holding them instead
-/// ([`crate::fault::hold`]: `PROT_READ` and a handler that parks the writing thread).
+/// A tracker whose writers the application holds for a freeze ([`crate::fault::hold`]:
+/// `PROT_READ` and a handler that parks the writing thread): uffd-wp-async, whose write
+/// faults the kernel resolves by itself, and the mprotect proxy.
 struct AppHeld<T> {
     tracker: T,
     app: AppLink,
@@ -202,7 +190,10 @@ pub(crate) fn start(
                 .map_err(|e| e.to_string())?;
             (Box::new(t), None)
         }
-        "mprotect" => (Box::new(RemoteTracker { app }), Some(rx)),
+        "mprotect" => {
+            let tracker = RemoteTracker { app: app.clone() };
+            (Box::new(AppHeld { tracker, app }), Some(rx))
+        }
         o => return Err(format!("unknown tracker {o:?}")),
     };
     if let Ok(mut r) = inner.regions.write() {

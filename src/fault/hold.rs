@@ -36,10 +36,16 @@ const EMPTY: Slot = Slot {
 };
 
 static SLOTS: [Slot; MAX_HOLDS] = [EMPTY; MAX_HOLDS];
+/// Slots in use: the mprotect tracker asks [`is_held`] on every write fault, and almost
+/// always nothing is held.
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
 static REGISTER: Mutex<()> = Mutex::new(());
 static CHAIN: SegvHandler = SegvHandler::new();
 
 fn slot_of(addr: usize) -> Option<&'static Slot> {
+    if IN_USE.load(Ordering::Acquire) == 0 {
+        return None;
+    }
     SLOTS.iter().find(|s| {
         let (base, len) = (
             s.base.load(Ordering::Acquire),
@@ -109,6 +115,7 @@ impl Hold {
             s.base.store(base as usize, Ordering::Release);
             s.held.store(1, Ordering::Release);
             s.len.store(len, Ordering::Release);
+            IN_USE.fetch_add(1, Ordering::AcqRel);
             slot
         };
         let h = Hold {
@@ -151,6 +158,7 @@ impl Hold {
         s.held.store(0, Ordering::Release);
         super::futex_wake(&s.held);
         s.len.store(0, Ordering::Release);
+        IN_USE.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -306,11 +306,6 @@ impl MprotectTracker {
 
 impl Drop for MprotectTracker {
     fn drop(&mut self) {
-        // Writers still held (a migration that moved the region away) go on now, into
-        // a writable region, as when a uffd tracker's descriptor closes.
-        if let Some(h) = self.hold.take() {
-            h.release(true);
-        }
         // Open the region first (no new faults), then leave the slot, then wait for
         // handlers still reading our bitmap.
         // SAFETY: inside our mapping.
@@ -321,6 +316,11 @@ impl Drop for MprotectTracker {
                 libc::PROT_READ | libc::PROT_WRITE,
             )
         };
+        // Writers still held (a migration that moved the region away) go on now, into
+        // the writable region, as when a uffd tracker's descriptor closes.
+        if let Some(h) = self.hold.take() {
+            h.release(false);
+        }
         let _g = REGISTER.lock().unwrap_or_else(|e| e.into_inner());
         let s = &SLOTS[self.slot];
         s.len.store(0, Ordering::Release);
