@@ -8,7 +8,7 @@
 //! 4. a chunk-size sweep (throughput and idle fetch latency) behind the 64 KiB default.
 //!
 //! `cargo bench --bench pull` (PAGEWIRE_BENCH_MB sets the region size, default 1024;
-//! PAGEWIRE_BENCH_ONLY=throughput or urgent runs one part; PAGEWIRE_BENCH_GAIN=PERCENT sets
+//! PAGEWIRE_BENCH_ONLY=throughput or urgent runs one part, =pull or =raw only pulls or raw streams (for profiling); PAGEWIRE_BENCH_GAIN=PERCENT sets
 //! the gain of the automatic window in benchmark 3's default-window row).
 //! Prints a table and one JSON line (`BENCH_JSON {...}`) for scripts.
 
@@ -298,6 +298,60 @@ async fn loaded_latency(env: &Env, random: &Path, size: u64, window: Window) -> 
     (lat, size as f64 / secs)
 }
 
+/// CPU seconds (user + system) used so far by this whole process: both sides' runtimes
+/// and the thread blocking on `main`.
+fn cpu_secs() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into `u`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Runs `f` and returns its result with the process CPU seconds it took.
+async fn with_cpu<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let c0 = cpu_secs();
+    let v = f.await;
+    (v, cpu_secs() - c0)
+}
+
+/// Seconds per GiB of the per-byte work a pull does that the raw stream does not, each
+/// on one thread over `bytes` of 64 KiB chunks: blake3 (the sender hashes, the receiver
+/// verifies), `pread` from a tmpfs file (the sender) and `pwrite` into new pages of a
+/// fresh tmpfs file (the receiver).
+fn extra_work(src: &Path, dir: &Path, bytes: u64) -> (f64, f64, f64) {
+    let chunk = 64usize << 10;
+    let n = (bytes / chunk as u64).max(1);
+    let per_gib =
+        |t: Instant| t.elapsed().as_secs_f64() * (1u64 << 30) as f64 / (n * chunk as u64) as f64;
+    let f = std::fs::File::open(src).unwrap();
+    let mut buf = vec![0u8; chunk];
+    let t = Instant::now();
+    for i in 0..n {
+        f.read_exact_at(&mut buf, i * chunk as u64).unwrap();
+    }
+    let pread = per_gib(t);
+    let t = Instant::now();
+    let mut x = 0u8;
+    for _ in 0..n {
+        x ^= blake3::hash(&buf).as_bytes()[0];
+    }
+    std::hint::black_box(x);
+    let hash = per_gib(t);
+    let out = dir.join("extra-work");
+    let w = std::fs::File::create(&out).unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        w.write_all_at(&buf, i * chunk as u64).unwrap();
+    }
+    let pwrite = per_gib(t);
+    drop(w);
+    let _ = std::fs::remove_file(&out);
+    (hash, pread, pwrite)
+}
+
 fn mbps(bps: f64) -> String {
     format!("{:8.1} MB/s", bps / 1e6)
 }
@@ -432,26 +486,81 @@ async fn run() {
         println!("\nBENCH_JSON {json}");
         return;
     }
+    // PAGEWIRE_BENCH_ONLY=pull or raw: three pulls or raw streams, nothing else (for
+    // profiling one of them).
+    let only = std::env::var("PAGEWIRE_BENCH_ONLY");
+    if matches!(only.as_deref(), Ok("pull") | Ok("raw")) {
+        for _ in 0..3 {
+            let (bps, cpu) = if only.as_deref() == Ok("raw") {
+                with_cpu(raw_quinn(&env, size)).await
+            } else {
+                let (secs, cpu) = with_cpu(pull_secs(&p, "random", &out)).await;
+                let _ = std::fs::remove_file(&out);
+                (size as f64 / secs, cpu)
+            };
+            println!(
+                "{} {}  {:.2} core-s/GiB",
+                only.as_deref().unwrap_or(""),
+                mbps(bps),
+                cpu * (1u64 << 30) as f64 / size as f64
+            );
+        }
+        return;
+    }
     let (mut raws, mut pulls) = (Vec::new(), Vec::new());
+    // CPU seconds per GiB moved and cores busy (CPU time / wall time), per run.
+    let (mut raw_cpu, mut pull_cpu) = (Vec::new(), Vec::new());
+    let gib = size as f64 / (1u64 << 30) as f64;
     for _ in 0..3 {
-        raws.push(raw_quinn(&env, size).await);
-        pulls.push(size as f64 / pull_secs(&p, "random", &out).await);
+        let (bps, cpu) = with_cpu(raw_quinn(&env, size)).await;
+        raws.push(bps);
+        raw_cpu.push((cpu / gib, cpu * bps / size as f64));
+        let (secs, cpu) = with_cpu(pull_secs(&p, "random", &out)).await;
+        pulls.push(size as f64 / secs);
+        pull_cpu.push((cpu / gib, cpu / secs));
         let _ = std::fs::remove_file(&out);
     }
     let raw = pct(&mut raws, 0.5);
     let pull_bps = pct(&mut pulls, 0.5);
+    let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        pct(&mut x, 0.5)
+    };
+    let (raw_cpu_gib, raw_cores) = (median(&raw_cpu, |c| c.0), median(&raw_cpu, |c| c.1));
+    let (pull_cpu_gib, pull_cores) = (median(&pull_cpu, |c| c.0), median(&pull_cpu, |c| c.1));
+    let (hash_s, pread_s, pwrite_s) = extra_work(&random, env.data.path(), size.min(256 << 20));
     let t_random = size as f64 / pull_bps;
     let t_sparse = pull_secs(&p, "sparse", &out).await;
     let _ = std::fs::remove_file(&out);
     let t_zeros = pull_secs(&p, "zeros", &out).await;
     let _ = std::fs::remove_file(&out);
     // 3a. idle latency
+    let cpu_lines = || {
+        println!(
+            "   CPU per GiB moved (whole process, median of 3): raw {:.2} core-s ({:.2} cores busy), pull {:.2} core-s ({:.2} cores busy): the pull costs {:.2}x the raw stream's CPU per byte",
+            raw_cpu_gib, raw_cores, pull_cpu_gib, pull_cores, pull_cpu_gib / raw_cpu_gib
+        );
+        println!(
+            "   per-byte work the raw stream does not do (one thread, s/GiB): blake3 {:.2} (sender hashes, receiver verifies), pread {:.2} (sender), pwrite into new tmpfs pages {:.2} (receiver)",
+            hash_s, pread_s, pwrite_s
+        );
+        // At best the pull keeps every core busy: rate <= cores / (CPU per byte).
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as f64)
+            .unwrap_or(f64::NAN);
+        println!(
+            "   ceiling on this {cores}-CPU machine if the pull kept every core busy: {:.2}x raw (cores / pull CPU per byte, over the raw rate)",
+            cores / raw_cores * raw_cpu_gib / pull_cpu_gib
+        );
+    };
     if std::env::var("PAGEWIRE_BENCH_ONLY").as_deref() == Ok("throughput") {
         println!(
-            "raw {} pull {} (PAGEWIRE_BENCH_ONLY=throughput)",
+            "raw {} pull {} ratio {:.2}x (PAGEWIRE_BENCH_ONLY=throughput)",
             mbps(raw),
-            mbps(pull_bps)
+            mbps(pull_bps),
+            pull_bps / raw
         );
+        cpu_lines();
         return;
     }
     let mut idle = idle_latencies(p, size / chunk).await;
@@ -473,6 +582,7 @@ async fn run() {
         runs(&pulls),
         pull_bps / raw
     );
+    cpu_lines();
     println!("\n2. 90% zero chunks");
     println!("   random     {:7.3} s", t_random);
     println!(
@@ -573,6 +683,13 @@ async fn run() {
         "raw_quinn_bps": raw,
         "pull_bps": pull_bps,
         "pull_vs_raw": pull_bps / raw,
+        "raw_cpu_s_per_gib": raw_cpu_gib,
+        "raw_cores_busy": raw_cores,
+        "pull_cpu_s_per_gib": pull_cpu_gib,
+        "pull_cores_busy": pull_cores,
+        "blake3_s_per_gib": hash_s,
+        "pread_s_per_gib": pread_s,
+        "pwrite_new_pages_s_per_gib": pwrite_s,
         "random_s": t_random,
         "sparse_s": t_sparse,
         "zeros_s": t_zeros,
