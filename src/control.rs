@@ -82,6 +82,63 @@ pub enum ControlRequest {
     /// Live-migrate a region this agent serves to a peer: answered with
     /// [`ControlEvent::MigrateProgress`] lines, then [`ControlEvent::Migrated`] or an error.
     Migrate(MigrateArgs),
+    /// On the destination, for a region that lives on a peer and is not served here:
+    /// make a file of the peer region's size the target of its migration from that peer
+    /// (`pagewire receive`). Answered with [`ControlEvent::ReceiveProgress`] lines, then
+    /// [`ControlEvent::ReceivedFile`] once this agent owns the region and has every chunk,
+    /// or an error. The target is withdrawn if the client goes away before a migration
+    /// into it started.
+    ReceiveFile(ReceiveFileArgs),
+}
+
+/// `pagewire receive` arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceiveFileArgs {
+    /// The peer the region is migrated from (its current owner).
+    pub from: String,
+    pub region: String,
+    /// The file to receive it into: created (mode 0600) if absent; an existing regular
+    /// file must be empty or exactly the region's size, and is overwritten.
+    pub to: PathBuf,
+    /// Give up (and withdraw the target) if no migration completed within this long.
+    pub timeout_ms: Option<u64>,
+}
+
+/// A migration into a file on its destination (`pagewire receive`), for a progress
+/// display.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReceiveProgress {
+    pub region: String,
+    pub from: String,
+    /// `waiting` (no migration yet), then the destination engine's phase: `receiving`,
+    /// `owner`, `complete`, or `aborted` (an attempt failed; its partial copy is not
+    /// valid; the next attempt starts over).
+    pub phase: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Chunk frames received so far in this attempt (re-sent chunks count again).
+    pub chunks_received: u64,
+    pub chunks: u64,
+    /// Attempts that failed so far.
+    pub aborted_attempts: u32,
+    pub elapsed_s: f64,
+}
+
+/// The end of `pagewire receive`: this agent owns the region and serves it from `path`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReceiveReport {
+    pub region: String,
+    pub from: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Chunk frames received (re-sent chunks count again).
+    pub chunks_received: u64,
+    /// Chunks received that were already current here.
+    pub duplicate_chunks: u64,
+    pub aborted_attempts: u32,
+    /// From the registration to the end, ms (includes the wait for the migration).
+    pub elapsed_ms: f64,
 }
 
 /// `pagewire migrate` arguments.
@@ -402,6 +459,8 @@ pub enum ControlEvent {
     },
     /// To a receiving application: every chunk is here; the mapping runs at native speed.
     Received,
+    ReceiveProgress(ReceiveProgress),
+    ReceivedFile(ReceiveReport),
 }
 
 /// `pagewire status`.
@@ -671,6 +730,29 @@ impl ControlClient {
                 None => {
                     return Err(ControlError::Protocol(
                         "the agent closed the connection before the migration ended".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// `pagewire receive`: waits until the local agent owns `args.region`, migrated into
+    /// `args.to` from `args.from`, calling `progress` meanwhile.
+    pub async fn receive_file(
+        mut self,
+        args: ReceiveFileArgs,
+        mut progress: impl FnMut(&ReceiveProgress),
+    ) -> Result<ReceiveReport, ControlError> {
+        self.send(&ControlRequest::ReceiveFile(args)).await?;
+        loop {
+            match self.next_event().await? {
+                Some(ControlEvent::ReceiveProgress(p)) => progress(&p),
+                Some(ControlEvent::ReceivedFile(r)) => return Ok(r),
+                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
+                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
+                None => {
+                    return Err(ControlError::Protocol(
+                        "the agent closed the connection before the region was received".into(),
                     ))
                 }
             }

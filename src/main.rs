@@ -64,6 +64,37 @@ enum Command {
     /// agent no longer does), post-copy with --postcopy. Progress on stderr; --json prints
     /// the report on stdout.
     Migrate(MigrateCmd),
+    /// On the destination host, for a CLI user: receive a region that a peer is about to
+    /// migrate here (a file region, or memory an application published there) into a
+    /// file. The local agent asks the peer for the region's size, creates PATH (or takes
+    /// an empty file, or one of exactly that size: it is overwritten), serves it as the
+    /// migration's target (accepted from --from only), and this command waits until the
+    /// agent owns the region with every chunk; then the agent serves it from PATH (add
+    /// --region NAME=PATH to its config to keep doing so after a restart). Run `pagewire
+    /// migrate` on the source once this waits. Pre-copy only: --postcopy needs an
+    /// application receiving the region (client::receive). Interrupting it before the
+    /// migration starts withdraws the target. Progress on stderr; --json prints the report.
+    Receive(ReceiveCmd),
+}
+
+#[derive(Args)]
+struct ReceiveCmd {
+    /// The peer the region is migrated from (its current owner).
+    #[arg(long)]
+    from: String,
+    /// The region's name (on that peer, and here once received).
+    #[arg(long)]
+    region: String,
+    /// The file to receive it into (created with mode 0600 if absent).
+    #[arg(long)]
+    to: PathBuf,
+    /// Give up if no migration completed within this long (default: wait until one does).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -402,6 +433,10 @@ async fn run(cli: Cli) -> Result<()> {
             init_logs("warn");
             migrate(m).await
         }
+        Command::Receive(r) => {
+            init_logs("warn");
+            receive(r).await
+        }
         Command::Epoch(e) => {
             init_logs("warn");
             let socket = e.control.unwrap_or_else(default_socket);
@@ -703,6 +738,63 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
                 "the application's writers on this host stay held: it must not write the old copy (end its publication or stop it)"
             );
         }
+    }
+    Ok(())
+}
+
+async fn receive(r: ReceiveCmd) -> Result<()> {
+    let socket = r.control.unwrap_or_else(default_socket);
+    // The agent opens the file itself, so it needs an absolute path.
+    let to = std::path::absolute(&r.to).context("resolving --to")?;
+    let args = pagewire::control::ReceiveFileArgs {
+        from: r.from.clone(),
+        region: r.region.clone(),
+        to,
+        timeout_ms: r.timeout.map(|t| t.as_millis() as u64),
+    };
+    let mut last: Option<(String, u64, u32)> = None;
+    let report = ControlClient::connect(&socket)
+        .await?
+        .receive_file(args, |p| {
+            // A line when the phase changes, and every tenth of the region.
+            let tenth = p.chunks_received * 10 / p.chunks.max(1);
+            let key = (p.phase.clone(), tenth, p.aborted_attempts);
+            if last.as_ref() == Some(&key) {
+                return;
+            }
+            if last.as_ref().is_some_and(|l| l.2 < p.aborted_attempts) {
+                eprintln!("the migration attempt from {} aborted (its partial copy is not valid); waiting for the next", p.from);
+            }
+            match p.phase.as_str() {
+                "waiting" => eprintln!(
+                    "waiting for a migration of region {} ({} bytes) from {}: run `pagewire migrate --region {} --to <this agent>` there",
+                    p.region, p.size, p.from, p.region
+                ),
+                phase => eprintln!(
+                    "{phase:<10} {}/{} chunks received ({:.1}%), {:.1} s",
+                    p.chunks_received,
+                    p.chunks,
+                    p.chunks_received as f64 * 100.0 / p.chunks.max(1) as f64,
+                    p.elapsed_s
+                ),
+            }
+            last = Some(key);
+        })
+        .await?;
+    if r.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "received region {} ({} bytes) from {} into {}: this agent owns it and serves it from there ({} chunks received, {} duplicate, {} aborted attempts, {:.0} ms since the start)",
+            report.region,
+            report.size,
+            report.from,
+            report.path.display(),
+            report.chunks_received,
+            report.duplicate_chunks,
+            report.aborted_attempts,
+            report.elapsed_ms
+        );
     }
     Ok(())
 }

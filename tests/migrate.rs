@@ -1532,3 +1532,180 @@ async fn a_256m_app_under_10k_pages_per_s_migrates_with_postcopy_through_the_rel
     to_a.shutdown().await;
     to_b.shutdown().await;
 }
+
+/// `pagewire receive` on B (a CLI user, no application there): an application on A
+/// publishes its memory (no region of that name exists on B); B's agent learns the size
+/// from A, creates the file and waits; `pagewire migrate --freeze-writes` on A moves the
+/// region; `receive` returns once B owns it, and B's file equals A's memory at the
+/// freeze. Then the refusals: a region the peer does not have, an existing file of
+/// another size, a second `receive` of a region B already serves, and a client that goes
+/// away before any migration (the target is withdrawn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_receives_a_migration_into_a_file() {
+    use pagewire::client::publish::{publish, PublishOptions};
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let a = start(p.config_a()).await;
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.config_b();
+    cb.control = Some(b_sock.clone());
+    let b = start(cb).await;
+    settled(&a, &b).await;
+    let a_sock = p.da.path().join("a.sock");
+    let size = 4 * MIB + 8192;
+    let o = PublishOptions::new(&a_sock, "m", size, &[]);
+    let published = Arc::new(
+        tokio::task::spawn_blocking(move || publish(&o))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let w = storing(&published, size, 91).await;
+    let cli = |args: &[&str], sock: &Path| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"));
+        c.args(args).arg("--control").arg(sock);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    let target = p.db.path().join("m.received");
+    let to = target.to_str().unwrap();
+    let serves = |ag: &pagewire::agent::Agent, name: &str| {
+        ag.status().regions.iter().any(|r| r.name == name)
+    };
+    // Refused: A has no region "nope"; B already serves "r".
+    let out = cli(
+        &["receive", "--from", "a", "--region", "nope", "--to", to],
+        &b_sock,
+    )
+    .output()
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nope"), "{err}");
+    let out = cli(
+        &["receive", "--from", "a", "--region", "r", "--to", to],
+        &b_sock,
+    )
+    .output()
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already serves"),
+        "{err}"
+    );
+    // Refused: an existing file of another size is not clobbered.
+    std::fs::write(&target, b"precious").unwrap();
+    let out = cli(
+        &["receive", "--from", "a", "--region", "m", "--to", to],
+        &b_sock,
+    )
+    .output()
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("8 bytes"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    std::fs::remove_file(&target).unwrap();
+    // A client that goes away before any migration: the target is withdrawn.
+    let mut gone = cli(
+        &["receive", "--from", "a", "--region", "m", "--to", to],
+        &b_sock,
+    )
+    .spawn()
+    .unwrap();
+    within(async {
+        while !serves(&b, "m") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    gone.kill().await.unwrap();
+    within(async {
+        while serves(&b, "m") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The real thing.
+    let recv = cli(
+        &[
+            "receive", "--from", "a", "--region", "m", "--to", to, "--json",
+        ],
+        &b_sock,
+    )
+    .spawn()
+    .unwrap();
+    within(async {
+        while !serves(&b, "m") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let migrate = cli(
+        &[
+            "migrate",
+            "--region",
+            "m",
+            "--to",
+            "b",
+            "--freeze-writes",
+            "--json",
+        ],
+        &a_sock,
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        migrate.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let out = within(recv.wait_with_output()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("pagewire receive's stderr:\n{err}");
+    assert!(out.status.success(), "receive: {err}");
+    assert!(err.contains("waiting for a migration"), "{err}");
+    let r: pagewire::control::ReceiveReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r.region.as_str(), r.from.as_str(), r.size),
+        ("m", "a", size)
+    );
+    assert!(
+        r.chunks_received >= size.div_ceil(r.chunk_size as u64),
+        "{r:?}"
+    );
+    assert_eq!(r.aborted_attempts, 0);
+    // B owns the region, serves it from the file, and has A's memory at the freeze.
+    let mut mem = vec![0u8; size as usize];
+    published.read_at(0, &mut mem);
+    assert!(
+        std::fs::read(&target).unwrap() == mem,
+        "B's file differs from A's memory"
+    );
+    let st = b.status();
+    assert!(st.regions.iter().any(|r| r.name == "m"));
+    assert!(
+        st.migrations
+            .iter()
+            .any(|m| m.region == "m" && m.role == "destination" && m.owner),
+        "{:?}",
+        st.migrations
+    );
+    w.stop.store(true, Ordering::SeqCst);
+    a.shutdown().await;
+    b.shutdown().await;
+    within(async {
+        while !w.idle.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    w.join();
+    drop(published);
+}

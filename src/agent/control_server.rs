@@ -186,6 +186,9 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             send_error(&mut w, "an answer without a publish session".into()).await;
         }
         ControlRequest::Migrate(args) => migrate(inner, args, w).await,
+        ControlRequest::ReceiveFile(args) => {
+            super::migrate::receive_file::run(inner, args, &mut reader, &r, &mut w).await
+        }
         ControlRequest::Receive(args) => {
             super::migrate::receive::run(inner, args, fds, &mut reader, &r, &mut w).await
         }

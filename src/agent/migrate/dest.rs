@@ -53,6 +53,18 @@ pub(crate) async fn serve(
         )
         .await;
     }
+    let expected = lock(&inner.migrations.expected).get(&name).cloned();
+    if let Some(from) = expected.filter(|from| *from != peer) {
+        return refuse(
+            &mut send,
+            ErrorKind::Busy,
+            format!(
+                "region {name} on {} waits for a migration from {from}, not from {peer}",
+                inner.name
+            ),
+        )
+        .await;
+    }
     if inner.publications.is_published(&name) {
         return refuse(
             &mut send,

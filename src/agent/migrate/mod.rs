@@ -23,6 +23,7 @@
 
 pub(crate) mod dest;
 pub(crate) mod receive;
+pub(crate) mod receive_file;
 pub(crate) mod source;
 
 use std::collections::BTreeMap;
@@ -80,6 +81,9 @@ pub(crate) struct Migrations {
     /// The running destination sessions' inboxes, by region: where the urgent lane
     /// (post-copy chunks sent ahead of the background ones) delivers.
     pub(crate) inboxes: Mutex<BTreeMap<String, (String, dest::Inbox)>>,
+    /// Regions received into a file (`pagewire receive`), by region: the one peer a
+    /// migration into it is accepted from.
+    pub(crate) expected: Mutex<BTreeMap<String, String>>,
 }
 
 fn source_phase(p: SourcePhase) -> String {
