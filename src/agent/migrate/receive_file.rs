@@ -261,9 +261,17 @@ fn open_target(path: &Path, size: u64) -> Result<std::fs::File, String> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| format!("cannot open {show}: {e}"))?;
-    let len = f.metadata().map_err(|e| format!("{show}: {e}"))?.len();
+    // Checked again on what was opened (the path may have changed since).
+    let m = f.metadata().map_err(|e| format!("{show}: {e}"))?;
+    let len = m.len();
+    if !m.file_type().is_file() || (len != 0 && len != size) {
+        return Err(format!(
+            "{show} changed while being opened: it must be a regular file, empty or of {size} bytes"
+        ));
+    }
     if len != size {
         f.set_len(size)
             .map_err(|e| format!("cannot size {show} to {size} bytes: {e}"))?;
