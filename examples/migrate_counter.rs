@@ -10,7 +10,17 @@
 //! cargo run --release --example migrate_counter [-- --mode memory|file --rtt 50ms --size 16MiB --rate 2000 --json]
 //! ```
 //! Exit status: 0 when every invariant holds, 1 when one does not (listed), 2 when the
-//! demo could not run. Single machine only (no two-host roles).
+//! demo could not run.
+//!
+//! Two hosts, each running its own agent (`pagewire agent`, peers of each other), memory
+//! mode: start the destination side first, then the source side names the destination
+//! peer and migrates itself after `--run-a` (freeze by write-protection, post-copy):
+//! ```text
+//! host beta:  cargo run --release --example migrate_counter -- --role dest   --control /run/pagewire.sock
+//! host alpha: cargo run --release --example migrate_counter -- --role source --control /run/pagewire.sock --to beta
+//! ```
+//! Each side prints what it saw; the source's `a's copy at the freeze: 1..=N` must match
+//! the destination's `a's entries 1..=N` (the destination checks the rest of the log).
 //!
 //! Region layout (little-endian):
 //! * header, one 4 KiB page: magic, counter, log length, tag of the host that wrote last;
@@ -104,6 +114,24 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `both`: the whole demo on this machine (two agents, WAN relays). `source` / `dest`:
+    /// one side on each of two hosts, each against its own running agent (`--control`),
+    /// memory mode: start `dest` on the destination host first (it waits), then `source
+    /// --to PEER` on the source host. The source migrates itself after `--run-a` with
+    /// post-copy and the freeze by write-protection (`pagewire migrate --freeze-writes
+    /// --postcopy`); `--rtt`, `--mode` and `--freeze` do not apply.
+    #[arg(long, default_value = "both", value_parser = ["both", "source", "dest"])]
+    pub role: String,
+    /// `source`/`dest`: the local agent's control socket (default: `pagewire`'s default,
+    /// $PAGEWIRE_CONTROL or $XDG_RUNTIME_DIR/pagewire.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// `source`: the destination peer (the agent the `dest` side runs against).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// `dest`: give up if no migration arrived within this long.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub wait: Duration,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -224,6 +252,23 @@ impl Counter {
         self.set(H_COUNTER, n + 1);
         self.set(H_HOST, host);
         Ok(n + 1)
+    }
+
+    /// Completes an increment that a freeze by write-protection interrupted (it holds the
+    /// writer at any store): the log entry is written before the log length, so an entry
+    /// within the log length is whole; a counter one behind it is brought level. Returns
+    /// whether anything was repaired.
+    pub fn recover(&self) -> Result<bool> {
+        let n = self.get(H_LOG_LEN);
+        let counter = self.get(H_COUNTER);
+        if counter == n {
+            return Ok(false);
+        }
+        if n == 0 || counter + 1 != n || self.get(HEADER + (n - 1) * ENTRY) != n {
+            bail!("corrupt region: counter {counter} but log length {n}");
+        }
+        self.set(H_COUNTER, n);
+        Ok(true)
     }
 
     /// A copy of the header and the log (read while nobody writes: the app is stopped).
@@ -1144,6 +1189,9 @@ async fn demo(
 async fn main() -> std::process::ExitCode {
     pagewire::demo::logs();
     let args = Args::parse();
+    if args.role != "both" {
+        return two_hosts::main(&args).await;
+    }
     let s = match run(&args).await {
         Ok(s) => s,
         Err(e) => {
@@ -1174,5 +1222,362 @@ async fn main() -> std::process::ExitCode {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Two hosts: one side of the demo per host, each against its own agent.
+
+pub mod two_hosts {
+    use super::*;
+    use pagewire::client::publish::Published;
+    use pagewire::control::{ControlClient, MigrateArgs};
+
+    /// What the source side saw.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct SourceSummary {
+        pub ok: bool,
+        pub to: String,
+        pub migration: Option<MigrationReport>,
+        pub error: Option<String>,
+        /// Increments the app completed on `a` before the migration returned (one that
+        /// the freeze interrupted is not counted, but may be in the region).
+        pub increments: u64,
+        /// The log length of `a`'s copy at the freeze: the destination must hold exactly
+        /// these entries of `a` and continue at this + 1.
+        pub a_copy_len: u64,
+    }
+
+    /// What the destination side saw.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DestSummary {
+        pub ok: bool,
+        /// Entries written on `a` that `b` received (its log starts with them).
+        pub a_entries: u64,
+        /// The counter was one behind the log when `b` took over: the freeze landed
+        /// inside an increment (after its log entry), which `b` completed.
+        pub recovered_increment: bool,
+        pub app: AppRun,
+        /// Last entry of `a` to first of `b`, by the two hosts' wall clocks (as far
+        /// apart as the clocks are).
+        pub app_pause_ms: Option<f64>,
+        /// `wait_owner` returned → first increment on `b`.
+        pub owner_to_first_increment_ms: Option<f64>,
+        /// `wait_owner` returned → every chunk here (`wait_received`).
+        pub owner_to_received_ms: Option<f64>,
+        pub log: LogCheck,
+    }
+
+    /// The app on `a` after a successful migration: its writer is held at its next
+    /// store (told to stop, it ends once released: when the publication ends).
+    /// `published` must outlive `thread`.
+    pub struct HeldApp {
+        pub thread: std::thread::JoinHandle<Result<AppRun>>,
+        pub published: Arc<Published>,
+    }
+
+    pub(super) async fn main(args: &Args) -> std::process::ExitCode {
+        let out = |ok: bool, j: serde_json::Result<String>| {
+            if args.json {
+                match j {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("migrate_counter: {e}"),
+                }
+            }
+            u8::from(!ok)
+        };
+        let code = match args.role.as_str() {
+            "source" => match source(args).await {
+                // The app thread on `a` may stay held by the freeze: the process ends
+                // without waiting for it (which ends the publication).
+                Ok((s, _held)) => out(s.ok, serde_json::to_string(&s)),
+                Err(e) => {
+                    eprintln!("migrate_counter: {e:#}");
+                    2
+                }
+            },
+            _ => {
+                let a = args.clone();
+                match tokio::task::spawn_blocking(move || dest(&a)).await {
+                    Ok(Ok(s)) => out(s.ok, serde_json::to_string(&s)),
+                    Ok(Err(e)) => {
+                        eprintln!("migrate_counter: {e:#}");
+                        2
+                    }
+                    Err(e) => {
+                        eprintln!("migrate_counter: {e}");
+                        2
+                    }
+                }
+            }
+        };
+        std::process::exit(code.into())
+    }
+
+    fn control(args: &Args) -> PathBuf {
+        args.control
+            .clone()
+            .unwrap_or_else(pagewire::control::default_socket)
+    }
+
+    fn say(args: &Args, s: String) {
+        if !args.json {
+            println!("{s}");
+        }
+    }
+
+    /// The source side: publishes the counter region, runs the app for `--run-a`, then
+    /// asks its agent to migrate the region to `--to` (post-copy; the writers held by
+    /// write-protection). On success the app stays held ([`HeldApp`]) and `a`'s frozen
+    /// copy is read back; on failure the app was released, is stopped, and `ok` is false.
+    pub async fn source(args: &Args) -> Result<(SourceSummary, Option<HeldApp>)> {
+        let to = args
+            .to
+            .clone()
+            .context("--role source needs --to PEER (the agent of the dest side)")?;
+        if args.rate == 0 {
+            bail!("--rate must be at least 1");
+        }
+        check_size(args.size)?;
+        let sock = control(args);
+        let opts = PublishOptions::new(&sock, REGION, args.size, &[]);
+        let published = Arc::new(
+            tokio::task::spawn_blocking(move || publish(&opts))
+                .await?
+                .with_context(|| {
+                    format!("publishing the counter region through {}", sock.display())
+                })?,
+        );
+        // SAFETY: the mapping is `len` bytes, writable and zero-filled; `published` keeps
+        // it and outlives every user of the counter (HeldApp's contract).
+        let counter =
+            Arc::new(unsafe { Counter::format_raw(published.as_ptr(), published.len()) }?);
+        say(args, format!(
+            "app on a: published its memory as region {REGION:?} through {} (dirty tracker {}); {} increments/s for {:.1} s, then migrating to {to}",
+            sock.display(),
+            published.tracker().name(),
+            args.rate,
+            args.run_a.as_secs_f64()
+        ));
+        let ctl = Ctl::new();
+        let (c, k, rate) = (counter.clone(), ctl.clone(), args.rate);
+        let thread = std::thread::spawn(move || {
+            let r = app_loop(&c, HOST_A, rate, &k);
+            exited(&k);
+            r
+        });
+        tokio::time::sleep(args.run_a).await;
+        let margs = MigrateArgs {
+            region: REGION.into(),
+            to: to.clone(),
+            downtime_budget_ms: args.downtime_budget.as_millis() as u64,
+            max_rounds: args.max_rounds,
+            max_time_ms: args.max_time.as_millis() as u64,
+            freeze_pid: None,
+            freeze_writes: true,
+            postcopy: true,
+            max_bandwidth_bps: None,
+        };
+        const MIB: f64 = (1 << 20) as f64;
+        let mut last = String::new();
+        let quiet = args.json;
+        let result = match ControlClient::connect(&control(args)).await {
+            Ok(client) => client
+                .migrate(margs, |p| {
+                    let line = format!(
+                        "  {:<13} round {:>2}  dirty {:>8.1} KiB/s  bandwidth {:>7.1} MiB/s  sent {:.1} MiB",
+                        p.phase,
+                        p.round,
+                        p.dirty_rate_bps / 1024.0,
+                        p.bandwidth_bps / MIB,
+                        p.bytes_sent as f64 / MIB
+                    );
+                    if line != last && !quiet {
+                        eprintln!("{line}");
+                    }
+                    last = line;
+                })
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(report) => {
+                // The writer is held at its next store, inside an increment and so holding
+                // the app's lock: tell it to stop from a thread that may wait for that.
+                let k = ctl.clone();
+                std::thread::spawn(move || k.send(Cmd::Stop));
+                let a = counter.image()?;
+                say(args, format!(
+                    "migrated {REGION} to {to} in {:.0} ms: downtime {:.1} ms, {} rounds, {:.2} MiB sent, {} chunks left for post-copy, freeze: {}",
+                    report.total_ms,
+                    report.downtime_ms,
+                    report.rounds,
+                    report.bytes_sent as f64 / MIB,
+                    report.deferred_chunks,
+                    report.freeze
+                ));
+                say(args, format!(
+                    "a's copy at the freeze: entries 1..={} (the app is held here until this process ends); {to} must continue at {}",
+                    a.len,
+                    a.len + 1
+                ));
+                Ok((
+                    SourceSummary {
+                        ok: true,
+                        to,
+                        migration: Some(report),
+                        error: None,
+                        increments: a.len,
+                        a_copy_len: a.len,
+                    },
+                    Some(HeldApp { thread, published }),
+                ))
+            }
+            Err(e) => {
+                // Aborted: the writers were released and the region is still a's.
+                let run = stop_app(&ctl, thread)?;
+                let a = counter.image()?;
+                say(args, format!(
+                    "migration to {to} FAILED: {e}; the app ran on here (its region is intact) and made {} increments",
+                    run.increments
+                ));
+                Ok((
+                    SourceSummary {
+                        ok: false,
+                        to,
+                        migration: None,
+                        error: Some(e),
+                        increments: run.increments,
+                        a_copy_len: a.len,
+                    },
+                    None,
+                ))
+            }
+        }
+    }
+
+    /// The destination side: receives the region (before the source migrates), waits
+    /// until this host owns it, completes an increment the freeze interrupted, runs the
+    /// app for `--run-b` (its first touches of stale pages fault them in from `a`),
+    /// waits for the end of post-copy and checks the whole log.
+    pub fn dest(args: &Args) -> Result<DestSummary> {
+        if args.rate == 0 {
+            bail!("--rate must be at least 1");
+        }
+        check_size(args.size)?;
+        let sock = control(args);
+        let mut r = receive(&ReceiveOptions::new(&sock, REGION, args.size))
+            .with_context(|| format!("client::receive through {}", sock.display()))?;
+        say(args, format!(
+            "app on b: receiving region {REGION:?} ({} MiB) through {}; waiting up to {:.0} s for the source side to migrate it here",
+            args.size >> 20,
+            sock.display(),
+            args.wait.as_secs_f64()
+        ));
+        if !r
+            .wait_owner(Some(args.wait))
+            .context("waiting to own the region")?
+        {
+            bail!(
+                "no migration arrived within {:.0} s",
+                args.wait.as_secs_f64()
+            );
+        }
+        let owner_ns = now_ns();
+        // SAFETY: `r` keeps the mapping (`r.len()` bytes, writable) and outlives `c`.
+        let c = unsafe { Counter::from_raw(r.as_ptr(), r.len()) }
+            .context("the region after the handover")?;
+        let recovered = c.recover()?;
+        let before = c.image()?;
+        let a_entries = before.len;
+        let ctl = Ctl::new();
+        let (run, received) = std::thread::scope(|s| {
+            let app = s.spawn(|| {
+                let r = app_loop(&c, HOST_B, args.rate, &ctl);
+                exited(&ctl);
+                r
+            });
+            let t0 = Instant::now();
+            let received = r
+                .wait_received(Some(args.max_time + Duration::from_secs(60)))
+                .map(|ok| ok.then(now_ns));
+            std::thread::sleep(args.run_b.saturating_sub(t0.elapsed()));
+            ctl.send(Cmd::Stop);
+            (app.join(), received)
+        });
+        let rb = run.map_err(|_| anyhow::anyhow!("the app thread panicked"))??;
+        let image = c.image()?;
+        // a's side as b sees it: the entries b started from.
+        let a_image = LogImage {
+            counter: a_entries,
+            len: a_entries,
+            log: image.log[..(a_entries * ENTRY) as usize].to_vec(),
+        };
+        let ra = AppRun {
+            increments: a_entries,
+            first: u64::from(a_entries > 0),
+            last: a_entries,
+            last_ns: if a_entries > 0 {
+                read_u64(&image.log, ((a_entries - 1) * ENTRY + 8) as usize)
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        let mut log = check_images(&a_image, &image, &ra, &rb);
+        if a_entries == 0 {
+            log.failures.push("b received no entry written on a".into());
+        }
+        let received_ns = match received {
+            Ok(Some(t)) => Some(t),
+            Ok(None) => {
+                log.failures.push("post-copy did not finish".into());
+                None
+            }
+            Err(e) => {
+                log.failures.push(format!("wait_received failed: {e}"));
+                None
+            }
+        };
+        let pause =
+            (a_entries > 0 && rb.increments > 0).then(|| ms_between(ra.last_ns, rb.first_ns));
+        let first = (rb.increments > 0).then(|| ms_between(owner_ns, rb.first_ns));
+        let done = received_ns.map(|t| ms_between(owner_ns, t));
+        say(args, format!(
+            "b owns the region: a's entries 1..={a_entries}{}; b continued at {} and made {} increments ({}..={})",
+            if recovered { " (the freeze had interrupted an increment; completed here)" } else { "" },
+            rb.first,
+            rb.increments,
+            rb.first,
+            rb.last
+        ));
+        say(args, format!(
+            "first increment on b {} after wait_owner returned; post-copy done {} after; app-visible pause (last entry of a -> first of b, two hosts' clocks) {}",
+            first.map_or("-".into(), |v| format!("{v:.1} ms")),
+            done.map_or("-".into(), |v| format!("{v:.1} ms")),
+            pause.map_or("-".into(), |v| format!("{v:.1} ms")),
+        ));
+        if log.failures.is_empty() {
+            say(args, format!(
+                "log check: {} entries, values 1..={} with no gap and no duplicate, {} written on a then {} on b, counter == log length: OK (compare a's side: its copy at the freeze must be 1..={a_entries})",
+                log.entries, log.entries, log.entries_a, log.entries_b
+            ));
+        } else {
+            say(args, "log check FAILED:".into());
+            for f in &log.failures {
+                say(args, format!("  - {f}"));
+            }
+        }
+        Ok(DestSummary {
+            ok: log.failures.is_empty(),
+            a_entries,
+            recovered_increment: recovered,
+            app: rb,
+            app_pause_ms: pause,
+            owner_to_first_increment_ms: first,
+            owner_to_received_ms: done,
+            log,
+        })
     }
 }

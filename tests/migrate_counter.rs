@@ -7,6 +7,7 @@
 //!
 //! The demo's code is the example itself, compiled in as a module.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../examples/migrate_counter.rs"]
 mod demo;
@@ -138,4 +139,141 @@ fn the_log_check_reports_increments_lost_in_a_migration() {
         all.contains("b continued at 11 but a's last value was 12"),
         "{all}"
     );
+}
+
+/// The demo's two-host roles, each against its own agent (here two agents in this
+/// process, on loopback, as they would run on two hosts): `dest` receives the region and
+/// waits; `source` publishes, runs, and migrates itself with the freeze by
+/// write-protection and post-copy. b's log holds exactly a's copy at the freeze and then
+/// b's increments (a freeze inside an increment is completed on b); a's writer stays
+/// held until a's agent ends the publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_two_host_roles_migrate_the_counter_between_two_agents() {
+    use common::*;
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let (da, db) = (region_dir(), region_dir());
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.control = Some(da.path().join("a.sock"));
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.control = Some(db.path().join("b.sock"));
+    let (a, b) = (start(ca).await, start(cb).await);
+    // A connection that lasted a second (both dial at start-up; one replaces the other).
+    let steady = |ag: &pagewire::agent::Agent, peer: &str| {
+        ag.status()
+            .peers
+            .iter()
+            .any(|p| p.name == peer && p.connected_for_s.is_some_and(|s| s >= 1.0))
+    };
+    while !(steady(&a, "b") && steady(&b, "a")) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let argv = |role: &str, sock: &std::path::Path| {
+        let sock = sock.to_str().unwrap().to_string();
+        demo::Args::try_parse_from([
+            "migrate_counter",
+            "--role",
+            role,
+            "--control",
+            &sock,
+            "--to",
+            "b",
+            "--size",
+            "4MiB",
+            "--rate",
+            "2000",
+            "--run-a",
+            "1s",
+            "--run-b",
+            "1s",
+            "--wait",
+            "60s",
+            "--json",
+        ])
+        .unwrap()
+    };
+    let args_b = argv("dest", &db.path().join("b.sock"));
+    let dest = tokio::task::spawn_blocking(move || demo::two_hosts::dest(&args_b));
+    while !b.status().regions.iter().any(|r| r.name == "counter") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let args_a = argv("source", &da.path().join("a.sock"));
+    let (src, held) =
+        tokio::time::timeout(Duration::from_secs(120), demo::two_hosts::source(&args_a))
+            .await
+            .expect("the source side did not end within 120 s")
+            .expect("the source side could not run");
+    assert!(src.ok, "{src:?}");
+    let report = src.migration.clone().unwrap();
+    assert_eq!(report.outcome, "migrated");
+    assert_eq!(report.freeze, "write-protect");
+    let d = tokio::time::timeout(Duration::from_secs(120), dest)
+        .await
+        .expect("the dest side did not end within 120 s")
+        .unwrap()
+        .expect("the dest side could not run");
+    eprintln!(
+        "two hosts: a's copy 1..={}, b received {} of a's entries (recovered increment: {}), made {}; downtime {:.1} ms, deferred {}, faults {}",
+        src.a_copy_len,
+        d.a_entries,
+        d.recovered_increment,
+        d.app.increments,
+        report.downtime_ms,
+        report.deferred_chunks,
+        report.postcopy_faults
+    );
+    assert!(d.log.failures.is_empty(), "{:#?}", d.log.failures);
+    assert!(d.ok);
+    // Nothing lost or duplicated across the two sides.
+    assert!(src.a_copy_len > 0);
+    assert_eq!(d.a_entries, src.a_copy_len);
+    assert!(d.app.increments > 0);
+    assert_eq!(d.app.first, src.a_copy_len + 1);
+    assert_eq!(d.log.entries, src.a_copy_len + d.app.increments);
+    // a's writer is held until the publication ends (its agent goes away here).
+    let held = held.expect("a held app after a successful migration");
+    assert!(!held.thread.is_finished());
+    a.shutdown().await;
+    let t0 = std::time::Instant::now();
+    while !held.thread.is_finished() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a's writer stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.thread.join().unwrap().unwrap();
+    drop(held.published);
+    b.shutdown().await;
+}
+
+/// A freeze by write-protection can land between any two stores of an increment: one
+/// whose log entry is in the log but whose counter was not bumped yet is completed by
+/// `recover`; a counter that disagrees otherwise is corrupt.
+#[test]
+fn recover_completes_an_interrupted_increment() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("c");
+    Counter::format(&f, 1 << 20).unwrap();
+    let c = Counter::open(&f).unwrap();
+    for _ in 0..3 {
+        c.increment(HOST_A).unwrap();
+    }
+    assert!(!c.recover().unwrap());
+    // The log length is bumped, the counter not yet (header: counter at 8, length at 16).
+    let raw = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    use std::os::unix::fs::FileExt;
+    // A fourth entry, then the length: the interrupted increment.
+    let mut e = [0u8; 24];
+    e[..8].copy_from_slice(&4u64.to_le_bytes());
+    e[16..].copy_from_slice(&HOST_A.to_le_bytes());
+    raw.write_all_at(&e, 4096 + 3 * 24).unwrap();
+    raw.write_all_at(&4u64.to_le_bytes(), 16).unwrap();
+    assert!(c.increment(HOST_B).is_err());
+    assert!(c.recover().unwrap());
+    assert_eq!(c.increment(HOST_B).unwrap(), 5);
+    // A counter two behind is not an interrupted increment.
+    raw.write_all_at(&3u64.to_le_bytes(), 8).unwrap();
+    assert!(c.recover().is_err());
 }
