@@ -13,7 +13,7 @@
 //! 1024), PAGEWIRE_BENCH_WAN_MB (region for WAN first-touch sampling, default 256),
 //! PAGEWIRE_BENCH_REPS (throughput runs, raw and lazy alternating, default 3),
 //! PAGEWIRE_BENCH_WORKERS (worker threads per side, default 1), PAGEWIRE_BENCH_ONLY=touch
-//! (benchmark 1 only). Regions live in /dev/shm
+//! (benchmark 1 only) or =seq (benchmark 2 on loopback only). Regions live in /dev/shm
 //! and are removed at the end (and on Ctrl-C/SIGTERM). Prints a table and one
 //! `BENCH_JSON {...}` line.
 //!
@@ -618,9 +618,10 @@ fn first_touches(
 }
 
 /// Attaches and reads every page in order (one 4 KiB read each, like `lazy_reader
-/// --order seq`); returns (seconds from attach to the last page, attach ms, faults). Then
-/// checks the whole mapping against `expect`.
-fn seq_read(opts: &AttachOptions, expect: blake3::Hash) -> (f64, f64, u64) {
+/// --order seq`); returns (seconds from attach to the last page, attach ms, faults, the
+/// process's CPU seconds at the last page). Then checks the whole mapping against
+/// `expect`.
+fn seq_read(opts: &AttachOptions, expect: blake3::Hash) -> (f64, f64, u64, f64) {
     let t0 = Instant::now();
     let m = attach(opts).unwrap();
     let attach_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -633,6 +634,7 @@ fn seq_read(opts: &AttachOptions, expect: blake3::Hash) -> (f64, f64, u64) {
         off += n;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = pagewire::demo::process_cpu_secs();
     std::hint::black_box(&buf);
     assert!(m.wait_complete(Some(Duration::from_secs(60))).unwrap());
     let faults = mount_status(&opts.control, m.id())
@@ -649,7 +651,7 @@ fn seq_read(opts: &AttachOptions, expect: blake3::Hash) -> (f64, f64, u64) {
         off += n;
     }
     assert_eq!(h.finalize(), expect, "the mapping differs from the region");
-    (secs, attach_ms, faults)
+    (secs, attach_ms, faults, cpu)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -922,6 +924,89 @@ fn main() {
     runtime("receiving-side", workers()).block_on(run());
 }
 
+/// Benchmark 2 on loopback: raw stream and lazy sequential read, alternating, with the
+/// process's CPU seconds per GiB of each.
+struct LoSeq {
+    raws: Vec<f64>,
+    seqs: Vec<f64>,
+    /// (attach ms, faults) per lazy read.
+    info: Vec<(f64, u64)>,
+    raw_cpu: Vec<f64>,
+    seq_cpu: Vec<f64>,
+}
+
+impl LoSeq {
+    async fn run(
+        raw: &Raw,
+        opts: &AttachOptions,
+        size: u64,
+        hash: blake3::Hash,
+        reps: usize,
+    ) -> LoSeq {
+        let mut r = LoSeq {
+            raws: Vec::new(),
+            seqs: Vec::new(),
+            info: Vec::new(),
+            raw_cpu: Vec::new(),
+            seq_cpu: Vec::new(),
+        };
+        let gib = size as f64 / (1u64 << 30) as f64;
+        for _ in 0..reps {
+            let c0 = pagewire::demo::process_cpu_secs();
+            let bps = raw.throughput(size).await;
+            r.raw_cpu
+                .push((pagewire::demo::process_cpu_secs() - c0) / gib);
+            r.raws.push(bps);
+            let o = opts.clone();
+            let c0 = pagewire::demo::process_cpu_secs();
+            let (secs, attach_ms, faults, c1) =
+                tokio::task::spawn_blocking(move || seq_read(&o, hash))
+                    .await
+                    .unwrap();
+            r.seq_cpu.push((c1 - c0) / gib);
+            r.seqs.push(size as f64 / secs);
+            r.info.push((attach_ms, faults));
+        }
+        r
+    }
+
+    /// Prints the loopback rows; returns (raw, lazy) CPU seconds per GiB and the ceiling.
+    fn report(&self, reps: usize) -> (f64, f64, f64) {
+        let runs = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{:.0}", x / 1e6))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (raw_bps, seq_bps) = (pct(&self.raws, 0.5), pct(&self.seqs, 0.5));
+        println!(
+            "   loopback  raw quinn stream     {}  (median of {reps}: {} MB/s)",
+            mbps(raw_bps),
+            runs(&self.raws)
+        );
+        println!(
+            "   loopback  lazy sequential read {}  (median of {reps}: {} MB/s; attach {:.1} ms, {} faults)  ratio {:.2}x  target >= 0.8x: {}",
+            mbps(seq_bps),
+            runs(&self.seqs),
+            self.info[0].0,
+            self.info[0].1,
+            seq_bps / raw_bps,
+            yes(seq_bps / raw_bps >= 0.8)
+        );
+        let (raw_cpu, seq_cpu) = (pct(&self.raw_cpu, 0.5), pct(&self.seq_cpu, 0.5));
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as f64)
+            .unwrap_or(f64::NAN);
+        // At best the lazy read keeps every core busy: rate <= cores / (CPU per byte).
+        let ceiling = cores / seq_cpu * (1u64 << 30) as f64 / raw_bps;
+        println!(
+            "   loopback  CPU per GiB (whole process, median): raw stream {raw_cpu:.2} core-s, lazy read {seq_cpu:.2} core-s ({:.2}x); ceiling on this {cores}-CPU machine if the lazy read kept every core busy: {ceiling:.2}x raw",
+            seq_cpu / raw_cpu
+        );
+        (raw_cpu, seq_cpu, ceiling)
+    }
+}
+
 async fn run() {
     let mb = env_u64("PAGEWIRE_BENCH_MB", 1024);
     let wan_mb = env_u64("PAGEWIRE_BENCH_WAN_MB", 256.min(mb));
@@ -997,6 +1082,15 @@ async fn run() {
     let lo_raw_rtt = raw.rtts(CHUNK, 20, 200).await;
     let lo_fetch = fetch_latencies(&p.a, "random", chunks, 20, 200).await;
     let opts = p.opts("random", Mechanism::Userfaultfd);
+    // PAGEWIRE_BENCH_ONLY=seq: only benchmark 2 on loopback.
+    if std::env::var("PAGEWIRE_BENCH_ONLY").as_deref() == Ok("seq") {
+        let lo = LoSeq::run(&raw, &opts, size, hash, reps).await;
+        println!("\n2. sequential read of a lazily attached {mb} MiB region by the application, loopback only (PAGEWIRE_BENCH_ONLY=seq)");
+        lo.report(reps);
+        raw.close().await;
+        p.stop().await;
+        return;
+    }
     let o = opts.clone();
     let (lo_touch, lo_raced, lo_bulk, lo_mounts) =
         tokio::task::spawn_blocking(move || first_touches(&o, 200, Duration::from_millis(50)))
@@ -1008,16 +1102,8 @@ async fn run() {
             .await
             .unwrap();
     // 2: raw and mount alternate `reps` times; medians are compared.
-    let (mut lo_raws, mut lo_seqs, mut lo_seq_info) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..seq_reps {
-        lo_raws.push(raw.throughput(size).await);
-        let o = opts.clone();
-        let (secs, attach_ms, faults) = tokio::task::spawn_blocking(move || seq_read(&o, hash))
-            .await
-            .unwrap();
-        lo_seqs.push(size as f64 / secs);
-        lo_seq_info.push((attach_ms, faults));
-    }
+    let lo = LoSeq::run(&raw, &opts, size, hash, seq_reps).await;
+    let (lo_raws, lo_seqs) = (lo.raws.clone(), lo.seqs.clone());
     raw.close().await;
     p.stop().await;
 
@@ -1047,7 +1133,7 @@ async fn run() {
         wan_raw_drops.add(d0.since(&raw_relays));
         let o = p.opts("random", Mechanism::Userfaultfd);
         let d0 = Drops::now(&pair_relays);
-        let (secs, attach_ms, faults) = tokio::task::spawn_blocking(move || seq_read(&o, hash))
+        let (secs, attach_ms, faults, _) = tokio::task::spawn_blocking(move || seq_read(&o, hash))
             .await
             .unwrap();
         wan_seq_drops.add(d0.since(&pair_relays));
@@ -1241,20 +1327,7 @@ async fn run() {
             .join(", ")
     };
     println!("\n2. sequential read of a lazily attached {mb} MiB region by the application (attach to last page)");
-    println!(
-        "   loopback  raw quinn stream     {}  (median of {reps}: {} MB/s)",
-        mbps(lo_raw_bps),
-        runs(&lo_raws)
-    );
-    println!(
-        "   loopback  lazy sequential read {}  (median of {reps}: {} MB/s; attach {:.1} ms, {} faults)  ratio {:.2}x  target >= 0.8x: {}",
-        mbps(lo_seq_bps),
-        runs(&lo_seqs),
-        lo_seq_info[0].0,
-        lo_seq_info[0].1,
-        lo_seq_bps / lo_raw_bps,
-        yes(lo_seq_bps / lo_raw_bps >= 0.8)
-    );
+    let (lo_raw_cpu_gib, lo_seq_cpu_gib, lo_ceiling) = lo.report(reps);
     println!(
         "   WAN 25 ms raw quinn stream     {}  (median of {reps}: {} MB/s; {})",
         mbps(wan_raw_bps),
@@ -1371,7 +1444,7 @@ async fn run() {
             },
         },
         "seq_read": {
-            "loopback": {"raw_bps": lo_raw_bps, "raw_runs": lo_raws, "lazy_bps": lo_seq_bps, "lazy_runs": lo_seqs, "ratio": lo_seq_bps / lo_raw_bps, "met": lo_seq_bps / lo_raw_bps >= 0.8},
+            "loopback": {"raw_bps": lo_raw_bps, "raw_runs": lo_raws, "lazy_bps": lo_seq_bps, "lazy_runs": lo_seqs, "ratio": lo_seq_bps / lo_raw_bps, "met": lo_seq_bps / lo_raw_bps >= 0.8, "raw_cpu_s_per_gib": lo_raw_cpu_gib, "lazy_cpu_s_per_gib": lo_seq_cpu_gib, "ceiling_ratio": lo_ceiling},
             "wan_25ms": {"raw_bps": wan_raw_bps, "raw_runs": wan_raws, "lazy_bps": wan_seq_bps, "lazy_runs": wan_seqs, "ratio": wan_seq_bps / wan_raw_bps, "faults": wan_seq_info[0].1, "met": wan_seq_bps / wan_raw_bps >= 0.8,
                 "raw_relay_drops": wan_raw_drops.relay, "raw_rcvbuf_drops": wan_raw_drops.rcvbuf, "lazy_relay_drops": wan_seq_drops.relay, "lazy_rcvbuf_drops": wan_seq_drops.rcvbuf},
         },

@@ -298,23 +298,11 @@ async fn loaded_latency(env: &Env, random: &Path, size: u64, window: Window) -> 
     (lat, size as f64 / secs)
 }
 
-/// CPU seconds (user + system) used so far by this whole process: both sides' runtimes
-/// and the thread blocking on `main`.
-fn cpu_secs() -> f64 {
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes one rusage into `u`.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return f64::NAN;
-    }
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
-}
-
 /// Runs `f` and returns its result with the process CPU seconds it took.
 async fn with_cpu<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
-    let c0 = cpu_secs();
+    let c0 = pagewire::demo::process_cpu_secs();
     let v = f.await;
-    (v, cpu_secs() - c0)
+    (v, pagewire::demo::process_cpu_secs() - c0)
 }
 
 /// Seconds per GiB of the per-byte work a pull does that the raw stream does not, each

@@ -1,4 +1,5 @@
-//! Helpers for the examples: agents on loopback with certificates in a temp dir.
+//! Helpers for the examples and benchmarks: agents on loopback with certificates in a temp
+//! dir, logs, CPU accounting.
 
 use std::path::Path;
 
@@ -50,4 +51,17 @@ pub fn logs() {
         )
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// CPU seconds (user + system) this whole process has used so far (all threads), for the
+/// benchmarks' CPU-per-byte figures; NaN if `getrusage` fails.
+pub fn process_cpu_secs() -> f64 {
+    // SAFETY: rusage is plain data; all-zero is a valid value.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into `u`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
