@@ -1709,3 +1709,65 @@ async fn the_cli_receives_a_migration_into_a_file() {
     w.join();
     drop(published);
 }
+
+/// A region received into a file (`pagewire receive`) accepts a migration from the peer
+/// it names only: with three agents serving a region of the same name and size on a and
+/// c, c's migration of it to b is refused (b says whom it waits for), a's then completes,
+/// and b's file equals a's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_region_accepts_its_named_source_only() {
+    use pagewire::control::ReceiveFileArgs;
+    logs();
+    let mesh = Mesh::new(&["a", "b", "c"]);
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let (da, db, dc) = (region_dir(), region_dir(), region_dir());
+    let size = 3 * MIB + 4096;
+    random_file(&da.path().join("m"), size, 5);
+    random_file(&dc.path().join("m"), size, 6);
+    let mut ca = mesh.config("a", pa, &[("b", pb), ("c", pc)]);
+    ca.regions.push(("m".into(), da.path().join("m")));
+    let mut cb = mesh.config("b", pb, &[("a", pa), ("c", pc)]);
+    cb.control = Some(db.path().join("b.sock"));
+    let mut cc = mesh.config("c", pc, &[("a", pa), ("b", pb)]);
+    cc.regions.push(("m".into(), dc.path().join("m")));
+    let (a, b, c) = (start(ca).await, start(cb).await, start(cc).await);
+    settled(&a, &b).await;
+    settled(&c, &b).await;
+    let target = db.path().join("m.received");
+    let client = ControlClient::connect(&db.path().join("b.sock"))
+        .await
+        .unwrap();
+    let args = ReceiveFileArgs {
+        from: "a".into(),
+        region: "m".into(),
+        to: target.clone(),
+        timeout_ms: Some(60_000),
+    };
+    let recv = tokio::spawn(client.receive_file(args, |_| {}));
+    within(async {
+        while !b.status().regions.iter().any(|r| r.name == "m") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let e = within(c.migrate("m", opts(50, 4, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("waits for a migration from a"), "{e}");
+    assert!(c
+        .status()
+        .migrations
+        .iter()
+        .all(|m| m.region != "m" || m.owner));
+    let r = within(a.migrate("m", opts(50, 4, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, "migrated");
+    let report = within(recv).await.unwrap().unwrap();
+    assert_eq!((report.from.as_str(), report.size), ("a", size));
+    assert_same(&da.path().join("m"), &target);
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}
