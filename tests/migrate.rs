@@ -1750,6 +1750,14 @@ async fn a_received_region_accepts_its_named_source_only() {
         }
     })
     .await;
+    assert!(
+        b.status()
+            .migrations
+            .iter()
+            .any(|m| m.region == "m" && m.peer == "a" && m.phase.starts_with("waiting")),
+        "{:?}",
+        b.status().migrations
+    );
     let e = within(c.migrate("m", opts(50, 4, Freeze::Snapshot), |_| {}))
         .await
         .unwrap_err()

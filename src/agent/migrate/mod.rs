@@ -101,8 +101,21 @@ fn source_phase(p: SourcePhase) -> String {
 
 impl Migrations {
     pub(crate) fn status(&self) -> Vec<MigrationStatus> {
-        lock(&self.map)
+        let map = lock(&self.map);
+        // Targets of `pagewire receive` that no migration reached yet.
+        let waiting: Vec<MigrationStatus> = lock(&self.expected)
             .iter()
+            .filter(|(region, _)| !matches!(map.get(*region), Some(Slot::Dest { .. })))
+            .map(|(region, from)| MigrationStatus {
+                region: region.clone(),
+                role: "destination".into(),
+                peer: from.clone(),
+                phase: "waiting (pagewire receive)".into(),
+                owner: false,
+                generation: 0,
+            })
+            .collect();
+        map.iter()
             .map(|(region, slot)| match slot {
                 Slot::Source {
                     peer,
@@ -135,6 +148,7 @@ impl Migrations {
                     }
                 }
             })
+            .chain(waiting)
             .collect()
     }
 
