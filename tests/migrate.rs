@@ -1712,8 +1712,9 @@ async fn the_cli_receives_a_migration_into_a_file() {
 
 /// A region received into a file (`pagewire receive`) accepts a migration from the peer
 /// it names only: with three agents serving a region of the same name and size on a and
-/// c, c's migration of it to b is refused (b says whom it waits for), a's then completes,
-/// and b's file equals a's.
+/// c, a migration to b before it waits is refused with what to run on b; then c's
+/// migration of it to b is refused (b says whom it waits for), a's completes, and b's
+/// file equals a's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_received_region_accepts_its_named_source_only() {
     use pagewire::control::ReceiveFileArgs;
@@ -1733,6 +1734,12 @@ async fn a_received_region_accepts_its_named_source_only() {
     let (a, b, c) = (start(ca).await, start(cb).await, start(cc).await);
     settled(&a, &b).await;
     settled(&c, &b).await;
+    // Before b has a target, a's migration is refused with what to do on b.
+    let e = within(a.migrate("m", opts(50, 4, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pagewire receive --from a --region m"), "{e}");
     let target = db.path().join("m.received");
     let client = ControlClient::connect(&db.path().join("b.sock"))
         .await

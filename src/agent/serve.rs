@@ -100,10 +100,19 @@ pub(crate) async fn handle_stream(
         .await;
     }
     let Some(region) = inner.region(region_name) else {
+        let hint = if matches!(req, Request::Migrate(_)) {
+            // What the operator of the destination has to do.
+            format!(
+                ": to receive a migration of it, run `pagewire receive --from {peer} --region {region_name} --to PATH` on {} first (or start an application that receives it, client::receive)",
+                inner.name
+            )
+        } else {
+            String::new()
+        };
         return reply_error(
             &mut send,
             ErrorKind::UnknownRegion,
-            format!("agent {} has no region {region_name:?}", inner.name),
+            format!("agent {} has no region {region_name:?}{hint}", inner.name),
         )
         .await;
     };
