@@ -1786,3 +1786,108 @@ async fn a_received_region_accepts_its_named_source_only() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+/// `pagewire receive` outlives a failed attempt: the link is cut during pre-copy under a
+/// writer (the migration aborts; b's partial copy is discarded), the link heals, a second
+/// migration completes into the same target, and the report counts the aborted attempt;
+/// b's file equals a's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_waits_through_an_aborted_attempt() {
+    use pagewire::control::ReceiveFileArgs;
+    use pagewire::wan::LinkParams;
+    logs();
+    let p = Pair::new();
+    let size = 16 * MIB;
+    let src = p.da.path().join("m");
+    random_file(&src, size, 41);
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let link = LinkParams {
+        delay: Duration::from_millis(5),
+        rate_bps: Some(100_000_000),
+        ..Default::default()
+    };
+    let (to_b, to_a) = p.relays(link.clone()).await;
+    let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
+    ca.regions.push(("m".into(), src.clone()));
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
+    cb.control = Some(b_sock.clone());
+    let (a, b) = (start(ca).await, start(cb).await);
+    settled(&a, &b).await;
+    let target = p.db.path().join("m.received");
+    let args = ReceiveFileArgs {
+        from: "a".into(),
+        region: "m".into(),
+        to: target.clone(),
+        timeout_ms: Some(120_000),
+    };
+    let phases = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ph = phases.clone();
+    let client = ControlClient::connect(&b_sock).await.unwrap();
+    let recv = tokio::spawn(client.receive_file(args, move |pr| {
+        let mut v = ph.lock().unwrap();
+        if v.last() != Some(&pr.phase) {
+            v.push(pr.phase.clone());
+        }
+    }));
+    within(async {
+        while !b.status().regions.iter().any(|r| r.name == "m") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Attempt 1: under a writer, a zero budget and no time limit never switch over; cut
+    // in round 1.
+    let w = Writer::start(&src, size, 43, Duration::from_micros(500), None);
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut cut_tx = Some(cut_tx);
+    let mut o = opts(0, 100_000, Freeze::Snapshot);
+    o.max_time = Duration::from_secs(3600);
+    let first = a.migrate("m", o, |pr| {
+        if pr.round >= 1 && pr.phase == "precopy" {
+            if let Some(t) = cut_tx.take() {
+                let _ = t.send(());
+            }
+        }
+    });
+    let cut_and_heal = async {
+        cut_rx.await.unwrap();
+        let cut = LinkParams {
+            loss: 1.0,
+            ..Default::default()
+        };
+        to_b.set_params(cut.clone(), cut.clone());
+        to_a.set_params(cut.clone(), cut);
+        within(async {
+            while a.is_connected("b") || b.is_connected("a") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        to_b.set_params(link.clone(), link.clone());
+        to_a.set_params(link.clone(), link.clone());
+    };
+    let (r1, ()) = within(async { tokio::join!(first, cut_and_heal) }).await;
+    assert!(r1.is_err(), "{r1:?}");
+    assert!(
+        !recv.is_finished(),
+        "receive gave up after the first attempt"
+    );
+    assert!(w.join() > 0);
+    // Attempt 2 on the healed link, the writer stopped.
+    settled(&a, &b).await;
+    let r2 = within(a.migrate("m", opts(50, 8, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(r2.outcome, "migrated");
+    let report = within(recv).await.unwrap().unwrap();
+    let phases = phases.lock().unwrap().clone();
+    assert_eq!(report.aborted_attempts, 1, "{report:?} {phases:?}");
+    assert!(phases.iter().any(|p| p == "aborted"), "{phases:?}");
+    assert_same(&src, &target);
+    a.shutdown().await;
+    b.shutdown().await;
+    to_a.shutdown().await;
+    to_b.shutdown().await;
+}
