@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use pagewire::agent::{Freeze, MigrateOptions, MigrateRunError};
+use pagewire::agent::{Agent, Freeze, MigrateOptions, MigrateRunError};
 use pagewire::control::{ControlClient, MigrateArgs};
 use rand::{Rng, SeedableRng};
 
@@ -191,6 +191,34 @@ impl Pair {
         (out.pop().unwrap(), to_a)
     }
 
+    /// A serving `region` from `src`, B with a control socket (returned), each dialing
+    /// the other through a relay of `link` (5 ms, 100 Mbit/s); started and [`settled`].
+    async fn agents_through_relays(
+        &self,
+        region: &str,
+        src: &Path,
+    ) -> (Agent, Agent, Relays, PathBuf) {
+        let link = pagewire::wan::LinkParams {
+            delay: Duration::from_millis(5),
+            rate_bps: Some(100_000_000),
+            ..Default::default()
+        };
+        let (to_b, to_a) = self.relays(link.clone()).await;
+        let mut ca = self
+            .mesh
+            .config("a", self.pa, &[("b", to_b.local_addr().port())]);
+        ca.regions.push((region.into(), src.to_path_buf()));
+        let b_sock = self.db.path().join("b.sock");
+        let mut cb = self
+            .mesh
+            .config("b", self.pb, &[("a", to_a.local_addr().port())]);
+        cb.control = Some(b_sock.clone());
+        let a = start(ca).await;
+        let b = start(cb).await;
+        settled(&a, &b).await;
+        (a, b, Relays { to_b, to_a, link }, b_sock)
+    }
+
     /// Both agents with the default configs, started and [`settled`].
     async fn agents(&self) -> (pagewire::agent::Agent, pagewire::agent::Agent) {
         let a = start(self.config_a()).await;
@@ -203,6 +231,43 @@ impl Pair {
         let mut c = self.mesh.config("b", self.pb, &[("a", self.pa)]);
         c.regions.push(("r".into(), self.b_file()));
         c
+    }
+}
+
+/// The two relays between A and B and the link they emulate.
+struct Relays {
+    to_b: pagewire::wan::Relay,
+    to_a: pagewire::wan::Relay,
+    link: pagewire::wan::LinkParams,
+}
+
+impl Relays {
+    /// Drops every packet both ways until both agents see the connection gone.
+    async fn cut(&self, a: &Agent, b: &Agent) {
+        let cut = pagewire::wan::LinkParams {
+            loss: 1.0,
+            ..Default::default()
+        };
+        self.to_b.set_params(cut.clone(), cut.clone());
+        self.to_a.set_params(cut.clone(), cut);
+        within(async {
+            while a.is_connected("b") || b.is_connected("a") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+
+    /// The link is back.
+    fn heal(&self) {
+        let l = &self.link;
+        self.to_b.set_params(l.clone(), l.clone());
+        self.to_a.set_params(l.clone(), l.clone());
+    }
+
+    async fn shutdown(self) {
+        self.to_a.shutdown().await;
+        self.to_b.shutdown().await;
     }
 }
 
@@ -1308,28 +1373,12 @@ async fn postcopy_the_receiving_app_runs_at_once_and_faults_stale_chunks_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_survives_a_cut_link_and_resumes() {
     use pagewire::client::receive::{receive, ReceiveOptions};
-    use pagewire::wan::LinkParams;
     logs();
     let p = Pair::new();
     let size = 24 * MIB;
     let src = p.da.path().join("pc");
     random_file(&src, size, 31);
-    random_file(&p.a_file(), MIB, 1);
-    random_file(&p.b_file(), MIB, 2);
-    let link = LinkParams {
-        delay: Duration::from_millis(5),
-        rate_bps: Some(100_000_000),
-        ..Default::default()
-    };
-    let (to_b, to_a) = p.relays(link.clone()).await;
-    let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
-    ca.regions.push(("pc".into(), src.clone()));
-    let b_sock = p.db.path().join("b.sock");
-    let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
-    cb.control = Some(b_sock.clone());
-    let a = start(ca).await;
-    let b = start(cb).await;
-    settled(&a, &b).await;
+    let (a, b, relays, b_sock) = p.agents_through_relays("pc", &src).await;
 
     let (owner_tx, owner_rx) = tokio::sync::oneshot::channel::<()>();
     let (quarter_tx, quarter_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1362,23 +1411,11 @@ async fn postcopy_survives_a_cut_link_and_resumes() {
     let migrate = a.migrate("pc", o, |_| {});
     let cut_and_heal = async {
         quarter_rx.await.unwrap();
-        let cut = LinkParams {
-            loss: 1.0,
-            ..Default::default()
-        };
-        to_b.set_params(cut.clone(), cut.clone());
-        to_a.set_params(cut.clone(), cut);
         // A real drop: both agents lose the connection (idle timeout).
-        within(async {
-            while a.is_connected("b") || b.is_connected("a") {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        relays.cut(&a, &b).await;
         let mid = b.status();
         let m = mid.migrations.iter().find(|m| m.region == "pc").cloned();
-        to_b.set_params(link.clone(), link.clone());
-        to_a.set_params(link.clone(), link.clone());
+        relays.heal();
         m
     };
     let (rep, during) = within(async { tokio::join!(migrate, cut_and_heal) }).await;
@@ -1397,8 +1434,7 @@ async fn postcopy_survives_a_cut_link_and_resumes() {
     eprintln!("{rep:?}");
     a.shutdown().await;
     b.shutdown().await;
-    to_a.shutdown().await;
-    to_b.shutdown().await;
+    relays.shutdown().await;
 }
 
 /// The receiving application exits during post-copy: B's agent keeps the region's memfd
@@ -1794,27 +1830,12 @@ async fn a_received_region_accepts_its_named_source_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_waits_through_an_aborted_attempt() {
     use pagewire::control::ReceiveFileArgs;
-    use pagewire::wan::LinkParams;
     logs();
     let p = Pair::new();
     let size = 16 * MIB;
     let src = p.da.path().join("m");
     random_file(&src, size, 41);
-    random_file(&p.a_file(), MIB, 1);
-    random_file(&p.b_file(), MIB, 2);
-    let link = LinkParams {
-        delay: Duration::from_millis(5),
-        rate_bps: Some(100_000_000),
-        ..Default::default()
-    };
-    let (to_b, to_a) = p.relays(link.clone()).await;
-    let mut ca = p.mesh.config("a", p.pa, &[("b", to_b.local_addr().port())]);
-    ca.regions.push(("m".into(), src.clone()));
-    let b_sock = p.db.path().join("b.sock");
-    let mut cb = p.mesh.config("b", p.pb, &[("a", to_a.local_addr().port())]);
-    cb.control = Some(b_sock.clone());
-    let (a, b) = (start(ca).await, start(cb).await);
-    settled(&a, &b).await;
+    let (a, b, relays, b_sock) = p.agents_through_relays("m", &src).await;
     let target = p.db.path().join("m.received");
     let args = ReceiveFileArgs {
         from: "a".into(),
@@ -1853,20 +1874,8 @@ async fn a_receive_waits_through_an_aborted_attempt() {
     });
     let cut_and_heal = async {
         cut_rx.await.unwrap();
-        let cut = LinkParams {
-            loss: 1.0,
-            ..Default::default()
-        };
-        to_b.set_params(cut.clone(), cut.clone());
-        to_a.set_params(cut.clone(), cut);
-        within(async {
-            while a.is_connected("b") || b.is_connected("a") {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        to_b.set_params(link.clone(), link.clone());
-        to_a.set_params(link.clone(), link.clone());
+        relays.cut(&a, &b).await;
+        relays.heal();
     };
     let (r1, ()) = within(async { tokio::join!(first, cut_and_heal) }).await;
     assert!(r1.is_err(), "{r1:?}");
@@ -1888,6 +1897,5 @@ async fn a_receive_waits_through_an_aborted_attempt() {
     assert_same(&src, &target);
     a.shutdown().await;
     b.shutdown().await;
-    to_a.shutdown().await;
-    to_b.shutdown().await;
+    relays.shutdown().await;
 }
