@@ -64,9 +64,11 @@ enum Command {
     /// agent no longer does), post-copy with --postcopy. Progress on stderr; --json prints
     /// the report on stdout.
     Migrate(MigrateCmd),
-    /// On the destination host, for a CLI user: receive a region that a peer is about to
-    /// migrate here (a file region, or memory an application published there) into a
-    /// file. The local agent asks the peer for the region's size, creates PATH (or takes
+    /// On the destination host: receive a region a peer migrates here into a file (the
+    /// other side of `migrate`, for command-line users).
+    ///
+    /// The region may be a file region or memory an application published on the peer.
+    /// The local agent asks the peer for the region's size, creates PATH (or takes
     /// an empty file, or one of exactly that size: it is overwritten), serves it as the
     /// migration's target (accepted from --from only), and this command waits until the
     /// agent owns the region with every chunk; then the agent serves it from PATH (add
@@ -91,8 +93,11 @@ struct ReceiveCmd {
     /// Give up if no migration completed within this long (default: wait until one does).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Print the report as one JSON object on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
+    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
+    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
     #[arg(long)]
     control: Option<PathBuf>,
 }
