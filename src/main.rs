@@ -59,7 +59,8 @@ enum Command {
     Epoch(EpochCmd),
     /// Live-migrate a region this agent serves (a file, or memory an application
     /// published with the client library) to a peer that serves a region of the same name
-    /// and size or has an application receiving it (client::receive): pre-copy rounds
+    /// and size, waits for it in `pagewire receive`, or has an application receiving it
+    /// (client::receive): pre-copy rounds
     /// while the writer runs, freeze, final sync, handover (the peer owns the region; this
     /// agent no longer does), post-copy with --postcopy. Progress on stderr; --json prints
     /// the report on stdout.
