@@ -1268,9 +1268,9 @@ pub mod two_hosts {
         pub log: LogCheck,
     }
 
-    /// The app on `a` after a successful migration: its writer is held at its next
-    /// store (told to stop, it ends once released: when the publication ends).
-    /// `published` must outlive `thread`.
+    /// The app on `a` after a successful migration (or one whose outcome is in doubt):
+    /// its writer is held at its next store (told to stop, it ends once released: when
+    /// the publication ends). `published` must outlive `thread`.
     pub struct HeldApp {
         pub thread: std::thread::JoinHandle<Result<AppRun>>,
         pub published: Arc<Published>,
@@ -1329,7 +1329,8 @@ pub mod two_hosts {
     /// The source side: publishes the counter region, runs the app for `--run-a`, then
     /// asks its agent to migrate the region to `--to` (post-copy; the writers held by
     /// write-protection). On success the app stays held ([`HeldApp`]) and `a`'s frozen
-    /// copy is read back; on failure the app was released, is stopped, and `ok` is false.
+    /// copy is read back; on failure the app was released, is stopped, and `ok` is false
+    /// (still held after 10 s: returned as a [`HeldApp`] too).
     pub async fn source(args: &Args) -> Result<(SourceSummary, Option<HeldApp>)> {
         let to = args
             .to
@@ -1435,12 +1436,28 @@ pub mod two_hosts {
                 ))
             }
             Err(e) => {
-                // Aborted: the writers were released and the region is still a's.
-                let run = stop_app(&ctl, thread)?;
+                // Aborted: the writers were released and the region is still a's. (If
+                // the outcome is in doubt the writer may still be held, inside an
+                // increment and its lock: stop it from another thread, wait a while.)
+                let k = ctl.clone();
+                std::thread::spawn(move || k.send(Cmd::Stop));
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !thread.is_finished() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let (increments, held) = if thread.is_finished() {
+                    let run = thread
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the app thread panicked"))??;
+                    (run.increments, None)
+                } else {
+                    say(args, "the app is still held by the freeze (the migration's outcome may be in doubt: see `pagewire status`)".into());
+                    // The mapping must outlive the held thread: the caller keeps both.
+                    (0, Some(HeldApp { thread, published }))
+                };
                 let a = counter.image()?;
                 say(args, format!(
-                    "migration to {to} FAILED: {e}; the app ran on here (its region is intact) and made {} increments",
-                    run.increments
+                    "migration to {to} FAILED: {e}; the app ran on here (its region is intact) and made {increments} increments",
                 ));
                 Ok((
                     SourceSummary {
@@ -1448,10 +1465,10 @@ pub mod two_hosts {
                         to,
                         migration: None,
                         error: Some(e),
-                        increments: run.increments,
+                        increments,
                         a_copy_len: a.len,
                     },
-                    None,
+                    held,
                 ))
             }
         }

@@ -700,6 +700,8 @@ impl Session<'_> {
                     if let Some(app) = &self.app {
                         app.finish();
                     }
+                    // A `pagewire receive` target is done waiting (even if its client left).
+                    lock(&self.migrations.expected).remove(self.region.name());
                     tracing::info!(peer = %self.peer, region = %self.region.name(), "migration complete: every chunk is here");
                 }
             }
