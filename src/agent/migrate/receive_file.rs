@@ -88,7 +88,7 @@ pub(crate) async fn run(
     };
     let ev = match end {
         End::Complete(stats) => {
-            lock(&inner.migrations.expected).remove(&args.region);
+            // (The destination session cleared the expected peer when it completed.)
             tracing::info!(region = %args.region, from = %args.from, "received: this agent owns the region and serves it from {}", args.to.display());
             ControlEvent::ReceivedFile(ReceiveReport {
                 region: args.region.clone(),
@@ -170,7 +170,7 @@ async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<Geometry
             args.region
         ));
     }
-    if served(inner, &args.region) {
+    if inner.region(&args.region).is_some() {
         return Err(format!(
             "this agent already serves a region named {:?}: a migration into it needs no `receive` (it is received into that region's file)",
             args.region
@@ -184,6 +184,8 @@ async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<Geometry
                 args.region, args.from
             )
         })?;
+    // Not a file this agent serves as another region, nor a pull's destination.
+    super::super::pull::check_dest(inner, &args.to).map_err(|e| e.to_string())?;
     let file = open_target(&args.to, g.size)?;
     let region = Arc::new(
         FileRegion::from_file(&args.region, &args.to, file, g.chunk_size as u32)
@@ -218,14 +220,6 @@ async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<Geometry
     regions.insert(args.region.clone(), region);
     lock(&inner.migrations.expected).insert(args.region.clone(), args.from.clone());
     Ok(g)
-}
-
-fn served(inner: &Inner, region: &str) -> bool {
-    inner
-        .regions
-        .read()
-        .map(|r| r.contains_key(region))
-        .unwrap_or(true)
 }
 
 /// Opens (or creates, mode 0600) the file to receive `size` bytes into. An existing file
