@@ -91,6 +91,13 @@ pub enum ControlRequest {
     ReceiveFile(ReceiveFileArgs),
 }
 
+/// One event of a streamed request, as [`ControlClient::follow`] sorts it.
+enum Streamed<P, R> {
+    Progress(P),
+    End(R),
+    Other(Box<ControlEvent>),
+}
+
 /// `pagewire receive` arguments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReceiveFileArgs {
@@ -623,6 +630,30 @@ impl ControlClient {
         }
     }
 
+    /// Reads the events of a streamed request (pull, replicate, migrate, receive) until
+    /// its end: `classify` names its progress and end events; an `Error` event, any other
+    /// event, or the connection closing (`closed` says so) ends it with an error.
+    async fn follow<P, R>(
+        &mut self,
+        closed: &str,
+        mut progress: impl FnMut(&P),
+        classify: impl Fn(ControlEvent) -> Streamed<P, R>,
+    ) -> Result<R, ControlError> {
+        loop {
+            match self.next_event().await? {
+                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
+                Some(ev) => match classify(ev) {
+                    Streamed::Progress(p) => progress(&p),
+                    Streamed::End(r) => return Ok(r),
+                    Streamed::Other(other) => {
+                        return Err(ControlError::Protocol(format!("unexpected {other:?}")))
+                    }
+                },
+                None => return Err(ControlError::Protocol(closed.into())),
+            }
+        }
+    }
+
     /// Starts a pull; call [`next_event`](Self::next_event) for progress and the result.
     pub async fn start_pull(&mut self, args: PullArgs) -> Result<(), ControlError> {
         self.send(&ControlRequest::Pull(args)).await
@@ -632,22 +663,19 @@ impl ControlClient {
     pub async fn pull(
         mut self,
         args: PullArgs,
-        mut progress: impl FnMut(&TransferStatus),
+        progress: impl FnMut(&TransferStatus),
     ) -> Result<PullSummary, ControlError> {
         self.start_pull(args).await?;
-        loop {
-            match self.next_event().await? {
-                Some(ControlEvent::Progress(p)) => progress(&p),
-                Some(ControlEvent::Done(s)) => return Ok(s),
-                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
-                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
-                None => {
-                    return Err(ControlError::Protocol(
-                        "the agent closed the connection before the pull ended".into(),
-                    ))
-                }
-            }
-        }
+        self.follow(
+            "the agent closed the connection before the pull ended",
+            progress,
+            |ev| match ev {
+                ControlEvent::Progress(p) => Streamed::Progress(p),
+                ControlEvent::Done(r) => Streamed::End(r),
+                other => Streamed::Other(Box::new(other)),
+            },
+        )
+        .await
     }
 }
 
@@ -656,22 +684,15 @@ impl ControlClient {
     pub async fn replicate(
         mut self,
         args: ReplicateArgs,
-        mut progress: impl FnMut(&ReplicationStatus),
+        progress: impl FnMut(&ReplicationStatus),
     ) -> Result<ReplicationStatus, ControlError> {
         self.send(&ControlRequest::Replicate(args)).await?;
-        loop {
-            match self.next_event().await? {
-                Some(ControlEvent::ReplicateProgress(p)) => progress(&p),
-                Some(ControlEvent::Replicating(s)) => return Ok(s),
-                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
-                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
-                None => {
-                    return Err(ControlError::Protocol(
-                        "the agent closed the connection".into(),
-                    ))
-                }
-            }
-        }
+        self.follow("the agent closed the connection", progress, |ev| match ev {
+            ControlEvent::ReplicateProgress(p) => Streamed::Progress(p),
+            ControlEvent::Replicating(r) => Streamed::End(r),
+            other => Streamed::Other(Box::new(other)),
+        })
+        .await
     }
 
     /// Flushes a replicated region; returns the epoch every replica applied.
@@ -718,22 +739,19 @@ impl ControlClient {
     pub async fn migrate(
         mut self,
         args: MigrateArgs,
-        mut progress: impl FnMut(&MigrationProgress),
+        progress: impl FnMut(&MigrationProgress),
     ) -> Result<MigrationReport, ControlError> {
         self.send(&ControlRequest::Migrate(args)).await?;
-        loop {
-            match self.next_event().await? {
-                Some(ControlEvent::MigrateProgress(p)) => progress(&p),
-                Some(ControlEvent::Migrated(r)) => return Ok(r),
-                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
-                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
-                None => {
-                    return Err(ControlError::Protocol(
-                        "the agent closed the connection before the migration ended".into(),
-                    ))
-                }
-            }
-        }
+        self.follow(
+            "the agent closed the connection before the migration ended",
+            progress,
+            |ev| match ev {
+                ControlEvent::MigrateProgress(p) => Streamed::Progress(p),
+                ControlEvent::Migrated(r) => Streamed::End(r),
+                other => Streamed::Other(Box::new(other)),
+            },
+        )
+        .await
     }
 
     /// `pagewire receive`: waits until the local agent owns `args.region`, migrated into
@@ -741,22 +759,19 @@ impl ControlClient {
     pub async fn receive_file(
         mut self,
         args: ReceiveFileArgs,
-        mut progress: impl FnMut(&ReceiveProgress),
+        progress: impl FnMut(&ReceiveProgress),
     ) -> Result<ReceiveReport, ControlError> {
         self.send(&ControlRequest::ReceiveFile(args)).await?;
-        loop {
-            match self.next_event().await? {
-                Some(ControlEvent::ReceiveProgress(p)) => progress(&p),
-                Some(ControlEvent::ReceivedFile(r)) => return Ok(r),
-                Some(ControlEvent::Error { message }) => return Err(ControlError::Agent(message)),
-                Some(other) => return Err(ControlError::Protocol(format!("unexpected {other:?}"))),
-                None => {
-                    return Err(ControlError::Protocol(
-                        "the agent closed the connection before the region was received".into(),
-                    ))
-                }
-            }
-        }
+        self.follow(
+            "the agent closed the connection before the region was received",
+            progress,
+            |ev| match ev {
+                ControlEvent::ReceiveProgress(p) => Streamed::Progress(p),
+                ControlEvent::ReceivedFile(r) => Streamed::End(r),
+                other => Streamed::Other(Box::new(other)),
+            },
+        )
+        .await
     }
 }
 
