@@ -118,6 +118,16 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
         .expect("the migration did not end within 120 s")
 }
 
+/// Waits until `ag` serves a region named `name` (`serving`) or no longer does.
+async fn until_serving(ag: &Agent, name: &str, serving: bool) {
+    within(async {
+        while ag.status().regions.iter().any(|r| r.name == name) != serving {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// Both agents connected, on a connection that has lasted a second: when both dial at
 /// once at start-up, one connection replaces the other a moment later, and a migration
 /// on the replaced one starts over (see the test below), which would blur what a test
@@ -1609,9 +1619,6 @@ async fn the_cli_receives_a_migration_into_a_file() {
     };
     let target = p.db.path().join("m.received");
     let to = target.to_str().unwrap();
-    let serves = |ag: &pagewire::agent::Agent, name: &str| {
-        ag.status().regions.iter().any(|r| r.name == name)
-    };
     // Refused: A has no region "nope"; B already serves "r".
     let out = cli(
         &["receive", "--from", "a", "--region", "nope", "--to", to],
@@ -1654,19 +1661,9 @@ async fn the_cli_receives_a_migration_into_a_file() {
     )
     .spawn()
     .unwrap();
-    within(async {
-        while !serves(&b, "m") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_serving(&b, "m", true).await;
     gone.kill().await.unwrap();
-    within(async {
-        while serves(&b, "m") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_serving(&b, "m", false).await;
     // The real thing.
     let recv = cli(
         &[
@@ -1676,12 +1673,7 @@ async fn the_cli_receives_a_migration_into_a_file() {
     )
     .spawn()
     .unwrap();
-    within(async {
-        while !serves(&b, "m") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_serving(&b, "m", true).await;
     let migrate = cli(
         &[
             "migrate",
@@ -1787,12 +1779,7 @@ async fn a_received_region_accepts_its_named_source_only() {
         timeout_ms: Some(60_000),
     };
     let recv = tokio::spawn(client.receive_file(args, |_| {}));
-    within(async {
-        while !b.status().regions.iter().any(|r| r.name == "m") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_serving(&b, "m", true).await;
     assert!(
         b.status()
             .migrations
@@ -1852,12 +1839,7 @@ async fn a_receive_waits_through_an_aborted_attempt() {
             v.push(pr.phase.clone());
         }
     }));
-    within(async {
-        while !b.status().regions.iter().any(|r| r.name == "m") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_serving(&b, "m", true).await;
     // Attempt 1: under a writer, a zero budget and no time limit never switch over; cut
     // in round 1.
     let w = Writer::start(&src, size, 43, Duration::from_micros(500), None);
