@@ -800,7 +800,7 @@ async fn memory_case(env: &Env, s: &Setup, c: &Case, n: usize) -> serde_json::Va
     let ideal_ms = size as f64 / link_bps * 1e3;
     let ratio = report.total_ms / ideal_ms;
     println!(
-        "{:>4}ms {:>8} | {:>7.2} {:>9.1} {:>7.0} | {:>8.1} {:>6.0} {:>4} {:>8.1} | {:>8.0} {:>7.2} {:>4} | {:>7.3} {:>6} {:>8} {:>6} {:>8.1} {:>7.1} | {:>9} {:>7}{}",
+        "{:>4}ms {:>8} | {:>7.2} {:>9.1} {:>7.0} | {:>8.1} {:>6.0} {:>4} {:>13} | {:>8.0} {:>7.2} {:>4} | {:>7.3} {:>6} {:>8} {:>6} {:>8.1} {:>7.1} | {:>9} {:>7}{}",
         c.rtt_ms,
         c.pages_per_s,
         rtt_ms,
@@ -809,7 +809,10 @@ async fn memory_case(env: &Env, s: &Setup, c: &Case, n: usize) -> serde_json::Va
         app_downtime_ms,
         target_ms,
         yes(app_downtime_ms <= target_ms),
-        report.downtime_ms,
+        match report.downtime_error_ms {
+            Some(e) => format!("{:.1}±{e:.1}", report.downtime_ms),
+            None => format!("{:.1} est", report.downtime_ms),
+        },
         report.total_ms,
         ratio,
         total_met(c, ratio),
@@ -831,6 +834,7 @@ async fn memory_case(env: &Env, s: &Setup, c: &Case, n: usize) -> serde_json::Va
         "mode": "memory",
         "rtt_ms": c.rtt_ms, "pages_per_s": c.pages_per_s, "path_rtt_ms": rtt_ms,
         "link_bps": link_bps, "ideal_ms": ideal_ms, "downtime_ms": report.downtime_ms,
+        "downtime_error_ms": report.downtime_error_ms,
         "downtime_target_ms": target_ms, "app_downtime_ms": app_downtime_ms,
         "total_ms": report.total_ms, "app_total_ms": app_total_ms,
         "precopy_ms": report.precopy_ms, "postcopy_ms": report.postcopy_ms,
@@ -956,7 +960,7 @@ async fn run() {
                     touch
                 );
                 println!(
-                    "{:>6} {:>8} | {:>7} {:>9} {:>7} | {:>8} {:>6} {:>4} {:>8} | {:>8} {:>7} {:>4} | {:>7} {:>6} {:>8} {:>6} {:>8} {:>7} | {:>9} {:>7}",
+                    "{:>6} {:>8} | {:>7} {:>9} {:>7} | {:>8} {:>6} {:>4} {:>13} | {:>8} {:>7} {:>4} | {:>7} {:>6} {:>8} {:>6} {:>8} {:>7} | {:>9} {:>7}",
                     "RTT", "pages/s", "rtt ms", "link MB/s", "ideal", "app dt", "target", "met",
                     "engine", "total ms", "x ideal", "met", "sent/sz", "rounds", "deferred",
                     "faults", "touch ms", "slowest", "est MB/s", "writes"
@@ -987,7 +991,8 @@ async fn run() {
          before; target downtime = RTT + 20 ms; total target (writer idle) <= 1.3x ideal; \
          app dt = freeze hook entered -> receiving app released from wait_owner (the \
          downtime: memory mode's downtime \"met\" is judged on it); engine = the report's \
-         downtime_ms, A's estimate from frame stamps; est = the \
+         downtime_ms: B's resume stamp placed on A's clock, ± the bound of that placement \
+         (half a clock sample's RTT), or \"est\" when placed from A's frame stamps; est = the \
          engine's bandwidth estimate in MB/s: median over pre-copy progress events / the \
          report's bandwidth_bps (bytes/s) at the end"
     );

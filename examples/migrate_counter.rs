@@ -1057,9 +1057,9 @@ async fn demo(
         }
     };
     say(format!(
-        "migrated {REGION} to b in {:.0} ms: downtime {:.1} ms (budget {:.0} ms), {} pre-copy rounds, {:.2} MiB sent, freeze: {}, dirty tracking: {}",
+        "migrated {REGION} to b in {:.0} ms: downtime {} (budget {:.0} ms), {} pre-copy rounds, {:.2} MiB sent, freeze: {}, dirty tracking: {}",
         report.total_ms,
-        report.downtime_ms,
+        report.downtime_text(),
         args.downtime_budget.as_secs_f64() * 1e3,
         report.rounds,
         report.bytes_sent as f64 / (1 << 20) as f64,
@@ -1410,9 +1410,9 @@ pub mod two_hosts {
                 std::thread::spawn(move || k.send(Cmd::Stop));
                 let a = counter.image()?;
                 say(args, format!(
-                    "migrated {REGION} to {to} in {:.0} ms: downtime {:.1} ms, {} rounds, {:.2} MiB sent, {} chunks left for post-copy, freeze: {}",
+                    "migrated {REGION} to {to} in {:.0} ms: downtime {}, {} rounds, {:.2} MiB sent, {} chunks left for post-copy, freeze: {}",
                     report.total_ms,
-                    report.downtime_ms,
+                    report.downtime_text(),
                     report.rounds,
                     report.bytes_sent as f64 / MIB,
                     report.deferred_chunks,

@@ -210,6 +210,12 @@ pub struct MigrationReport {
     pub precopy_ms: f64,
     /// Freeze on the source to resume on the destination.
     pub downtime_ms: f64,
+    /// The most `downtime_ms` can be off by when the destination's resume was placed
+    /// with its clock (half a clock sample's round trip plus drift; the figure itself
+    /// assumes both directions take equal time); `null` when it is an estimate from
+    /// the source's own stamps (no clock sample, or the handover ended after a cut).
+    #[serde(default)]
+    pub downtime_error_ms: Option<f64>,
     pub postcopy_ms: f64,
     pub bytes_sent: u64,
     pub bytes_acked: u64,
@@ -230,6 +236,16 @@ pub struct MigrationReport {
     /// replaced during pre-copy (both agents dialed each other at once).
     #[serde(default)]
     pub restarts: u32,
+}
+
+impl MigrationReport {
+    /// The downtime for people: `12.3 ms (± 0.2 ms)`, or `(estimated)` without a bound.
+    pub fn downtime_text(&self) -> String {
+        match self.downtime_error_ms {
+            Some(e) => format!("{:.1} ms (± {e:.1} ms)", self.downtime_ms),
+            None => format!("{:.1} ms (estimated)", self.downtime_ms),
+        }
+    }
 }
 
 /// A region's migration state on this agent, in `status`.

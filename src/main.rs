@@ -715,12 +715,12 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "migrated {} ({} bytes) to {} in {:.0} ms: downtime {:.1} ms, {} rounds, {:.1} MiB sent ({:.2}x the region), {} post-copy faults, freeze: {}",
+            "migrated {} ({} bytes) to {} in {:.0} ms: downtime {}, {} rounds, {:.1} MiB sent ({:.2}x the region), {} post-copy faults, freeze: {}",
             r.region,
             r.size,
             r.to,
             r.total_ms,
-            r.downtime_ms,
+            r.downtime_text(),
             r.rounds,
             r.bytes_sent as f64 / MIB,
             r.bytes_sent as f64 / r.size.max(1) as f64,

@@ -302,13 +302,13 @@ async fn bad_handshakes_are_refused() {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .unwrap();
-    tls.alpn_protocols = vec![b"pagewire/2".to_vec()];
+    tls.alpn_protocols = vec![b"pagewire/1".to_vec()];
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let cc = quinn::ClientConfig::new(std::sync::Arc::new(qc));
     let r = timeout(T, ep.connect_with(cc, baddr, "b").unwrap())
         .await
         .unwrap();
-    let e = r.expect_err("a pagewire/2 client must be refused");
+    let e = r.expect_err("a pagewire/1 client must be refused");
     assert!(
         e.to_string().contains("120")
             || e.to_string()

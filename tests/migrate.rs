@@ -370,6 +370,13 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
     assert!(report.bytes_sent >= size, "{report:?}");
     assert_eq!(report.freeze, "hook");
     assert!(rounds_seen <= report.rounds);
+    // B's resume was placed with its clock (Ping/Pong samples over the real stream).
+    assert!(
+        report
+            .downtime_error_ms
+            .is_some_and(|e| e.is_finite() && e >= 0.0),
+        "{report:?}"
+    );
 
     let sa = a.status();
     let ma = sa.migrations.iter().find(|m| m.region == "r").unwrap();
@@ -643,6 +650,7 @@ async fn a_migration_through_the_wan_relay_at_a_few_ms_rtt() {
     assert_same(&p.a_file(), &p.b_file());
     assert_eq!(report.outcome, "migrated");
     assert!(report.rtt_ms > 0.0, "{report:?}");
+    assert!(report.downtime_error_ms.is_some(), "{report:?}");
     eprintln!("through the relay: {report:?}");
     a.shutdown().await;
     b.shutdown().await;

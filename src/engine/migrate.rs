@@ -157,8 +157,13 @@ pub enum Message {
     },
     /// B → A: B owns `generation` and its app runs. `held`: how long B took from reading
     /// the `Handover` to letting its app run (waiting for chunks still on the way,
-    /// dropping stale copies), so A can place B's resume on its own clock.
-    Accept { generation: u64, held: Duration },
+    /// dropping stale copies); `resumed`: when its app was let run, on B's clock (A
+    /// places it on its own with the `Ping`/`Pong` samples).
+    Accept {
+        generation: u64,
+        held: Duration,
+        resumed: Duration,
+    },
     /// A → B, on reconnect while the handover is in doubt or in post-copy.
     Query { generation: u64 },
     /// A → B during pre-copy, in order with the chunk data: B's copies of these chunks
@@ -177,6 +182,12 @@ pub enum Message {
     },
     /// B → A: B's app waits for these chunks.
     Fetch { chunks: Vec<u64> },
+    /// A → B: a clock sample; `at` is A's clock when sent. A sends one at the start and
+    /// whenever its pipe has drained (each round's start, the freeze decision), so it
+    /// does not wait behind chunk data.
+    Ping { at: Duration },
+    /// B → A, the answer to `Ping`: its `at`, and B's clock when B read it.
+    Pong { at: Duration, peer: Duration },
 }
 
 /// How a migration is run.
@@ -226,12 +237,17 @@ pub struct Report {
     pub total_ms: f64,
     /// Start to the freeze request (pre-copy), 0 if never frozen.
     pub precopy_ms: f64,
-    /// Freeze request on A to resumed on B, 0 if B never resumed. B's resume is placed on
-    /// A's clock as when B read the `Handover` (its send + RTT/2, or the ack of the last
-    /// chunk sent before it − RTT/2 if later) + B's `held`, but never later than the
-    /// `Accept`'s arrival − RTT/2 (an upper bound: the `Accept` can queue behind B's
-    /// post-copy work).
+    /// Freeze request on A to resumed on B, 0 if B never resumed. B's resume (its clock,
+    /// in the `Accept`) is placed on A's clock by the `Ping`/`Pong` sample that bounds it
+    /// best ([`crate::engine::clock`]), within the `Handover`'s send and the `Accept`'s
+    /// arrival. Without a sample (or when A learnt of the handover from a `Status` after
+    /// a cut) it is an estimate from A's stamps: B read the `Handover` at its send +
+    /// RTT/2 (or the ack of the last chunk sent before it − RTT/2 if later), plus B's
+    /// `held`, but never later than the `Accept`'s arrival − RTT/2.
     pub downtime_ms: f64,
+    /// The most `downtime_ms` can be off by (half the clock sample's round trip plus
+    /// drift), when B's resume was placed with B's clock; `None` for the estimate.
+    pub downtime_error_ms: Option<f64>,
     /// Accept to release, 0 without post-copy.
     pub postcopy_ms: f64,
     /// Chunk bytes A sent (every send, re-sends included).

@@ -2,7 +2,7 @@
 //!
 //! # Connection
 //!
-//! One QUIC connection per pair of agents, mutual TLS, ALPN [`ALPN`] (`pagewire/1`): the
+//! One QUIC connection per pair of agents, mutual TLS, ALPN [`ALPN`] (`pagewire/2`): the
 //! protocol version travels in the ALPN string, so a peer of another major version fails
 //! the TLS handshake with `no_application_protocol`. The dialer then opens the first
 //! bidirectional stream and sends [`Request::Hello`]; the acceptor checks the version and
@@ -11,7 +11,7 @@
 //!
 //! ```text
 //!  dialer (A)                                 acceptor (B)
-//!     |--- QUIC + TLS 1.3, ALPN pagewire/1 ------>|  client certs checked both ways
+//!     |--- QUIC + TLS 1.3, ALPN pagewire/2 ------>|  client certs checked both ways
 //!     |--- bi stream 0: Request::Hello ---------->|  version + name == cert name
 //!     |<-- Reply::Hello --------------------------|
 //!     |                                           |
@@ -59,9 +59,11 @@ pub mod codec;
 use bincode::{Decode, Encode};
 
 /// The protocol version carried in [`Hello`]; must equal the ALPN's.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: a migration's `Accept` carries B's resume instant, and `Ping`/`Pong` sample B's
+/// clock.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The ALPN string: the version is part of it.
-pub const ALPN: &[u8] = b"pagewire/1";
+pub const ALPN: &[u8] = b"pagewire/2";
 
 /// Largest chunk a peer may announce or send (16 MiB).
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
@@ -158,6 +160,9 @@ pub enum MigrateFrame {
     /// out of date and will not be re-sent before the handover unless they cool off;
     /// the receiver may drop them now. In order with the chunk frames.
     Stale { chunks: Vec<u8> },
+    /// A clock sample: the sender's clock in µs (any origin) when sent. The receiver
+    /// answers [`MigrateBack::Pong`].
+    Ping { at_us: u64 },
 }
 
 /// Receiver (host B) to sender (host A) on a migration stream.
@@ -166,8 +171,13 @@ pub enum MigrateBack {
     /// These chunks arrived and were written.
     Ack { chunks: Vec<u64> },
     /// The receiver owns `generation` now; `held_us`: from reading the `Handover` to its
-    /// application running, in µs (how A places B's resume on its own clock).
-    Accept { generation: u64, held_us: u64 },
+    /// application running, in µs; `resumed_us`: when its application was let run, on
+    /// the receiver's clock (the one its `Pong`s use), in µs.
+    Accept {
+        generation: u64,
+        held_us: u64,
+        resumed_us: u64,
+    },
     /// Answer to `Query`: the bitmap of chunks still missing if the receiver owns
     /// `generation`, `None` if it does not (and never will: the generation is fenced).
     Status {
@@ -181,6 +191,9 @@ pub enum MigrateBack {
     /// The receiver dropped the copies named by the `Stale` frame before this one
     /// (one answer per `Stale`).
     Dropped,
+    /// The answer to a `Ping`: its `at_us`, and the receiver's clock in µs when it read
+    /// it (how the sender places the receiver's instants on its own clock).
+    Pong { at_us: u64, peer_us: u64 },
 }
 
 /// Opens a replication stream.

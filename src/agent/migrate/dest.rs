@@ -7,7 +7,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::receive::{ReceivingApp, RecvState};
 use super::{frame_cap, lock, AbortOnDrop, Slot, ACK_BATCH};
@@ -171,6 +171,7 @@ pub(crate) async fn serve(
         app: app.clone(),
         migrations: &inner.migrations,
         handover_read: None,
+        started,
     };
     // A reused engine: this is a new connection.
     let _ = lock(&engine).handle(now(), DestEvent::LinkUp);
@@ -225,6 +226,8 @@ struct Session<'a> {
     /// When the last `Handover` was taken from the stream: its `Accept` says how long
     /// this side held the application after it (dropping stale copies included).
     handover_read: Option<Instant>,
+    /// The origin of the engine's clock (its `now`), which `Pong` and `Accept` report.
+    started: Instant,
 }
 
 /// Unregisters a session's inbox when the session ends.
@@ -377,7 +380,18 @@ async fn next_inbound(
                 chunk: None,
             }
         }
+        MigrateFrame::Ping { at_us } => Inbound {
+            ev: DestEvent::Message(Message::Ping {
+                at: Duration::from_micros(at_us),
+            }),
+            chunk: None,
+        },
     }))
+}
+
+/// A duration in whole µs, as frames carry it.
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
 }
 
 /// Where a destination session takes its inbound frames from (the migration stream's
@@ -641,14 +655,18 @@ impl Session<'_> {
                 }
                 DestAction::Send(m) => {
                     let back = match m {
-                        Message::Accept { generation, held } => MigrateBack::Accept {
+                        // The application was released just before this (`Resume`).
+                        Message::Accept {
+                            generation, held, ..
+                        } => MigrateBack::Accept {
                             generation,
-                            // The application was released just before this (`Resume`).
-                            held_us: self
-                                .handover_read
-                                .map_or(held, |t| t.elapsed())
-                                .as_micros()
-                                .min(u64::MAX as u128) as u64,
+                            held_us: micros(self.handover_read.map_or(held, |t| t.elapsed())),
+                            // On the clock of the engine's `now` and of `Pong`.
+                            resumed_us: micros(self.started.elapsed()),
+                        },
+                        Message::Pong { at, peer } => MigrateBack::Pong {
+                            at_us: micros(at),
+                            peer_us: micros(peer),
                         },
                         Message::Status {
                             generation,

@@ -1026,6 +1026,7 @@ impl Driver {
             total_ms: r.total_ms,
             precopy_ms: r.precopy_ms,
             downtime_ms: r.downtime_ms,
+            downtime_error_ms: r.downtime_error_ms,
             postcopy_ms: r.postcopy_ms,
             bytes_sent: r.bytes_sent,
             bytes_acked: r.bytes_acked,
@@ -1092,10 +1093,16 @@ impl Driver {
             MigrateBack::Accept {
                 generation,
                 held_us,
+                resumed_us,
             } => SourceEvent::Message(Message::Accept {
                 generation,
                 // Past an hour it is nonsense; a sum with it must not overflow.
                 held: Duration::from_micros(held_us.min(3_600_000_000)),
+                resumed: Duration::from_micros(resumed_us),
+            }),
+            MigrateBack::Pong { at_us, peer_us } => SourceEvent::Message(Message::Pong {
+                at: Duration::from_micros(at_us),
+                peer: Duration::from_micros(peer_us),
             }),
             MigrateBack::Status {
                 generation,
@@ -1162,6 +1169,9 @@ impl Driver {
                         Message::Query { generation } => MigrateFrame::Query { generation },
                         Message::Stale { chunks } => MigrateFrame::Stale {
                             chunks: chunks.to_bytes(),
+                        },
+                        Message::Ping { at } => MigrateFrame::Ping {
+                            at_us: at.as_micros().min(u64::MAX as u128) as u64,
                         },
                         other => {
                             tracing::warn!("source engine asked to send {other:?}: ignored");

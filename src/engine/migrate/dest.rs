@@ -366,6 +366,8 @@ impl MigrateDest {
                 (DestPhase::Idle | DestPhase::Aborted, _) => {}
                 _ => return Err(self.unexpected("Stale")),
             },
+            Message::Ping { at } => out.push(DestAction::Send(Message::Pong { at, peer: now })),
+            Message::Pong { .. } => return Err(self.unexpected("Pong")),
             Message::Accept { .. } => return Err(self.unexpected("Accept")),
             Message::Dropped => return Err(self.unexpected("Dropped")),
             Message::Status { .. } => return Err(self.unexpected("Status")),
@@ -403,6 +405,7 @@ impl MigrateDest {
         out.push(DestAction::Send(Message::Accept {
             generation: self.generation,
             held: now.saturating_sub(handover_at),
+            resumed: now,
         }));
         self.check_complete(out);
     }

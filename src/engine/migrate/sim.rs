@@ -171,6 +171,13 @@ pub(super) struct Sim {
     pub(super) held_dropped: Vec<Message>,
     /// B's `Accept` leaves this much after B resumed (queued behind B's own work).
     pub(super) accept_late: Duration,
+    /// B's `Pong`s are lost (A has no clock sample).
+    pub(super) drop_pongs: bool,
+    /// Every frame from B takes this much longer than one from A (asymmetric paths).
+    pub(super) back_extra: Duration,
+    /// Each engine's clock reads the simulated time plus its offset (unrelated origins).
+    pub(super) a_clock: Duration,
+    pub(super) b_clock: Duration,
     pub(super) released: bool,
     pub(super) cut: Option<Cut>,
 }
@@ -222,6 +229,10 @@ impl Sim {
             hold_back_dropped: false,
             held_dropped: Vec::new(),
             accept_late: Duration::ZERO,
+            drop_pongs: false,
+            back_extra: Duration::ZERO,
+            a_clock: Duration::ZERO,
+            b_clock: Duration::ZERO,
             released: false,
             cut: None,
         }
@@ -236,18 +247,20 @@ impl Sim {
     }
 
     pub(super) fn start(&mut self, cfg: Config) -> Result<(), MigrateError> {
-        let acts = self.a.handle(self.now, SourceEvent::Start(cfg))?;
+        let acts = self
+            .a
+            .handle(self.now + self.a_clock, SourceEvent::Start(cfg))?;
         self.apply_a(acts);
         Ok(())
     }
 
     pub(super) fn a_event(&mut self, ev: SourceEvent) {
-        let acts = self.a.handle(self.now, ev).unwrap();
+        let acts = self.a.handle(self.now + self.a_clock, ev).unwrap();
         self.apply_a(acts);
     }
 
     pub(super) fn b_event(&mut self, ev: DestEvent, version: u64) {
-        let acts = self.b.handle(self.now, ev).unwrap();
+        let acts = self.b.handle(self.now + self.b_clock, ev).unwrap();
         self.apply_b(acts, version);
     }
 
@@ -322,13 +335,14 @@ impl Sim {
                 DestAction::Send(Message::Dropped) if self.hold_back_dropped => {
                     self.held_dropped.push(Message::Dropped);
                 }
+                DestAction::Send(Message::Pong { .. }) if self.drop_pongs => {}
                 DestAction::Send(m) => {
                     if self.up {
                         let bytes = Self::msg_bytes(&m);
                         let delay = match m {
                             Message::Accept { .. } => self.delay + self.accept_late,
                             _ => self.delay,
-                        };
+                        } + self.back_extra;
                         self.back
                             .push(self.now, bytes, self.rate, delay, Ba::Msg(m));
                     }
@@ -341,8 +355,9 @@ impl Sim {
                 DestAction::Ack(cs) => {
                     if self.up {
                         let bytes = 16 * cs.len() as u64;
+                        let delay = self.delay + self.back_extra;
                         self.back
-                            .push(self.now, bytes, self.rate, self.delay, Ba::Ack(cs));
+                            .push(self.now, bytes, self.rate, delay, Ba::Ack(cs));
                     }
                 }
                 DestAction::Drop(cs) => {

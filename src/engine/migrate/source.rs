@@ -8,7 +8,11 @@ use super::{
     check_bitmap, check_chunks, ms, Config, Message, MigrateError, Outcome, Report, Window,
     BW_SAMPLES, HOT_STREAK,
 };
+use crate::engine::clock::{ClockSync, Sample};
 use crate::region::{Bitmap, Geometry};
+
+/// Clock samples (`Ping`s) unanswered at most.
+const PINGS: usize = 16;
 
 /// Where host A is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +190,12 @@ struct Run {
     drained_at: Option<Duration>,
     /// B's time from reading the `Handover` to its app running (from its `Accept`).
     held: Option<Duration>,
+    /// When B's app was let run, on B's clock (from its `Accept`).
+    resumed_peer: Option<Duration>,
     accepted_at: Option<Duration>,
+    /// `Ping`s on this connection not answered yet (their `at`), and B's clock samples.
+    pings: VecDeque<Duration>,
+    clock: ClockSync,
 }
 
 impl Default for MigrateSource {
@@ -381,13 +390,19 @@ impl MigrateSource {
             drain: None,
             drained_at: None,
             held: None,
+            resumed_peer: None,
             accepted_at: None,
+            pings: VecDeque::new(),
+            clock: ClockSync::new(),
         });
         out.push(SourceAction::Send(Message::Begin {
             generation: self.generation,
             size: geo.size,
             chunk_size: geo.chunk_size,
         }));
+        if let Some(run) = self.run.as_mut() {
+            run.ping(now, out);
+        }
         if cfg.max_rounds == 0 {
             // Pure post-copy: freeze at once.
             self.phase = SourcePhase::Freezing;
@@ -528,6 +543,9 @@ impl MigrateSource {
         let Some(run) = self.run.as_mut() else {
             return;
         };
+        // The pipe has drained: a clock sample now does not wait behind chunk data (and
+        // goes ahead of the `Stale` notice, which B answers only after dropping).
+        run.ping(now, out);
         let remaining = run.bytes_of(&run.dirty, true);
         let bw = run.bandwidth();
         let fits = remaining == 0
@@ -664,6 +682,9 @@ impl MigrateSource {
                 if let Some(run) = self.run.as_mut() {
                     // Unacknowledged sends are lost with the connection.
                     run.link_up = false;
+                    // The next connection's samples may use another origin on B.
+                    run.pings.clear();
+                    run.clock = ClockSync::new();
                     for c in 0..run.geo.chunks() {
                         if run.outstanding[c as usize] > 0 {
                             run.outstanding[c as usize] = 0;
@@ -694,12 +715,17 @@ impl MigrateSource {
             }
         };
         match m {
-            Message::Accept { generation, held } => {
+            Message::Accept {
+                generation,
+                held,
+                resumed,
+            } => {
                 check_gen(generation)?;
                 match (self.phase, self.run.as_mut()) {
                     (SourcePhase::HandingOver, Some(run)) => {
                         run.accepted_at = Some(now);
                         run.held = Some(held);
+                        run.resumed_peer = Some(resumed);
                         run.cursor = 0;
                         self.phase = SourcePhase::Postcopy;
                         self.pump(now, out);
@@ -766,6 +792,24 @@ impl MigrateSource {
             Message::Handover { .. } => return Err(self.unexpected("Handover")),
             Message::Query { .. } => return Err(self.unexpected("Query")),
             Message::Stale { .. } => return Err(self.unexpected("Stale")),
+            Message::Ping { .. } => return Err(self.unexpected("Ping")),
+            Message::Pong { at, peer } => {
+                let answered = self.run.as_mut().is_some_and(|run| {
+                    let i = run.pings.iter().position(|p| *p == at);
+                    if let Some(i) = i {
+                        run.pings.remove(i);
+                        run.clock.add(Sample {
+                            sent: at,
+                            received: now,
+                            peer,
+                        });
+                    }
+                    i.is_some()
+                });
+                if !answered {
+                    return Err(self.unexpected("Pong"));
+                }
+            }
             Message::Dropped => match self.run.as_mut() {
                 Some(run) if run.stale_unanswered > 0 => {
                     run.stale_unanswered -= 1;
@@ -779,6 +823,17 @@ impl MigrateSource {
 }
 
 impl Run {
+    /// Sends a clock sample (at most [`PINGS`] unanswered; stamps in whole µs, as on
+    /// the wire).
+    fn ping(&mut self, now: Duration, out: &mut Vec<SourceAction>) {
+        if self.pings.len() >= PINGS {
+            return;
+        }
+        let at = Duration::from_micros(now.as_micros().min(u64::MAX as u128) as u64);
+        self.pings.push_back(at);
+        out.push(SourceAction::Send(Message::Ping { at }));
+    }
+
     /// Bytes of the chunks set in `b` (without the hot ones if `skip_hot`).
     fn bytes_of(&self, b: &Bitmap, skip_hot: bool) -> u64 {
         let mut bytes = 0;
@@ -978,8 +1033,18 @@ impl Run {
         // The app stops at the freeze request (the hook, SIGSTOP or write-protection act
         // at once); `Frozen` comes back after the driver's own scheduling.
         let paused = self.freeze_asked.or(self.frozen_at);
-        let downtime = match (paused, self.accepted_at) {
-            (Some(f), Some(a)) => {
+        // B's resume on B's clock, placed on this one, within what A saw of it: after
+        // the Handover left, before the Accept arrived.
+        let placed = match (self.resumed_peer, self.handover_at, self.accepted_at) {
+            (Some(r), Some(h), Some(a)) => self
+                .clock
+                .to_local(r)
+                .map(|(t, err)| (t.clamp(h, a.max(h)), err)),
+            _ => None,
+        };
+        let downtime = match (paused, self.accepted_at, placed) {
+            (Some(f), Some(_), Some((t, _))) => ms(t.saturating_sub(f)),
+            (Some(f), Some(a), None) => {
                 let half = self.rtt() / 2;
                 let upper = a.saturating_sub(half);
                 let resumed = match (self.handover_at, self.held) {
@@ -1003,6 +1068,7 @@ impl Run {
             total_ms: ms(now.saturating_sub(self.started)),
             precopy_ms: paused.map_or(0.0, |f| ms(f.saturating_sub(self.started))),
             downtime_ms: downtime,
+            downtime_error_ms: placed.filter(|_| paused.is_some()).map(|(_, e)| ms(e)),
             postcopy_ms: self.accepted_at.map_or(0.0, |a| ms(now.saturating_sub(a))),
             bytes_sent: self.bytes_sent,
             bytes_acked: self.acked_total,

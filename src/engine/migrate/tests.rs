@@ -357,10 +357,10 @@ fn a_cut_that_loses_the_accept_still_ends_with_b_the_owner() {
 }
 
 /// B's `Accept` can leave well after B resumed (it queues behind B's post-copy work):
-/// A places B's resume from its own `Handover` send and B's `held`, not from the
-/// `Accept`'s arrival, which stays an upper bound.
+/// without clock samples A places B's resume from its own `Handover` send and B's
+/// `held`, not from the `Accept`'s arrival, which stays an upper bound.
 #[test]
-fn downtime_comes_from_the_handover_and_b_held_time_not_a_late_accept() {
+fn without_clock_samples_downtime_comes_from_the_handover_and_b_held_time() {
     let size = 16 * MIB;
     for (late, writer) in [
         (ms(0), Writer::idle()),
@@ -369,6 +369,7 @@ fn downtime_comes_from_the_handover_and_b_held_time_not_a_late_accept() {
     ] {
         let mut sim = Sim::new(size, ms(50), writer, Writer::uniform(1000.0), 15);
         sim.accept_late = late;
+        sim.drop_pongs = true;
         sim.start(cfg(size)).unwrap();
         let r = sim.run(Duration::from_secs(10));
         assert_eq!(r.outcome, Outcome::Migrated);
@@ -379,7 +380,93 @@ fn downtime_comes_from_the_handover_and_b_held_time_not_a_late_accept() {
             "late {late:?}: {} vs {truth}",
             r.downtime_ms
         );
+        assert_eq!(r.downtime_error_ms, None, "an estimate has no bound");
     }
+}
+
+/// With `Ping`/`Pong` samples A places B's own resume stamp on its clock: exact on a
+/// symmetric path whatever the two clocks' origins or a late `Accept`; on a path whose
+/// return is 20 ms slower, off by half the difference (NTP's error), within the reported
+/// bound (half the sample's round trip).
+#[test]
+fn downtime_from_b_clock_is_exact_within_its_bound() {
+    let size = 16 * MIB;
+    let hour = Duration::from_secs(3600);
+    for (a_clock, b_clock, back_extra, late) in [
+        (Duration::ZERO, hour, ms(0), ms(0)),
+        (hour, Duration::ZERO, ms(0), ms(40)),
+        (ms(7), ms(123_456), ms(20), ms(40)),
+    ] {
+        let mut sim = Sim::new(
+            size,
+            ms(50),
+            Writer::hot(2000.0, 0..64, 0.5),
+            Writer::uniform(1000.0),
+            15,
+        );
+        sim.a_clock = a_clock;
+        sim.b_clock = b_clock;
+        sim.back_extra = back_extra;
+        sim.accept_late = late;
+        sim.start(cfg(size)).unwrap();
+        let r = sim.run(Duration::from_secs(10));
+        assert_eq!(r.outcome, Outcome::Migrated);
+        sim.check_b_has_everything();
+        // From the freeze request, as the report counts.
+        let truth = (sim.true_downtime() + FREEZE_LATENCY).as_secs_f64() * 1e3;
+        let err = r.downtime_error_ms.expect("placed with B's clock");
+        let case = format!("clocks {a_clock:?}/{b_clock:?}, back +{back_extra:?}, late {late:?}");
+        assert!(
+            (r.downtime_ms - truth).abs() <= err + 0.01,
+            "{case}: {} vs {truth} (± {err})",
+            r.downtime_ms
+        );
+        // The bound is half the sample's round trip (the directions could differ).
+        let half_rtt = (50.0 + back_extra.as_secs_f64() * 1e3) / 2.0;
+        assert!(err <= half_rtt + 0.5, "{case}: bound {err}");
+        if back_extra.is_zero() {
+            assert!(
+                close(r.downtime_ms, truth, 0.2),
+                "{case}: {} vs {truth}",
+                r.downtime_ms
+            );
+        } else {
+            // Off by half the difference between the directions, as NTP would be.
+            let off = r.downtime_ms - truth;
+            assert!(close(off.abs(), 10.0, 0.5), "{case}: off by {off}");
+        }
+    }
+}
+
+#[test]
+fn a_pong_that_answers_no_ping_is_refused() {
+    let size = 4 * MIB;
+    let mut sim = Sim::new(size, ms(10), Writer::idle(), Writer::idle(), 19);
+    sim.start(cfg(size)).unwrap();
+    let t = sim.now;
+    let pong = |at| {
+        SourceEvent::Message(Message::Pong {
+            at,
+            peer: Duration::MAX,
+        })
+    };
+    assert!(matches!(
+        sim.a.handle(t, pong(ms(999))),
+        Err(MigrateError::Unexpected { what: "Pong", .. })
+    ));
+    // The ping sent at the start is answered once.
+    assert!(sim.a.handle(t + ms(1), pong(Duration::ZERO)).is_ok());
+    assert!(sim.a.handle(t + ms(2), pong(Duration::ZERO)).is_err());
+    // A ping to the source, a pong to the destination: refused.
+    assert!(sim
+        .a
+        .handle(t, SourceEvent::Message(Message::Ping { at: t }))
+        .is_err());
+    assert!(matches!(
+        sim.b
+            .handle(t, DestEvent::Message(Message::Pong { at: t, peer: t })),
+        Err(MigrateError::Unexpected { what: "Pong", .. })
+    ));
 }
 
 #[test]
@@ -402,7 +489,8 @@ fn a_dest_accept_says_how_long_b_held_the_app_after_the_handover() {
     assert!(
         acts.contains(&DestAction::Send(Message::Accept {
             generation: 1,
-            held: ms(15)
+            held: ms(15),
+            resumed: ms(25),
         })),
         "{acts:?}"
     );
@@ -546,7 +634,8 @@ fn hostile_messages_are_rejected() {
             t,
             m(Message::Accept {
                 generation: 1,
-                held: Duration::ZERO
+                held: Duration::ZERO,
+                resumed: Duration::ZERO,
             })
         ),
         Err(MigrateError::Unexpected { .. })
@@ -556,7 +645,8 @@ fn hostile_messages_are_rejected() {
             t,
             m(Message::Accept {
                 generation: 9,
-                held: Duration::ZERO
+                held: Duration::ZERO,
+                resumed: Duration::ZERO,
             })
         ),
         Err(MigrateError::Generation { got: 9, want: 1 })
@@ -773,7 +863,8 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
             DestAction::Resume,
             DestAction::Send(Message::Accept {
                 generation: 1,
-                held: Duration::ZERO
+                held: Duration::ZERO,
+                resumed: t,
             }),
         ]
     );
