@@ -131,11 +131,7 @@ mod tests {
         c.add(exchange(1_000_000, 9_000, 1_000, 777_000));
         let (local, err) = c.to_local(us(1_500_000 + 777_000)).unwrap();
         let truth = us(1_500_000);
-        let off = if local > truth {
-            local - truth
-        } else {
-            truth - local
-        };
+        let off = local.abs_diff(truth);
         assert_eq!(off, us(4_000));
         assert!(off <= err, "{off:?} > {err:?}");
     }
