@@ -156,6 +156,12 @@ pub(super) struct Sim {
     pub(super) b_resumed_at: Option<Duration>,
     pub(super) b_writer: Writer,
     pub(super) b_blocked: Option<u64>,
+    /// When B's faulting thread started waiting, and how long each wait took.
+    pub(super) b_fault_since: Duration,
+    pub(super) b_fault_waits: Vec<Duration>,
+    /// Urgent chunks queue behind bulk data in one FIFO (a bottleneck queue on the path,
+    /// as in a router or the WAN relay), instead of a lane of their own.
+    pub(super) shared_bottleneck: bool,
     /// Pre-copy sends per chunk, bytes sent per pre-copy round.
     pub(super) precopy_sends: Vec<u32>,
     pub(super) round_bytes: Vec<u64>,
@@ -220,6 +226,9 @@ impl Sim {
             b_resumed_at: None,
             b_writer,
             b_blocked: None,
+            b_fault_since: Duration::ZERO,
+            b_fault_waits: Vec::new(),
+            shared_bottleneck: false,
             precopy_sends: vec![0; n],
             round_bytes: Vec::new(),
             reports: Vec::new(),
@@ -309,7 +318,7 @@ impl Sim {
                             continue;
                         }
                         let p = Ab::Chunk(c, self.a_data[c as usize]);
-                        let lane = if urgent {
+                        let lane = if urgent && !self.shared_bottleneck {
                             &mut self.urgent
                         } else {
                             &mut self.bulk
@@ -485,12 +494,14 @@ impl Sim {
                 return; // the faulting thread still waits
             }
             self.b_blocked = None;
+            self.b_fault_waits.push(self.now - self.b_fault_since);
             self.b_write(c);
         }
         for _ in 0..due {
             let c = self.b_writer.pick(&mut self.rng, n);
             if self.b.is_missing(c) {
                 self.b_blocked = Some(c);
+                self.b_fault_since = self.now;
                 self.b_event(DestEvent::Fault(c), 0);
                 return;
             }

@@ -11,6 +11,9 @@ use super::{
 use crate::engine::clock::{ClockSync, Sample};
 use crate::region::{Bitmap, Geometry};
 
+/// The automatic window's gain in post-copy, % of rate × min RTT (the pull's gain).
+const POSTCOPY_GAIN_PCT: u16 = 110;
+
 /// Clock samples (`Ping`s) unanswered at most.
 const PINGS: usize = 16;
 
@@ -862,6 +865,13 @@ impl Run {
             Window::Fixed(w) => w.max(chunk),
             Window::Auto { min, max, gain_pct } => {
                 let floor = min.max(4 * chunk);
+                // In post-copy B's app waits for faulted chunks, which queue behind the
+                // window's excess over one BDP at the bottleneck: keep it small once
+                // pre-copy has measured the rate (a pure post-copy still ramps up).
+                let gain_pct = match self.accepted_at {
+                    Some(_) if self.rounds > 0 => gain_pct.min(POSTCOPY_GAIN_PCT),
+                    _ => gain_pct,
+                };
                 let gain = gain_pct as f64 / 100.0;
                 let target = (gain * self.bandwidth() * self.rtt().as_secs_f64()) as u64;
                 target.clamp(floor, max.max(floor))
