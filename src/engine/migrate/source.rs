@@ -109,7 +109,10 @@ pub struct Progress {
     pub dirty_rate: f64,
     /// Delivered bytes per second.
     pub bandwidth: f64,
-    /// Downtime if A switched over now (None before bandwidth is known).
+    /// Downtime if A switched over now (None before bandwidth is known): the final
+    /// sync of `remaining` at `bandwidth`, plus the RTT. With post-copy the final sync
+    /// sends only what fits half the budget left after the RTT (the rest stays stale on
+    /// B and is fetched after the handover), so this stays within the budget.
     pub expected_downtime: Option<Duration>,
     /// Bytes B does not have current.
     pub remaining: u64,
@@ -250,8 +253,14 @@ impl MigrateSource {
             rounds: run.rounds,
             dirty_rate: run.dirty_rate,
             bandwidth: bw,
-            expected_downtime: (bw > 0.0)
-                .then(|| Duration::from_secs_f64(remaining as f64 / bw) + run.rtt()),
+            expected_downtime: (bw > 0.0).then(|| {
+                let sync = Duration::from_secs_f64(remaining as f64 / bw);
+                let sync = match run.cfg.postcopy {
+                    true => sync.min(run.cfg.budget.saturating_sub(run.rtt()) / 2),
+                    false => sync,
+                };
+                sync + run.rtt()
+            }),
             remaining,
             bytes_sent: run.bytes_sent,
         })

@@ -1095,3 +1095,33 @@ fn postcopy_faults_through_a_bottleneck_wait_about_one_rtt() {
         "post-copy took {results:?}"
     );
 }
+
+/// The progress display's expected downtime is what a switch-over now would cost: with
+/// post-copy the final sync is capped (the rest is left stale), so it stays within the
+/// budget however much is dirty; without, it is all of it over the bandwidth.
+#[test]
+fn expected_downtime_in_progress_follows_the_final_sync_rule() {
+    let size = 64 * MIB;
+    for postcopy in [true, false] {
+        let mut sim = Sim::new(size, ms(20), Writer::uniform(20_000.0), Writer::idle(), 22);
+        let mut c = cfg(size);
+        c.postcopy = postcopy;
+        c.max_rounds = 30;
+        c.max_time = Duration::from_secs(60);
+        sim.start(c).unwrap();
+        // Into the second round: the bandwidth is known and most chunks are dirty.
+        while !matches!(sim.a.phase(), SourcePhase::Precopy { round: 1.. }) {
+            sim.step();
+        }
+        sim.run_for(ms(50));
+        let p = sim.a.progress().unwrap();
+        let e = p.expected_downtime.expect("bandwidth known");
+        let full = Duration::from_secs_f64(p.remaining as f64 / p.bandwidth);
+        assert!(full > c.budget, "the writer keeps most chunks dirty: {p:?}");
+        if postcopy {
+            assert!(e <= c.budget, "{e:?} with post-copy: {p:?}");
+        } else {
+            assert!(e > full, "{e:?} without post-copy: {p:?}");
+        }
+    }
+}
