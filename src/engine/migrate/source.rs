@@ -196,8 +196,9 @@ struct Run {
     drained_at: Option<Duration>,
     /// B's time from reading the `Handover` to its app running (from its `Accept`).
     held: Option<Duration>,
-    /// When B's app was let run, on B's clock (from its `Accept`).
-    resumed_peer: Option<Duration>,
+    /// When B's app was let run (its `Accept`'s stamp placed on this clock with the
+    /// samples of the same connection), and the most that can be off by.
+    resumed: Option<(Duration, Duration)>,
     accepted_at: Option<Duration>,
     /// `Ping`s on this connection not answered yet (their `at`), and B's clock samples.
     pings: VecDeque<Duration>,
@@ -402,7 +403,7 @@ impl MigrateSource {
             drain: None,
             drained_at: None,
             held: None,
-            resumed_peer: None,
+            resumed: None,
             accepted_at: None,
             pings: VecDeque::new(),
             clock: ClockSync::new(),
@@ -737,7 +738,13 @@ impl MigrateSource {
                     (SourcePhase::HandingOver, Some(run)) => {
                         run.accepted_at = Some(now);
                         run.held = Some(held);
-                        run.resumed_peer = Some(resumed);
+                        // Within what A saw of it: after the Handover left, before the
+                        // Accept arrived.
+                        let after = run.handover_at.unwrap_or(now).min(now);
+                        run.resumed = run
+                            .clock
+                            .to_local(resumed)
+                            .map(|(t, err)| (t.clamp(after, now), err));
                         run.cursor = 0;
                         self.phase = SourcePhase::Postcopy;
                         self.pump(now, out);
@@ -1052,16 +1059,7 @@ impl Run {
         // The app stops at the freeze request (the hook, SIGSTOP or write-protection act
         // at once); `Frozen` comes back after the driver's own scheduling.
         let paused = self.freeze_asked.or(self.frozen_at);
-        // B's resume on B's clock, placed on this one, within what A saw of it: after
-        // the Handover left, before the Accept arrived.
-        let placed = match (self.resumed_peer, self.handover_at, self.accepted_at) {
-            (Some(r), Some(h), Some(a)) => self
-                .clock
-                .to_local(r)
-                .map(|(t, err)| (t.clamp(h, a.max(h)), err)),
-            _ => None,
-        };
-        let downtime = match (paused, self.accepted_at, placed) {
+        let downtime = match (paused, self.accepted_at, self.resumed) {
             (Some(f), Some(_), Some((t, _))) => ms(t.saturating_sub(f)),
             (Some(f), Some(a), None) => {
                 let half = self.rtt() / 2;
@@ -1087,7 +1085,10 @@ impl Run {
             total_ms: ms(now.saturating_sub(self.started)),
             precopy_ms: paused.map_or(0.0, |f| ms(f.saturating_sub(self.started))),
             downtime_ms: downtime,
-            downtime_error_ms: placed.filter(|_| paused.is_some()).map(|(_, e)| ms(e)),
+            downtime_error_ms: self
+                .resumed
+                .filter(|_| paused.is_some())
+                .map(|(_, e)| ms(e)),
             postcopy_ms: self.accepted_at.map_or(0.0, |a| ms(now.saturating_sub(a))),
             bytes_sent: self.bytes_sent,
             bytes_acked: self.acked_total,

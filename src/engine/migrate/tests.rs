@@ -528,6 +528,15 @@ fn a_cut_during_postcopy_waits_and_resumes_without_losing_a_chunk() {
     assert_eq!(r.outcome, Outcome::Migrated);
     sim.check_b_has_everything();
     assert!(r.deferred_chunks > 0 && r.postcopy_faults > 2);
+    // B's resume was placed when its Accept came, with that connection's samples: the
+    // cut after it changes nothing.
+    let truth = (sim.true_downtime() + FREEZE_LATENCY).as_secs_f64() * 1e3;
+    assert!(
+        close(r.downtime_ms, truth, 0.2),
+        "{} vs {truth}",
+        r.downtime_ms
+    );
+    assert!(r.downtime_error_ms.is_some(), "{r:?}");
 }
 
 #[test]
