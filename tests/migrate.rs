@@ -725,7 +725,12 @@ async fn the_cli_migrates_with_freeze_pid_and_the_writer_stays_stopped() {
         stderr.contains("round"),
         "progress lines on stderr: {stderr}"
     );
-    let r: pagewire::control::MigrationReport = serde_json::from_slice(&out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["downtime_error_ms"].is_number(),
+        "B's resume placed with its clock: {json}"
+    );
+    let r: pagewire::control::MigrationReport = serde_json::from_value(json).unwrap();
     assert_eq!(r.outcome, "migrated");
     assert_eq!(r.postcopy_faults, 0);
     assert_eq!(r.freeze, format!("pid {pid}"));
