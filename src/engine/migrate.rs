@@ -9,6 +9,9 @@
 //! ```text
 //!  A (source, owner)                                   B (destination)
 //!  Start ───────── Begin{gen, size, chunk} ──────────▶ Receiving
+//!  (start, each round's start, the freeze decision: the pipe is empty)
+//!              ─── Ping{A's clock} ──────────────────▶
+//!              ◀── Pong{A's stamp, B's clock} ──────── (a sample of B's clock)
 //!  Precopy{0}  ─── chunks (window-limited) ──────────▶ Install + Ack
 //!              ◀── Ack{chunks} ─────────────────────── (bandwidth = acked bytes / time)
 //!  round end: pipe drained, CollectDirty → Dirty(list)
@@ -23,7 +26,8 @@
 //!  HandingOver ─── Handover{gen, stale, sent} ───────▶ waits until `sent` chunks of this
 //!                                                      connection arrived, then Drop
 //!                                                      (stale, not dropped yet), Resume
-//!              ◀── Accept{gen} ────────────────────── Owner (app runs on B)
+//!              ◀── Accept{gen, held, resumed} ─────── Owner (app runs on B; `resumed`
+//!                                                      on B's clock)
 //!  Postcopy    ◀── Fetch{chunks} (app faulted) ─────── stale chunk touched
 //!              ─── urgent chunks ─────────────────────▶ Install (wakes the faulting thread)
 //!              ─── background chunks ────────────────▶
@@ -78,6 +82,17 @@
 //!   not dropped yet, about what was written since the last peek. `Stale` travels on the bulk stream in order
 //!   with chunk data, so a chunk that cools off and is re-sent later is re-filled after
 //!   its drop, never dropped after its re-send.
+//! * **Downtime** (freeze request on A to B's app running) spans two clocks. B's
+//!   `Accept` says when it let its app run on its own clock; A places that on its clock
+//!   with the `Ping`/`Pong` sample that bounds it best ([`crate::engine::clock`]: the
+//!   midpoint of A's send and receive stamps, off by at most half the sample's round
+//!   trip), sent when A's pipe is empty so it does not wait behind chunk data, and kept
+//!   between the `Handover`'s send and the `Accept`'s arrival. Without a sample it
+//!   falls back to an estimate from A's stamps ([`Report::downtime_ms`]).
+//! * **Post-copy window.** Faulted chunks go on the urgent lane but wait at the
+//!   bottleneck behind the background data already queued there, about the window's
+//!   excess over one BDP; once pre-copy has measured the rate, post-copy's automatic
+//!   window uses gain 1.1 instead of the configured one.
 //! * **Ownership** is a token with a generation. Exactly one side may run the app: A
 //!   until it sends `Handover`, B from the moment it accepts one. Between the two the
 //!   token is *in doubt*: A stays frozen and waits (forever if need be: never two
