@@ -143,9 +143,9 @@ impl FileRegion {
 
     /// xxh3-64 of every chunk ([`chunk_hash`]); holes are hashed without being read.
     ///
-    /// Reads [`HASH_BLOCK`] at a time (one `pread` and one hole probe per block, not per
+    /// Reads `HASH_BLOCK` at a time (one `pread` and one hole probe per block, not per
     /// chunk: with 4 KiB chunks the syscalls were most of the cost, ~0.8 s per GiB) and
-    /// splits the region over up to [`HASH_THREADS`] threads. A migration rehashes a file
+    /// splits the region over up to `HASH_THREADS` threads. A migration rehashes a file
     /// region after freezing its writer, so this is on the downtime's path.
     pub fn chunk_hashes(&self) -> Result<Vec<u64>, RegionError> {
         let g = self.geometry;
