@@ -9,8 +9,9 @@
 //! 2. the cost of one `collect`: PAGEMAP_SCAN with WP_MATCHING over 1 GiB with no page,
 //!    1% and every page written; the mprotect tracker's collect; and an xxh3 hash of
 //!    the same 1 GiB (what the hash-scan file tracker pays per collection);
-//! 3. the cost of a migration's freeze by write-protection over the whole populated
-//!    region (1% of its pages written since the last collect) and of its release: uffd-wp sync (the agent's UFFDIO_WRITEPROTECT), and the
+//! 3. the cost of a migration's freeze by write-protection of a populated region (1% of
+//!    its pages written since the last collect) and of its release: uffd-wp sync (the
+//!    agent's UFFDIO_WRITEPROTECT of the pages written since the last collect), and the
 //!    client library's hold (`fault::hold`, mprotect) used for uffd-wp async and the
 //!    mprotect tracker, next to the same xxh3 pass.
 //!

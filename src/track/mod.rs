@@ -111,12 +111,20 @@ pub fn align(r: Vec<Range<u64>>, granule: u64, size: u64) -> Ranges {
 /// bits that were set, as `(first, count)`, in order. Words that read zero are skipped
 /// without a write.
 pub(crate) fn take_runs(words: &[AtomicU64]) -> Vec<(usize, usize)> {
+    runs(words, true)
+}
+
+/// The runs of set bits, as [`take_runs`] returns them, clearing them only if `take`.
+pub(crate) fn runs(words: &[AtomicU64], take: bool) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, w) in words.iter().enumerate() {
         if w.load(Ordering::Acquire) == 0 {
             continue;
         }
-        let mut bits = w.swap(0, Ordering::AcqRel);
+        let mut bits = match take {
+            true => w.swap(0, Ordering::AcqRel),
+            false => w.load(Ordering::Acquire),
+        };
         while bits != 0 {
             let b = bits.trailing_zeros() as usize;
             bits &= bits - 1;
