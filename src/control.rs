@@ -239,10 +239,11 @@ pub struct MigrationReport {
 }
 
 impl MigrationReport {
-    /// The downtime for people: `12.3 ms (± 0.2 ms)`, or `(estimated)` without a bound.
+    /// The downtime for people: `12.3 ms (± 0.2 ms worst case)`, or `(estimated)`
+    /// without a bound.
     pub fn downtime_text(&self) -> String {
         match self.downtime_error_ms {
-            Some(e) => format!("{:.1} ms (± {e:.1} ms)", self.downtime_ms),
+            Some(e) => format!("{:.1} ms (± {e:.1} ms worst case)", self.downtime_ms),
             None => format!("{:.1} ms (estimated)", self.downtime_ms),
         }
     }
