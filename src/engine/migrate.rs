@@ -250,9 +250,11 @@ pub struct Report {
     pub outcome: Outcome,
     /// Start to release (or abort).
     pub total_ms: f64,
-    /// Start to the freeze request (pre-copy), 0 if never frozen.
+    /// Start to the freeze (pre-copy): when the driver began pausing the app, 0 if never
+    /// frozen.
     pub precopy_ms: f64,
-    /// Freeze request on A to resumed on B, 0 if B never resumed. B's resume (its clock,
+    /// Freeze on A (when the driver began pausing the app: [`SourceEvent::Frozen`]) to
+    /// resumed on B, 0 if B never resumed. B's resume (its clock,
     /// in the `Accept`) is placed on A's clock by the `Ping`/`Pong` sample that bounds it
     /// best ([`crate::engine::clock`]), within the `Handover`'s send and the `Accept`'s
     /// arrival. Without a sample (or when A learnt of the handover from a `Status` after

@@ -359,7 +359,8 @@ const ZERO_MARKER_BYTES: u64 = 16;
 /// A blocking step the driver waits for.
 enum Pending {
     Collect(tokio::task::JoinHandle<Result<Vec<u64>, String>>),
-    Freeze(tokio::task::JoinHandle<Result<(), String>>),
+    /// `Ok`: when the pause began (just before the hook, SIGSTOP or write-protection).
+    Freeze(tokio::task::JoinHandle<Result<Instant, String>>),
 }
 
 /// A frame from B (or the end of the stream), stamped when it arrived.
@@ -895,7 +896,7 @@ impl Driver {
             enum Got {
                 Frame(Inbound),
                 Collected(Result<Vec<u64>, String>),
-                Frozen(Result<(), String>),
+                Frozen(Result<Instant, String>),
                 Tick,
                 Shutdown,
             }
@@ -976,10 +977,11 @@ impl Driver {
                 Got::Frozen(r) => {
                     self.pending = None;
                     match r {
-                        Ok(()) => {
+                        Ok(began) => {
                             tracing::debug!(region = %self.region.name(), "writer frozen");
                             self.frozen = true;
-                            let _ = self.feed(SourceEvent::Frozen);
+                            let began = began.saturating_duration_since(self.started);
+                            let _ = self.feed(SourceEvent::Frozen { began });
                         }
                         Err(e) => {
                             self.last_error = Some(format!("freeze failed: {e}"));
@@ -1227,14 +1229,16 @@ impl Driver {
                     let f = self.opts.freeze.clone();
                     let sc = self.scanner.clone();
                     tracing::info!(region = %self.region.name(), freeze = ?f, "freezing the writer");
-                    self.pending = Some(Pending::Freeze(tokio::task::spawn_blocking(
-                        move || match f {
+                    self.pending = Some(Pending::Freeze(tokio::task::spawn_blocking(move || {
+                        let began = Instant::now();
+                        match f {
                             Freeze::Snapshot => Ok(()),
                             Freeze::Pid(p) => stop_pid(p),
                             Freeze::Hook(h) => h(true),
                             Freeze::WriteProtect => lock(&sc).freeze_writers(),
-                        },
-                    )));
+                        }
+                        .map(|()| began)
+                    })));
                 }
                 SourceAction::Resume => {
                     // A freeze still running is waited for, then undone.

@@ -437,7 +437,8 @@ impl Sim {
             self.ever_frozen = true;
             self.frozen_at = Some(self.now);
             self.a_frozen = self.a_data.clone();
-            self.a_event(SourceEvent::Frozen);
+            let began = self.now + self.a_clock;
+            self.a_event(SourceEvent::Frozen { began });
         }
         if self.collect {
             self.collect = false;

@@ -71,8 +71,12 @@ pub enum SourceEvent {
     /// dropped the migration stream: before the handover, give up as a cut would but
     /// with [`Outcome::SourceFailed`]; after it, handled as a cut.
     Failed,
-    /// The app is paused (answer to `Freeze`).
-    Frozen,
+    /// The app is paused (answer to `Freeze`); `began`: when the driver started pausing
+    /// it (called the hook, sent SIGSTOP, began write-protecting), on the engine's clock.
+    /// The downtime counts from there.
+    Frozen {
+        began: Duration,
+    },
     Message(Message),
     /// Time passes.
     Tick,
@@ -156,6 +160,8 @@ struct Run {
     peeked: Bitmap,
     /// When the freeze was asked for.
     freeze_asked: Option<Duration>,
+    /// When the driver started pausing the app (from `Frozen`).
+    freeze_began: Option<Duration>,
     /// `Stale` notices B has not answered (`Dropped`) yet.
     stale_unanswered: u32,
     /// `acked_total` when the round began, and the last full round's delivered rate.
@@ -308,9 +314,11 @@ impl MigrateSource {
                     }
                 }
             }
-            SourceEvent::Frozen => match (self.phase, self.run.as_mut()) {
+            SourceEvent::Frozen { began } => match (self.phase, self.run.as_mut()) {
                 (SourcePhase::Freezing, Some(run)) => {
                     run.frozen_at = Some(now);
+                    let asked = run.freeze_asked.unwrap_or(now);
+                    run.freeze_began = Some(began.clamp(asked, now.max(asked)));
                     self.phase = SourcePhase::FinalSync;
                     out.push(SourceAction::CollectDirty);
                 }
@@ -377,6 +385,7 @@ impl MigrateSource {
             last_peek: now,
             peeked: Bitmap::new(n),
             freeze_asked: None,
+            freeze_began: None,
             stale_unanswered: 0,
             round_acked: 0,
             round_rate: 0.0,
@@ -1056,9 +1065,10 @@ impl Run {
     }
 
     fn report(&self, now: Duration, outcome: Outcome) -> Report {
-        // The app stops at the freeze request (the hook, SIGSTOP or write-protection act
-        // at once); `Frozen` comes back after the driver's own scheduling.
-        let paused = self.freeze_asked.or(self.frozen_at);
+        // The app stops when the driver starts pausing it (the hook, SIGSTOP or
+        // write-protection act at once); `Frozen` comes back after the pause and the
+        // driver's own scheduling. Before a `Frozen`, the decision's instant.
+        let paused = self.freeze_began.or(self.freeze_asked).or(self.frozen_at);
         let downtime = match (paused, self.accepted_at, self.resumed) {
             (Some(f), Some(_), Some((t, _))) => ms(t.saturating_sub(f)),
             (Some(f), Some(a), None) => {
