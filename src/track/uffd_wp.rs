@@ -744,22 +744,28 @@ mod tests {
         assert!(t.can_freeze());
         write(&m, 3 * page, 1);
         t.freeze().unwrap();
+        // One thread per page stores `v` into it; `done` counts the stores that
+        // completed. The mapping outlives every join below.
+        let base = m.as_ptr() as usize;
+        let store = |pages: &[usize], v: u8, done: &Arc<AtomicU64>| -> Vec<_> {
+            let writers = pages
+                .iter()
+                .map(|&p| {
+                    let d = done.clone();
+                    std::thread::spawn(move || {
+                        // SAFETY: inside the mapping, which outlives the joins.
+                        unsafe { std::ptr::write_volatile((base + p * page) as *mut u8, v) };
+                        d.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            writers
+        };
         // A store to a page written before the freeze and one to a fresh page: both
         // writers are held.
         let done = Arc::new(AtomicU64::new(0));
-        let base = m.as_ptr() as usize;
-        let writers: Vec<_> = [3usize, 9]
-            .into_iter()
-            .map(|p| {
-                let d = done.clone();
-                std::thread::spawn(move || {
-                    // SAFETY: inside the mapping, which outlives the join below.
-                    unsafe { std::ptr::write_volatile((base + p * page) as *mut u8, 7) };
-                    d.fetch_add(1, Ordering::SeqCst);
-                })
-            })
-            .collect();
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let writers = store(&[3, 9], 7, &done);
         assert_eq!(
             done.load(Ordering::SeqCst),
             0,
@@ -792,18 +798,7 @@ mod tests {
         write(&m, 20 * page, 1);
         t.freeze().unwrap();
         let done = Arc::new(AtomicU64::new(0));
-        let writers: Vec<_> = [3usize, 20, 30]
-            .into_iter()
-            .map(|p| {
-                let d = done.clone();
-                std::thread::spawn(move || {
-                    // SAFETY: as above.
-                    unsafe { std::ptr::write_volatile((base + p * page) as *mut u8, 5) };
-                    d.fetch_add(1, Ordering::SeqCst);
-                })
-            })
-            .collect();
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let writers = store(&[3, 20, 30], 5, &done);
         assert_eq!(
             done.load(Ordering::SeqCst),
             0,
