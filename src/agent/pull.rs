@@ -642,9 +642,8 @@ pub(crate) fn launch(
 }
 
 /// Refuses a destination that is one of our served regions or the target of a pull
-/// still running (same file, whatever the path spelling).
-/// Refuses a destination that is a region this agent serves or another pull's target
-/// (also used by `pagewire receive`).
+/// still running (same file, whatever the path spelling); also used by `pagewire
+/// receive`.
 pub(crate) fn check_dest(inner: &Inner, to: &Path) -> Result<(), PullError> {
     use std::os::unix::fs::MetadataExt;
     let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::receive::{ReceivingApp, RecvState};
-use super::{frame_cap, lock, AbortOnDrop, Slot, ACK_BATCH};
+use super::{frame_cap, lock, micros, AbortOnDrop, Slot, ACK_BATCH};
 use crate::agent::Inner;
 use crate::engine::migrate::{
     DestAction, DestEvent, DestPhase, Message, MigrateDest, MigrateError, SourcePhase,
@@ -387,11 +387,6 @@ async fn next_inbound(
             chunk: None,
         },
     }))
-}
-
-/// A duration in whole µs, as frames carry it.
-fn micros(d: Duration) -> u64 {
-    d.as_micros().min(u64::MAX as u128) as u64
 }
 
 /// Where a destination session takes its inbound frames from (the migration stream's

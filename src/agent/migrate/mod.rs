@@ -51,6 +51,11 @@ impl Drop for AbortOnDrop {
 /// Most chunks acknowledged in one frame.
 pub(crate) const ACK_BATCH: usize = 1024;
 
+/// A duration in whole µs, as migration frames carry it.
+pub(crate) fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
+}
+
 /// Cap on a migration frame for a region of `chunks` chunks: a bitmap plus headers, or an
 /// acknowledgement batch.
 pub(crate) fn frame_cap(chunks: u64) -> usize {

@@ -1173,7 +1173,7 @@ impl Driver {
                             chunks: chunks.to_bytes(),
                         },
                         Message::Ping { at } => MigrateFrame::Ping {
-                            at_us: at.as_micros().min(u64::MAX as u128) as u64,
+                            at_us: super::micros(at),
                         },
                         other => {
                             tracing::warn!("source engine asked to send {other:?}: ignored");

@@ -822,21 +822,20 @@ impl MigrateSource {
             Message::Stale { .. } => return Err(self.unexpected("Stale")),
             Message::Ping { .. } => return Err(self.unexpected("Ping")),
             Message::Pong { at, peer } => {
-                let answered = self.run.as_mut().is_some_and(|run| {
-                    let i = run.pings.iter().position(|p| *p == at);
-                    if let Some(i) = i {
-                        run.pings.remove(i);
-                        run.clock.add(Sample {
-                            sent: at,
-                            received: now,
-                            peer,
-                        });
-                    }
-                    i.is_some()
-                });
-                if !answered {
+                // Only the answer to a ping still outstanding on this connection.
+                let i = self
+                    .run
+                    .as_ref()
+                    .and_then(|r| r.pings.iter().position(|p| *p == at));
+                let (Some(i), Some(run)) = (i, self.run.as_mut()) else {
                     return Err(self.unexpected("Pong"));
-                }
+                };
+                run.pings.remove(i);
+                run.clock.add(Sample {
+                    sent: at,
+                    received: now,
+                    peer,
+                });
             }
             Message::Dropped => match self.run.as_mut() {
                 Some(run) if run.stale_unanswered > 0 => {
