@@ -305,6 +305,48 @@ impl Drops {
     }
 }
 
+/// Both agents' counts of packets sent and declared lost, and congestion events, on
+/// their connection to each other.
+#[derive(Clone, Copy, Default)]
+struct PathCounts {
+    sent: u64,
+    lost: u64,
+    congestion: u64,
+}
+
+impl PathCounts {
+    fn of(p: &Pair) -> PathCounts {
+        let mut n = PathCounts::default();
+        for s in [p.a.status(), p.b.status()] {
+            for peer in s.peers {
+                n.sent += peer.sent_packets.unwrap_or(0);
+                n.lost += peer.lost_packets.unwrap_or(0);
+                n.congestion += peer.congestion_events.unwrap_or(0);
+            }
+        }
+        n
+    }
+
+    /// Counts since `o` (a reconnect restarts the counters: then the later ones).
+    fn since(self, o: PathCounts) -> PathCounts {
+        PathCounts {
+            sent: self.sent.checked_sub(o.sent).unwrap_or(self.sent),
+            lost: self.lost.checked_sub(o.lost).unwrap_or(self.lost),
+            congestion: self
+                .congestion
+                .checked_sub(o.congestion)
+                .unwrap_or(self.congestion),
+        }
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{} of {} packets declared lost, {} congestion events",
+            self.lost, self.sent, self.congestion
+        )
+    }
+}
+
 async fn start_relay(upstream: SocketAddr, params: LinkParams) -> Relay {
     let mut cfg = RelayConfig::symmetric("127.0.0.1:0".parse().unwrap(), upstream, params);
     cfg.seed = Some(1);
@@ -1119,12 +1161,15 @@ async fn run() {
     let wan_raw_rtt = raw.rtts(CHUNK, 20, 200).await;
     let wan_fetch = fetch_latencies(&p.a, "wan-random", wan_size / CHUNK, 20, 200).await;
     let o = p.opts("wan-random", Mechanism::Userfaultfd);
+    let raw_relays: Vec<&Relay> = raw.relay.iter().collect();
+    let pair_relays: Vec<&Relay> = p.relays.iter().collect();
+    let (d0, q0) = (Drops::now(&pair_relays), PathCounts::of(&p));
     let (wan_touch, wan_raced, wan_bulk, wan_mounts) =
         tokio::task::spawn_blocking(move || first_touches(&o, 200, Duration::from_millis(500)))
             .await
             .unwrap();
-    let raw_relays: Vec<&Relay> = raw.relay.iter().collect();
-    let pair_relays: Vec<&Relay> = p.relays.iter().collect();
+    let wan_touch_drops = d0.since(&pair_relays);
+    let wan_touch_path = PathCounts::of(&p).since(q0);
     let (mut wan_raws, mut wan_seqs, mut wan_seq_info) = (Vec::new(), Vec::new(), Vec::new());
     let (mut wan_raw_drops, mut wan_seq_drops) = (Drops::default(), Drops::default());
     for _ in 0..seq_reps {
@@ -1221,6 +1266,19 @@ async fn run() {
             ", {wan_mounts} mount(s), {wan_raced} raced the copy, bulk {}",
             mbps(wan_bulk)
         ),
+    );
+    let mut slowest = wan_touch.clone();
+    slowest.sort_by(|x, y| y.total_cmp(x));
+    println!(
+        "   while sampling: {}; {}; slowest touches (ms): {}",
+        wan_touch_path.text(),
+        wan_touch_drops.text(),
+        slowest
+            .iter()
+            .take(8)
+            .map(|u| format!("{:.1}", u / 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     // One RTT is the path's as measured (the relay's own forwarding adds to its 25 ms).
     let wan_target = wan_ping.p50 + 2_000.0;

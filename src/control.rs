@@ -519,6 +519,18 @@ pub struct PeerStatus {
     /// Current path MTU (UDP payload bytes), when connected.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// The current connection's congestion window (bytes), when connected.
+    #[serde(default)]
+    pub cwnd: Option<u64>,
+    /// Packets the current connection declared lost (and re-sent what they carried).
+    #[serde(default)]
+    pub lost_packets: Option<u64>,
+    /// Packets the current connection sent.
+    #[serde(default)]
+    pub sent_packets: Option<u64>,
+    /// Times the current connection's congestion controller backed off.
+    #[serde(default)]
+    pub congestion_events: Option<u64>,
     /// Seconds since the current connection was made.
     pub connected_for_s: Option<f64>,
     /// Why the last connection attempt or connection ended.

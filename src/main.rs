@@ -851,11 +851,15 @@ fn print_status(r: &StatusReport) {
     for p in &r.peers {
         if p.connected {
             println!(
-                "  {:<16} {:<24} connected  rtt {:>8.3} ms  for {:.0}s",
+                "  {:<16} {:<24} connected  rtt {:>8.3} ms  for {:.0}s  cwnd {} KiB  lost {}/{} packets  {} congestion events",
                 p.name,
                 p.addr,
                 p.rtt_us.unwrap_or(0) as f64 / 1000.0,
-                p.connected_for_s.unwrap_or(0.0)
+                p.connected_for_s.unwrap_or(0.0),
+                p.cwnd.unwrap_or(0) >> 10,
+                p.lost_packets.unwrap_or(0),
+                p.sent_packets.unwrap_or(0),
+                p.congestion_events.unwrap_or(0)
             );
         } else {
             println!(

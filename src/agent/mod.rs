@@ -345,12 +345,17 @@ impl Inner {
             .iter()
             .map(|p| {
                 let s = self.peers.snapshot(&p.name);
+                let path = s.conn.as_ref().map(|c| c.stats().path);
                 PeerStatus {
                     name: p.name.clone(),
                     addr: p.addr.clone(),
                     connected: s.conn.is_some(),
                     rtt_us: s.conn.as_ref().map(|c| c.rtt().as_micros() as u64),
-                    mtu: s.conn.as_ref().map(|c| c.stats().path.current_mtu),
+                    mtu: path.map(|p| p.current_mtu),
+                    cwnd: path.map(|p| p.cwnd),
+                    lost_packets: path.map(|p| p.lost_packets),
+                    sent_packets: path.map(|p| p.sent_packets),
+                    congestion_events: path.map(|p| p.congestion_events),
                     connected_for_s: s.since.map(|t| t.elapsed().as_secs_f64()),
                     last_error: s.last_error,
                 }

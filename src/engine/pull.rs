@@ -99,7 +99,10 @@ pub enum Window {
     /// Until the bandwidth stops growing (by 25 % over 3 samples) the gain is at least
     /// [`STARTUP_GAIN_PCT`] (fast growth from the floor); after that, one sample in
     /// [`PROBE_EVERY`] uses at least [`PROBE_GAIN_PCT`] so that a window that limits the
-    /// rate still finds a faster path.
+    /// rate still finds a faster path. A standing queue (the smoothed RTT more than
+    /// [`queue_threshold`] above the minimum) ends startup at once and holds a probe
+    /// back: the window was already more than the path carries, and what it adds would
+    /// only wait in the bottleneck's queue ahead of urgent replies, or overflow it.
     Auto { min: u64, max: u64, gain_pct: u16 },
 }
 
@@ -111,6 +114,16 @@ pub const STARTUP_GAIN_PCT: u16 = 200;
 pub const PROBE_EVERY: u32 = 8;
 /// Least gain (percent) of a probe sample.
 pub const PROBE_GAIN_PCT: u16 = 150;
+
+/// How far the smoothed RTT may rise above the minimum before the automatic window
+/// counts it as a standing queue: min RTT / 8, within [4 ms, 16 ms] (HyStart's
+/// delay-increase threshold, RFC 9406). Measured (README, "Post-copy benchmarks"): a
+/// fresh mount's startup at gain 2 through the relay at 25 ms RTT (4 MiB drop-tail
+/// queue) lost ~0.2 % of its packets, and a lost reply packet costs an urgent fetch
+/// another RTT.
+pub fn queue_threshold(min_rtt: Duration) -> Duration {
+    (min_rtt / 8).clamp(Duration::from_millis(4), Duration::from_millis(16))
+}
 
 /// The default: adaptive between 256 KiB and 16 MiB (the per-stream receive window),
 /// gain 1.1: about one BDP, so next to nothing stands in the bottleneck's queue ahead of
@@ -149,6 +162,8 @@ pub struct PullState {
     flat_samples: u32,
     /// Samples since startup ended (`None`: still in startup).
     cruise: Option<u32>,
+    /// The gain (percent) the current window was sized with.
+    gain_now: u16,
     stats: PullStats,
 }
 
@@ -175,6 +190,7 @@ impl PullState {
             full_rate: 0.0,
             flat_samples: 0,
             cruise: None,
+            gain_now: 0,
             stats: PullStats::default(),
         }
     }
@@ -185,11 +201,19 @@ impl PullState {
     }
 
     /// Re-sizes an automatic window from the rate delivered since the last sample.
-    /// `now` is any monotonic time; `min_rtt` the path's minimum round trip.
-    pub fn tune(&mut self, now: Duration, min_rtt: Duration) {
+    /// `now` is any monotonic time; `min_rtt` the path's minimum round trip, `srtt` its
+    /// smoothed round trip now (above `min_rtt` by what waits in queues on the way).
+    pub fn tune(&mut self, now: Duration, min_rtt: Duration, srtt: Duration) {
         let Window::Auto { min, max, gain_pct } = self.window_mode else {
             return;
         };
+        let queued = srtt > min_rtt + queue_threshold(min_rtt);
+        if queued && !self.rates.is_empty() && self.gain_now > gain_pct {
+            // Startup or a probe has filled the pipe: back to the cruising gain now, not
+            // at the end of the sample.
+            self.cruise.get_or_insert(0);
+            self.set_window(gain_pct, min, max, min_rtt);
+        }
         let bytes = self.stats.data_bytes;
         let Some((t0, b0)) = self.sample else {
             self.sample = Some((now, bytes));
@@ -205,7 +229,10 @@ impl PullState {
             self.rates.pop_front();
         }
         self.rates.push_back(rate);
-        let bw = self.rates.iter().copied().fold(0.0, f64::max);
+        let bw = self.bandwidth();
+        if queued {
+            self.cruise.get_or_insert(0);
+        }
         let gain = match &mut self.cruise {
             None => {
                 if bw >= 1.25 * self.full_rate {
@@ -221,16 +248,26 @@ impl PullState {
             }
             Some(n) => {
                 *n += 1;
-                if *n % PROBE_EVERY == 0 {
+                if *n % PROBE_EVERY == 0 && !queued {
                     gain_pct.max(PROBE_GAIN_PCT)
                 } else {
                     gain_pct
                 }
             }
         };
+        self.set_window(gain, min, max, min_rtt);
+    }
+
+    /// The automatic window's bandwidth: the largest rate in the filter.
+    fn bandwidth(&self) -> f64 {
+        self.rates.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn set_window(&mut self, gain: u16, min: u64, max: u64, min_rtt: Duration) {
         let floor = min.max(4 * self.geometry.chunk_size as u64);
-        let target = (gain as f64 / 100.0 * bw * min_rtt.as_secs_f64()) as u64;
+        let target = (gain as f64 / 100.0 * self.bandwidth() * min_rtt.as_secs_f64()) as u64;
         self.window = target.clamp(floor, max.max(floor));
+        self.gain_now = gain;
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -724,23 +761,27 @@ mod tests {
         let start = rx.bulk_start("r");
         assert_eq!(start.credit, 256 << 10);
         let rtt = Duration::from_millis(50);
-        rx.tune(Duration::ZERO, rtt);
+        rx.tune(Duration::ZERO, rtt, rtt);
         // 100 MB/s delivered over 200 ms at 50 ms min RTT: window = 2 * 100e6 * 0.05.
         let mut t = Duration::ZERO;
         for i in 0..305u64 {
             rx.accept(i, 65536);
             t += Duration::from_micros(656);
         }
-        rx.tune(t, rtt);
+        rx.tune(t, rtt, rtt);
         let w = rx.window();
         assert!((9_000_000..=11_000_000).contains(&w), "{w}");
         // Never above max, never below the floor.
         for i in 305..10_000u64 {
             rx.accept(i, 65536);
         }
-        rx.tune(t + Duration::from_millis(200), rtt);
+        rx.tune(t + Duration::from_millis(200), rtt, rtt);
         assert_eq!(rx.window(), 16 << 20);
-        rx.tune(t + Duration::from_secs(100), Duration::from_micros(30));
+        rx.tune(
+            t + Duration::from_secs(100),
+            Duration::from_micros(30),
+            Duration::from_micros(30),
+        );
         assert_eq!(rx.window(), 256 << 10);
         // Outstanding credit never exceeds the window, even as it shrinks.
         let mut rx = PullState::new(geo, Window::Fixed(1 << 20));
@@ -758,13 +799,80 @@ mod tests {
     /// One 200 ms rate sample (4 × 50 ms min RTT) delivering about `rate` bytes/s in
     /// 64 KiB chunks; returns the window after it.
     fn feed(rx: &mut PullState, next: &mut u64, t: &mut Duration, rate: f64) -> u64 {
+        feed_with_rtt(rx, next, t, rate, Duration::from_millis(50))
+    }
+
+    /// [`feed`] with the smoothed RTT at `srtt` (min RTT 50 ms).
+    fn feed_with_rtt(
+        rx: &mut PullState,
+        next: &mut u64,
+        t: &mut Duration,
+        rate: f64,
+        srtt: Duration,
+    ) -> u64 {
         for _ in 0..(rate * 0.2 / 65536.0).round() as u64 {
             rx.accept(*next, 65536);
             *next += 1;
         }
         *t += Duration::from_millis(200);
-        rx.tune(*t, Duration::from_millis(50));
+        rx.tune(*t, Duration::from_millis(50), srtt);
         rx.window()
+    }
+
+    #[test]
+    fn queue_threshold_is_an_eighth_of_the_min_rtt_within_4_and_16_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(queue_threshold(Duration::from_micros(100)), ms(4));
+        assert_eq!(queue_threshold(ms(50)), Duration::from_micros(6250));
+        assert_eq!(queue_threshold(ms(1000)), ms(16));
+    }
+
+    #[test]
+    fn a_standing_queue_ends_startup_at_once_and_holds_probes_back() {
+        let ms = Duration::from_millis;
+        let mut rx = auto(110);
+        let (mut next, mut t) = (0, Duration::ZERO);
+        rx.tune(t, ms(50), ms(50));
+        // The RTT 5 ms above the minimum (under the 6.25 ms threshold): still startup.
+        for rate in [5e6, 10e6, 20e6, 40e6] {
+            let w = feed_with_rtt(&mut rx, &mut next, &mut t, rate, ms(55));
+            assert!(near(w, 2.0, rate), "{w} at {rate}");
+        }
+        // Between samples the smoothed RTT rises 7 ms above it: the window drops to the
+        // cruising gain on that very call, though the rate was still growing.
+        rx.accept(next, 65536);
+        next += 1;
+        rx.tune(t + ms(20), ms(50), ms(57));
+        assert!(near(rx.window(), 1.1, 40e6), "{}", rx.window());
+        // Cruise from here; a probe while the queue stands keeps the cruising gain...
+        for i in 1..PROBE_EVERY {
+            let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(51));
+            assert!(near(w, 1.1, 40e6), "sample {i}: {w}");
+        }
+        let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(60));
+        assert!(near(w, 1.1, 40e6), "held-back probe: {w}");
+        // ...and the next probe with the queue gone probes.
+        for i in 1..PROBE_EVERY {
+            let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(50));
+            assert!(near(w, 1.1, 40e6), "sample {i}: {w}");
+        }
+        let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(50));
+        assert!(near(w, 1.5, 40e6), "probe: {w}");
+        // A queue building during the probe ends it before the sample does.
+        rx.accept(next, 65536);
+        next += 1;
+        rx.tune(t + ms(20), ms(50), ms(58));
+        assert!(near(rx.window(), 1.1, 40e6), "{}", rx.window());
+        // A fixed window ignores all of this.
+        let mut fixed = PullState::new(
+            Geometry::new(1 << 30, 65536).unwrap(),
+            Window::Fixed(1 << 20),
+        );
+        fixed.tune(Duration::ZERO, ms(50), ms(500));
+        fixed.accept(0, 65536);
+        fixed.tune(ms(300), ms(50), ms(500));
+        assert_eq!(fixed.window(), 1 << 20);
+        let _ = next;
     }
 
     fn auto(gain_pct: u16) -> PullState {
@@ -788,7 +896,7 @@ mod tests {
     fn auto_window_starts_at_gain_two_then_cruises_at_its_gain_with_probes() {
         let mut rx = auto(110);
         let (mut next, mut t) = (0, Duration::ZERO);
-        rx.tune(t, Duration::from_millis(50));
+        rx.tune(t, Duration::from_millis(50), Duration::from_millis(50));
         // Startup: the rate grows (the window limits it), the gain is 2.
         for rate in [5e6, 10e6, 20e6, 40e6, 80e6] {
             let w = feed(&mut rx, &mut next, &mut t, rate);
@@ -821,7 +929,7 @@ mod tests {
                 g as f64 / 100.0
             };
             let (mut next, mut t) = (0, Duration::ZERO);
-            rx.tune(t, Duration::from_millis(50));
+            rx.tune(t, Duration::from_millis(50), Duration::from_millis(50));
             // Startup: one sample up, three flat.
             for _ in 0..4 {
                 feed(&mut rx, &mut next, &mut t, 100e6);
@@ -855,7 +963,7 @@ mod tests {
     fn auto_window_stays_within_its_bounds() {
         let mut rx = auto(110);
         let (mut next, mut t) = (0, Duration::ZERO);
-        rx.tune(t, Duration::from_millis(50));
+        rx.tune(t, Duration::from_millis(50), Duration::from_millis(50));
         assert_eq!(feed(&mut rx, &mut next, &mut t, 1e6), 256 << 10);
         for _ in 0..10 {
             feed(&mut rx, &mut next, &mut t, 2e9);
