@@ -44,6 +44,9 @@
 //! - PAGEWIRE_BENCH_TRACKER: memory mode's tracker (default `auto`);
 //! - PAGEWIRE_BENCH_TOUCH: random pages the receiving app reads after the handover
 //!   (default 256);
+//! - PAGEWIRE_BENCH_NO_MMAP_WRITERS=1: file mode migrates with `no_mmap_writers` (the
+//!   writer uses pwrite, so the promise holds): the file is re-read only after inotify
+//!   events;
 //! - PAGEWIRE_BENCH_VERIFY=0 skips the check that B's copy equals A's after the freeze;
 //! - RUST_LOG (e.g. `pagewire=info`): the agents' logs on stderr.
 //!
@@ -528,6 +531,7 @@ async fn file_case(env: &Env, s: &Setup, c: &Case) -> serde_json::Value {
         max_rounds: s.max_rounds,
         max_time: s.max_time,
         freeze: w.hook(),
+        no_mmap_writers: std::env::var("PAGEWIRE_BENCH_NO_MMAP_WRITERS").as_deref() == Ok("1"),
         ..MigrateOptions::new("b")
     };
     let mut est = EstLog::default();
@@ -580,6 +584,7 @@ async fn file_case(env: &Env, s: &Setup, c: &Case) -> serde_json::Value {
         "precopy_bandwidth_est_last_bps": est.last(),
         "expected_downtime_ms_at_switch": est.expected_downtime_ms,
         "dirty_tracking": report.dirty_tracking,
+        "hash_passes": report.hash_passes,
         "copy_ok": same,
     })
 }

@@ -1378,6 +1378,7 @@ pub mod two_hosts {
             freeze_writes: true,
             postcopy: true,
             max_bandwidth_bps: None,
+            no_mmap_writers: false,
         };
         const MIB: f64 = (1 << 20) as f64;
         let mut last = String::new();

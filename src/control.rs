@@ -174,6 +174,10 @@ pub struct MigrateArgs {
     pub postcopy: bool,
     /// Chunk data sent at most this many bits per second (None: no cap).
     pub max_bandwidth_bps: Option<u64>,
+    /// File regions: nothing writes the file through a shared mapping, so a pass over it
+    /// is needed only after an inotify event (see `MigrateOptions::no_mmap_writers`).
+    #[serde(default)]
+    pub no_mmap_writers: bool,
 }
 
 /// A migration running on its source, for a progress display.
@@ -232,6 +236,10 @@ pub struct MigrationReport {
     /// `xxh3 chunk hashes` (file regions).
     #[serde(default)]
     pub dirty_tracking: String,
+    /// Full passes over the file to find what changed (file regions; the baseline's
+    /// included; 0 with a kernel tracker).
+    #[serde(default)]
+    pub hash_passes: u64,
     /// Times the copy started over because its connection to the destination was
     /// replaced during pre-copy (both agents dialed each other at once).
     #[serde(default)]

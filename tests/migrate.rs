@@ -339,6 +339,7 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
                     freeze_writes: false,
                     max_bandwidth_bps: None,
                     postcopy: false,
+                    no_mmap_writers: false,
                 },
                 |_| {},
             )
@@ -427,6 +428,61 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
         "{ma:?}"
     );
 
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `no_mmap_writers`: a file region is re-read only after an inotify event. A write(2)
+/// made at the freeze (the application's last, at its safe point) still reaches B; a
+/// migration of a file nobody writes reads it once (the baseline) and never again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_with_write_2_is_reread_only_after_inotify_events() {
+    logs();
+    let p = Pair::new();
+    let size = 32 * MIB;
+    random_file(&p.a_file(), size, 31);
+    random_file(&p.b_file(), size, 32);
+    let (a, b) = p.agents().await;
+    let path = p.a_file();
+    let hook = Freeze::Hook(Arc::new(move |freeze: bool| {
+        if freeze {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| e.to_string())?;
+            f.write_all_at(b"the last write before the pause", 5 * MIB + 123)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }));
+    let o = MigrateOptions {
+        no_mmap_writers: true,
+        ..opts(50, 5, hook)
+    };
+    let r = within(a.migrate("r", o, |_| {})).await.unwrap();
+    assert_eq!(r.outcome, "migrated");
+    assert_eq!(r.dirty_tracking, "xxh3 chunk hashes after inotify events");
+    assert!(
+        r.hash_passes >= 2,
+        "the write at the freeze made a pass: {r:?}"
+    );
+    assert_same(&p.a_file(), &p.b_file());
+    // Back to A: nothing writes B's file, so the baseline is the only pass...
+    let o = MigrateOptions {
+        no_mmap_writers: true,
+        ..MigrateOptions::new("a")
+    };
+    let back = within(b.migrate("r", o, |_| {})).await.unwrap();
+    assert_eq!(back.outcome, "migrated");
+    assert_eq!(back.hash_passes, 1, "{back:?}");
+    assert_same(&p.a_file(), &p.b_file());
+    // ...where without the promise the freeze re-reads the whole file.
+    let again = within(a.migrate("r", opts(50, 5, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(again.dirty_tracking, "xxh3 chunk hashes");
+    assert!(again.hash_passes >= 2, "{again:?}");
+    assert_same(&p.a_file(), &p.b_file());
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -264,6 +264,7 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
         freeze,
         max_bandwidth: args.max_bandwidth_bps.map(|b| (b / 8).max(1)),
         postcopy: args.postcopy,
+        no_mmap_writers: args.no_mmap_writers,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = super::migrate::source::run(inner.clone(), &args.region, opts, Some(tx));

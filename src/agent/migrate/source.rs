@@ -19,6 +19,7 @@ use crate::proto::{
     ChunkHeader, ErrorKind, MigrateBack, MigrateFrame, MigrateOpen, Reply, Request, WireCode,
 };
 use crate::region::{chunk_hash, is_zero, Bitmap, FileRegion};
+use crate::track::file::Inotify;
 
 /// How the writer of the region is paused for the final sync.
 #[derive(Clone)]
@@ -79,6 +80,13 @@ pub struct MigrateOptions {
     /// on demand while the rest streams in. False: everything is sent before the
     /// handover (nothing depends on this host afterwards).
     pub postcopy: bool,
+    /// File regions: the caller promises that nothing writes the file through a shared
+    /// mapping during the migration (only write(2) and the like, which inotify reports).
+    /// A collection that finds no inotify event since the previous one then skips the
+    /// pass over the file — at the freeze too, so an idle file's downtime no longer
+    /// includes a rehash. A broken promise loses the mmap writes made since the last
+    /// pass. Ignored for memory published with a kernel tracker.
+    pub no_mmap_writers: bool,
 }
 
 impl MigrateOptions {
@@ -91,6 +99,7 @@ impl MigrateOptions {
             freeze: Freeze::Snapshot,
             max_bandwidth: None,
             postcopy: false,
+            no_mmap_writers: false,
         }
     }
 }
@@ -153,20 +162,35 @@ enum Scanner {
         prev: Vec<u64>,
         sent: Vec<Option<u64>>,
         sent_since: Vec<bool>,
+        /// With `no_mmap_writers`: a collection rehashes only after an event.
+        inotify: Option<Inotify>,
+        /// Full passes over the file (the baseline's included).
+        passes: u64,
     },
     /// The publication's kernel dirty tracker (its migration share).
     Tracked(Arc<crate::agent::replicate::Publication>),
 }
 
 impl Scanner {
-    /// The tracker of an application's published region if there is one, else hashes.
-    fn new(inner: &Inner, region: Arc<FileRegion>) -> Result<Scanner, String> {
+    /// The tracker of an application's published region if there is one, else hashes
+    /// (gated by inotify with `no_mmap_writers`).
+    fn new(
+        inner: &Inner,
+        region: Arc<FileRegion>,
+        no_mmap_writers: bool,
+    ) -> Result<Scanner, String> {
         if let Some(p) = inner.publications.get(region.name()) {
             if MEMORY_TRACKERS.contains(&p.tracker_name()) {
                 p.tap_migration();
                 return Ok(Scanner::Tracked(p));
             }
         }
+        // Watch first, then hash: a write in between is seen by both, never by neither.
+        let inotify = if no_mmap_writers {
+            Some(Inotify::watch(region.path()).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
         let prev = region.chunk_hashes().map_err(|e| e.to_string())?;
         let n = prev.len();
         Ok(Scanner::Hashes {
@@ -174,13 +198,24 @@ impl Scanner {
             prev,
             sent: vec![None; n],
             sent_since: vec![false; n],
+            inotify,
+            passes: 1,
         })
     }
 
     fn kind(&self) -> &'static str {
         match self {
-            Scanner::Hashes { .. } => "xxh3 chunk hashes",
+            Scanner::Hashes { inotify: None, .. } => "xxh3 chunk hashes",
+            Scanner::Hashes { .. } => "xxh3 chunk hashes after inotify events",
             Scanner::Tracked(p) => p.tracker_name(),
+        }
+    }
+
+    /// Full passes over the file so far (0 with a kernel tracker).
+    fn passes(&self) -> u64 {
+        match self {
+            Scanner::Hashes { passes, .. } => *passes,
+            Scanner::Tracked(_) => 0,
         }
     }
 
@@ -228,7 +263,7 @@ impl Scanner {
     /// copy differs in; a tracker reports every write since the migration started, so its
     /// final collection is simply the writes since the previous one.
     fn collect(&mut self, last: bool) -> Result<Vec<u64>, String> {
-        let (region, prev, sent, sent_since) = match self {
+        let (region, prev, sent, sent_since, inotify, passes) = match self {
             Scanner::Tracked(p) => {
                 let g = p.region_geometry();
                 let mut out: Vec<u64> = Vec::new();
@@ -250,9 +285,24 @@ impl Scanner {
                 prev,
                 sent,
                 sent_since,
-            } => (region, prev, sent, sent_since),
+                inotify,
+                passes,
+            } => (region, prev, sent, sent_since, inotify, passes),
         };
-        let now = region.chunk_hashes().map_err(|e| e.to_string())?;
+        // Events are drained before the pass: a write during it leaves one for the next
+        // collection. No event since the previous pass: the file is what it hashed to
+        // then (write(2) queues its event before it returns, and the writers are
+        // promised to use nothing else), so the pass is skipped.
+        let changed = match inotify {
+            Some(i) => i.drain().map_err(|e| e.to_string())?,
+            None => true,
+        };
+        let now = if changed {
+            *passes += 1;
+            region.chunk_hashes().map_err(|e| e.to_string())?
+        } else {
+            prev.clone()
+        };
         let mut out = Vec::new();
         for (c, h) in now.iter().enumerate() {
             let stale = sent[c] != Some(*h);
@@ -650,7 +700,8 @@ async fn attempt(
     // The dirty baseline is taken before the engine starts copying.
     let scanner = {
         let (r, i) = (region.clone(), inner.clone());
-        tokio::task::spawn_blocking(move || Scanner::new(&i, r))
+        let no_mmap = opts.no_mmap_writers;
+        tokio::task::spawn_blocking(move || Scanner::new(&i, r, no_mmap))
             .await
             .map_err(|e| MigrateRunError::Region(e.to_string()))?
             .map_err(MigrateRunError::Region)?
@@ -1020,6 +1071,11 @@ impl Driver {
         }
         self.send_progress();
         let r = self.report.take().ok_or(MigrateRunError::Shutdown)?;
+        // One lock: a second one in the same expression would wait for the first.
+        let (dirty_tracking, hash_passes) = {
+            let sc = lock(&self.scanner);
+            (sc.kind(), sc.passes())
+        };
         let report = MigrationReport {
             region: self.region.name().into(),
             to: self.opts.to.clone(),
@@ -1038,7 +1094,8 @@ impl Driver {
             bandwidth_bps: r.bandwidth,
             rtt_ms: r.rtt_ms,
             freeze: self.opts.freeze.label(),
-            dirty_tracking: lock(&self.scanner).kind().into(),
+            dirty_tracking: dirty_tracking.into(),
+            hash_passes,
             restarts: self.restart,
         };
         if r.outcome == Outcome::Migrated {
