@@ -100,7 +100,9 @@ async fn two_agents_pull_a_table_of_sizes() {
     // The connection's own counters: it carried every pull's requests and credit.
     let peer = &st.peers[0];
     assert!(peer.sent_packets.is_some_and(|n| n > 100), "{peer:?}");
-    assert!(peer.lost_packets.is_some_and(|n| n <= peer.sent_packets.unwrap()));
+    assert!(peer
+        .lost_packets
+        .is_some_and(|n| n <= peer.sent_packets.unwrap()));
     assert!(peer.cwnd.is_some_and(|w| w > 0) && peer.congestion_events.is_some());
     assert_eq!(b.status().regions.len(), sizes.len() + 2);
     a.shutdown().await;
