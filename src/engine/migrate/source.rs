@@ -187,6 +187,14 @@ struct Run {
     sample: Option<(Duration, u64)>,
     samples: VecDeque<f64>,
     min_rtt: Option<Duration>,
+    /// Chunks' send-to-ack times, smoothed (RFC 6298's 1/8).
+    srtt: Option<Duration>,
+    /// Bandwidth samples taken so far, and how many had been when post-copy first saw a
+    /// standing queue (`srtt` more than the pull's queue threshold above `min_rtt`).
+    /// Three samples later (so the filter holds rates measured with the pipe full) its
+    /// window keeps the post-copy gain.
+    samples_taken: u64,
+    queue_seen_at: Option<u64>,
     rounds: u32,
     bytes_sent: u64,
     faulted: Bitmap,
@@ -402,6 +410,9 @@ impl MigrateSource {
             sample: None,
             samples: VecDeque::new(),
             min_rtt: None,
+            srtt: None,
+            samples_taken: 0,
+            queue_seen_at: None,
             rounds: 0,
             bytes_sent: 0,
             faulted: Bitmap::new(n),
@@ -883,6 +894,13 @@ impl Run {
         self.min_rtt.unwrap_or_default()
     }
 
+    /// Post-copy has seen a standing queue, and the bandwidth filter a rate measured
+    /// with the pipe full since (see `queue_seen_at`).
+    fn queue_full(&self) -> bool {
+        self.queue_seen_at
+            .is_some_and(|at| self.samples_taken >= at + 3)
+    }
+
     fn window(&self) -> u64 {
         let chunk = self.geo.chunk_size as u64;
         match self.cfg.window {
@@ -891,9 +909,12 @@ impl Run {
                 let floor = min.max(4 * chunk);
                 // In post-copy B's app waits for faulted chunks, which queue behind the
                 // window's excess over one BDP at the bottleneck: keep it small once
-                // pre-copy has measured the rate (a pure post-copy still ramps up).
+                // pre-copy has measured the rate. A pure post-copy ramps up at the
+                // configured gain until its chunks' round trips show a standing queue.
                 let gain_pct = match self.accepted_at {
-                    Some(_) if self.rounds > 0 => gain_pct.min(POSTCOPY_GAIN_PCT),
+                    Some(_) if self.rounds > 0 || self.queue_full() => {
+                        gain_pct.min(POSTCOPY_GAIN_PCT)
+                    }
                     _ => gain_pct,
                 };
                 let gain = gain_pct as f64 / 100.0;
@@ -998,6 +1019,14 @@ impl Run {
             if *o == 0 {
                 let rtt = now.saturating_sub(self.sent_at[c as usize]);
                 self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                let srtt = self.srtt.map_or(rtt, |s| (s * 7 + rtt) / 8);
+                self.srtt = Some(srtt);
+                if self.accepted_at.is_some()
+                    && self.queue_seen_at.is_none()
+                    && srtt > self.rtt() + crate::engine::pull::queue_threshold(self.rtt())
+                {
+                    self.queue_seen_at = Some(self.samples_taken);
+                }
                 // Bytes delivered between this chunk's send and its ack, over the time
                 // from the ack before its send to this one (never shorter than its RTT).
                 let (d0, t0) = self.sent_delivered[c as usize];
@@ -1019,6 +1048,7 @@ impl Run {
                         self.samples.pop_front();
                     }
                     self.samples.push_back(self.pending_rate);
+                    self.samples_taken += 1;
                 }
                 self.pending_rate = 0.0;
                 self.sample = Some((now, self.acked_total));

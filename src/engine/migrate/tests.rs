@@ -1105,6 +1105,51 @@ fn postcopy_faults_through_a_bottleneck_wait_about_one_rtt() {
     );
 }
 
+/// A pure post-copy (no pre-copy round measured the rate) starts its automatic window at
+/// gain 2 to ramp up; once the chunks' round trips show a standing queue it drops to the
+/// post-copy gain, so faults wait about one RTT there too, not two.
+#[test]
+fn pure_postcopy_leaves_its_ramp_up_when_a_queue_stands() {
+    let size = 256 * MIB;
+    let rtt = ms(50);
+    let mut sim = Sim::new(size, rtt, Writer::idle(), Writer::uniform(200.0), 23);
+    sim.shared_bottleneck = true;
+    let mut c = cfg(size);
+    c.window = Window::Auto {
+        min: MIB,
+        max: 64 * MIB,
+        gain_pct: 200,
+    };
+    c.max_rounds = 0;
+    c.budget = ms(60);
+    sim.start(c).unwrap();
+    let r = sim.run(Duration::from_secs(60));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+    assert_eq!(r.rounds, 0, "{r:?}");
+    let waits = &mut sim.b_fault_waits;
+    assert!(waits.len() >= 10, "{} faults", waits.len());
+    // The ramp-up's first faults may wait longer; the rest about one RTT.
+    let late = &mut waits[waits.len() / 2..].to_vec();
+    late.sort();
+    let median = late[late.len() / 2];
+    eprintln!(
+        "pure post-copy: {} faults, later half's median wait {median:?}, post-copy {} ms",
+        waits.len(),
+        r.postcopy_ms
+    );
+    assert!(median <= rtt * 13 / 10, "fault wait {median:?}");
+    // The drop waits until the bandwidth filter holds the full rate: the copy itself
+    // stays near the link's (gain 2 all along: 1.11x; dropping at the first sign of a
+    // queue, when the window-limited rate was half the link's: 1.25x).
+    let ideal = size as f64 / RATE * 1e3;
+    assert!(
+        r.postcopy_ms <= 1.2 * ideal,
+        "post-copy {} ms, ideal {ideal}",
+        r.postcopy_ms
+    );
+}
+
 /// The progress display's expected downtime is what a switch-over now would cost: with
 /// post-copy the final sync is capped (the rest is left stale), so it stays within the
 /// budget however much is dirty; without, it is all of it over the bandwidth.
