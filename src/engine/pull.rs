@@ -99,10 +99,10 @@ pub enum Window {
     /// Until the bandwidth stops growing (by 25 % over 3 samples) the gain is at least
     /// [`STARTUP_GAIN_PCT`] (fast growth from the floor); after that, one sample in
     /// [`PROBE_EVERY`] uses at least [`PROBE_GAIN_PCT`] so that a window that limits the
-    /// rate still finds a faster path. A standing queue (the smoothed RTT more than
-    /// [`queue_threshold`] above the minimum) ends startup at once and holds a probe
-    /// back: the window was already more than the path carries, and what it adds would
-    /// only wait in the bottleneck's queue ahead of urgent replies, or overflow it.
+    /// rate still finds a faster path. A queue building (the smoothed RTT rising by more
+    /// than [`queue_threshold`] within a sample) ends startup, or the probe, at once:
+    /// the window is already more than the path carries, and what it adds would only
+    /// wait in the bottleneck's queue ahead of urgent replies, or overflow it.
     Auto { min: u64, max: u64, gain_pct: u16 },
 }
 
@@ -115,8 +115,8 @@ pub const PROBE_EVERY: u32 = 8;
 /// Least gain (percent) of a probe sample.
 pub const PROBE_GAIN_PCT: u16 = 150;
 
-/// How far the smoothed RTT may rise above the minimum before the automatic window
-/// counts it as a standing queue: min RTT / 8, within [4 ms, 16 ms] (HyStart's
+/// How far the smoothed RTT may rise within a rate sample before the automatic window
+/// counts it as a queue building: min RTT / 8, within [4 ms, 16 ms] (HyStart's
 /// delay-increase threshold, RFC 9406). Measured (README, "Post-copy benchmarks"): a
 /// fresh mount's startup at gain 2 through the relay at 25 ms RTT (4 MiB drop-tail
 /// queue) lost ~0.2 % of its packets, and a lost reply packet costs an urgent fetch
@@ -164,6 +164,8 @@ pub struct PullState {
     cruise: Option<u32>,
     /// The gain (percent) the current window was sized with.
     gain_now: u16,
+    /// The smoothed RTT when the current rate sample began.
+    base_srtt: Option<Duration>,
     stats: PullStats,
 }
 
@@ -191,6 +193,7 @@ impl PullState {
             flat_samples: 0,
             cruise: None,
             gain_now: 0,
+            base_srtt: None,
             stats: PullStats::default(),
         }
     }
@@ -207,7 +210,13 @@ impl PullState {
         let Window::Auto { min, max, gain_pct } = self.window_mode else {
             return;
         };
-        let queued = srtt > min_rtt + queue_threshold(min_rtt);
+        // The pipe is full when the RTT rises by the threshold within a sample: what the
+        // window adds then waits in a queue. Measured from the sample's start, not from
+        // the path's minimum: a path that always runs above its minimum (jitter, or a
+        // queue the pull does not own) must still start up and probe, or its window
+        // would shrink sample after sample.
+        let base = *self.base_srtt.get_or_insert(srtt);
+        let queued = srtt > base + queue_threshold(min_rtt);
         if queued && !self.rates.is_empty() && self.gain_now > gain_pct {
             // Startup or a probe has filled the pipe: back to the cruising gain now, not
             // at the end of the sample.
@@ -233,22 +242,30 @@ impl PullState {
         if queued {
             self.cruise.get_or_insert(0);
         }
+        self.base_srtt = Some(srtt);
+        // A rate that stopped growing while the RTT stands above the path's minimum:
+        // the pipe is full now, no need to wait for more flat samples.
+        let standing = srtt > min_rtt + queue_threshold(min_rtt);
         let gain = match &mut self.cruise {
             None => {
                 if bw >= 1.25 * self.full_rate {
                     self.full_rate = bw;
                     self.flat_samples = 0;
+                    gain_pct.max(STARTUP_GAIN_PCT)
+                } else if standing {
+                    self.cruise = Some(0);
+                    gain_pct
                 } else {
                     self.flat_samples += 1;
                     if self.flat_samples >= 3 {
                         self.cruise = Some(0);
                     }
+                    gain_pct.max(STARTUP_GAIN_PCT)
                 }
-                gain_pct.max(STARTUP_GAIN_PCT)
             }
             Some(n) => {
                 *n += 1;
-                if *n % PROBE_EVERY == 0 && !queued {
+                if *n % PROBE_EVERY == 0 {
                     gain_pct.max(PROBE_GAIN_PCT)
                 } else {
                     gain_pct
@@ -819,60 +836,36 @@ mod tests {
         rx.window()
     }
 
+    /// A path whose RTT sits above its minimum for good (jitter, or a queue the pull
+    /// does not own): the delivered rate is the window over the RTT it sees, so a window
+    /// that stopped probing would shrink sample after sample. It must keep the link's
+    /// rate.
+    #[test]
+    fn a_steadily_high_rtt_does_not_starve_the_window() {
+        let ms = Duration::from_millis;
+        let link = 80e6;
+        for srtt in [ms(50), ms(58), ms(70)] {
+            let mut rx = auto(110);
+            let (mut next, mut t) = (0, Duration::ZERO);
+            rx.tune(t, ms(50), srtt);
+            let mut rates = Vec::new();
+            for _ in 0..200 {
+                let rate = (rx.window() as f64 / srtt.as_secs_f64()).min(link);
+                feed_with_rtt(&mut rx, &mut next, &mut t, rate, srtt);
+                rates.push(rate);
+            }
+            let tail = &rates[100..];
+            let mean = tail.iter().sum::<f64>() / tail.len() as f64;
+            assert!(mean >= 0.8 * link, "RTT {srtt:?}: {mean} of {link}");
+        }
+    }
+
     #[test]
     fn queue_threshold_is_an_eighth_of_the_min_rtt_within_4_and_16_ms() {
         let ms = Duration::from_millis;
         assert_eq!(queue_threshold(Duration::from_micros(100)), ms(4));
         assert_eq!(queue_threshold(ms(50)), Duration::from_micros(6250));
         assert_eq!(queue_threshold(ms(1000)), ms(16));
-    }
-
-    #[test]
-    fn a_standing_queue_ends_startup_at_once_and_holds_probes_back() {
-        let ms = Duration::from_millis;
-        let mut rx = auto(110);
-        let (mut next, mut t) = (0, Duration::ZERO);
-        rx.tune(t, ms(50), ms(50));
-        // The RTT 5 ms above the minimum (under the 6.25 ms threshold): still startup.
-        for rate in [5e6, 10e6, 20e6, 40e6] {
-            let w = feed_with_rtt(&mut rx, &mut next, &mut t, rate, ms(55));
-            assert!(near(w, 2.0, rate), "{w} at {rate}");
-        }
-        // Between samples the smoothed RTT rises 7 ms above it: the window drops to the
-        // cruising gain on that very call, though the rate was still growing.
-        rx.accept(next, 65536);
-        next += 1;
-        rx.tune(t + ms(20), ms(50), ms(57));
-        assert!(near(rx.window(), 1.1, 40e6), "{}", rx.window());
-        // Cruise from here; a probe while the queue stands keeps the cruising gain...
-        for i in 1..PROBE_EVERY {
-            let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(51));
-            assert!(near(w, 1.1, 40e6), "sample {i}: {w}");
-        }
-        let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(60));
-        assert!(near(w, 1.1, 40e6), "held-back probe: {w}");
-        // ...and the next probe with the queue gone probes.
-        for i in 1..PROBE_EVERY {
-            let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(50));
-            assert!(near(w, 1.1, 40e6), "sample {i}: {w}");
-        }
-        let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(50));
-        assert!(near(w, 1.5, 40e6), "probe: {w}");
-        // A queue building during the probe ends it before the sample does.
-        rx.accept(next, 65536);
-        next += 1;
-        rx.tune(t + ms(20), ms(50), ms(58));
-        assert!(near(rx.window(), 1.1, 40e6), "{}", rx.window());
-        // A fixed window ignores all of this.
-        let mut fixed = PullState::new(
-            Geometry::new(1 << 30, 65536).unwrap(),
-            Window::Fixed(1 << 20),
-        );
-        fixed.tune(Duration::ZERO, ms(50), ms(500));
-        fixed.accept(0, 65536);
-        fixed.tune(ms(300), ms(50), ms(500));
-        assert_eq!(fixed.window(), 1 << 20);
-        let _ = next;
     }
 
     fn auto(gain_pct: u16) -> PullState {
@@ -890,6 +883,73 @@ mod tests {
     fn near(w: u64, gain: f64, rate: f64) -> bool {
         let want = gain * rate * 0.05;
         (w as f64 - want).abs() <= want * 0.03
+    }
+
+    #[test]
+    fn a_flat_rate_with_the_rtt_above_its_minimum_ends_startup_at_once() {
+        let ms = Duration::from_millis;
+        for (srtt, flat_at_gain_2) in [(ms(50), 3), (ms(60), 0)] {
+            let mut rx = auto(110);
+            let (mut next, mut t) = (0, Duration::ZERO);
+            rx.tune(t, ms(50), srtt);
+            for rate in [10e6, 20e6, 40e6] {
+                let w = feed_with_rtt(&mut rx, &mut next, &mut t, rate, srtt);
+                assert!(near(w, 2.0, rate), "{srtt:?}: {w} at {rate}");
+            }
+            for i in 0..3 {
+                let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, srtt);
+                let gain = if i < flat_at_gain_2 { 2.0 } else { 1.1 };
+                assert!(near(w, gain, 40e6), "{srtt:?}, flat sample {i}: {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_queue_building_ends_startup_or_a_probe_at_once() {
+        let ms = Duration::from_millis;
+        let mut rx = auto(110);
+        let (mut next, mut t) = (0, Duration::ZERO);
+        rx.tune(t, ms(50), ms(70));
+        // The RTT steady at 20 ms above the minimum (jitter, another flow's queue):
+        // startup goes on, the rate still grows.
+        for rate in [5e6, 10e6, 20e6, 40e6] {
+            let w = feed_with_rtt(&mut rx, &mut next, &mut t, rate, ms(70));
+            assert!(near(w, 2.0, rate), "{w} at {rate}");
+        }
+        // Within a sample the RTT rises 5 ms (under the 6.25 ms threshold): still
+        // startup; then 7 ms: the window drops to the cruising gain on that very call,
+        // though the rate was still growing.
+        rx.accept(next, 65536);
+        next += 1;
+        rx.tune(t + ms(10), ms(50), ms(75));
+        assert!(near(rx.window(), 2.0, 40e6), "{}", rx.window());
+        rx.tune(t + ms(20), ms(50), ms(77));
+        assert!(near(rx.window(), 1.1, 40e6), "{}", rx.window());
+        // Cruise from here, up to the probe; the probe goes ahead on a path whose RTT
+        // is high but steady...
+        for i in 1..PROBE_EVERY {
+            let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(60));
+            assert!(near(w, 1.1, 40e6), "sample {i}: {w}");
+        }
+        let w = feed_with_rtt(&mut rx, &mut next, &mut t, 40e6, ms(60));
+        assert!(near(w, 1.5, 40e6), "probe: {w}");
+        rx.accept(next, 65536);
+        next += 1;
+        rx.tune(t + ms(10), ms(50), ms(64));
+        assert!(near(rx.window(), 1.5, 40e6), "{}", rx.window());
+        // ...and ends early when a queue builds during it.
+        rx.tune(t + ms(20), ms(50), ms(67));
+        assert!(near(rx.window(), 1.1, 40e6), "{}", rx.window());
+        // A fixed window ignores all of this.
+        let mut fixed = PullState::new(
+            Geometry::new(1 << 30, 65536).unwrap(),
+            Window::Fixed(1 << 20),
+        );
+        fixed.tune(Duration::ZERO, ms(50), ms(50));
+        fixed.accept(0, 65536);
+        fixed.tune(ms(300), ms(50), ms(500));
+        assert_eq!(fixed.window(), 1 << 20);
+        let _ = next;
     }
 
     #[test]
