@@ -807,7 +807,7 @@ async fn read_bulk(
                     let mut s = lock(&p.state);
                     s.accept(h.chunk, h.len);
                     let before = s.window();
-                    s.tune(p.started.elapsed(), conn.min_rtt(), conn.rtt());
+                    s.tune(p.started.elapsed(), conn.min_rtt());
                     if s.window() != before {
                         tracing::trace!(
                             peer = %p.peer,
