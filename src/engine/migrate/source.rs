@@ -190,7 +190,7 @@ struct Run {
     /// Chunks' send-to-ack times, smoothed (RFC 6298's 1/8).
     srtt: Option<Duration>,
     /// Bandwidth samples taken so far, and how many had been when post-copy first saw a
-    /// standing queue (`srtt` more than the pull's queue threshold above `min_rtt`).
+    /// standing queue (`srtt` more than `pull::queue_threshold` above `min_rtt`).
     /// Three samples later (so the filter holds rates measured with the pipe full) its
     /// window keeps the post-copy gain.
     samples_taken: u64,
