@@ -80,6 +80,21 @@ enum Command {
     Receive(ReceiveCmd),
 }
 
+/// `--control`, for every command that talks to the local agent.
+#[derive(Args)]
+struct ControlArg {
+    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
+    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+impl ControlArg {
+    fn socket(self) -> PathBuf {
+        self.control.unwrap_or_else(default_socket)
+    }
+}
+
 #[derive(Args)]
 struct ReceiveCmd {
     /// The peer the region is migrated from (its current owner).
@@ -97,10 +112,8 @@ struct ReceiveCmd {
     /// Print the report as one JSON object on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Args)]
@@ -160,10 +173,8 @@ struct MigrateCmd {
     /// estimated), bytes_sent, rounds, postcopy_faults, deferred_chunks and more.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Args)]
@@ -190,10 +201,8 @@ struct ReplicateCmd {
     /// Print the result as JSON on stdout (for scripts) instead of text.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Args)]
@@ -206,10 +215,8 @@ struct FlushCmd {
     /// Print the result as JSON on stdout (for scripts) instead of text.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Args)]
@@ -224,10 +231,8 @@ struct EpochCmd {
     /// Print the result as JSON on stdout (for scripts) instead of text.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Subcommand)]
@@ -345,10 +350,8 @@ struct MountCmd {
     /// Print one JSON object (the mount's final status) on stdout instead of a bar.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Args)]
@@ -365,10 +368,8 @@ struct PullCmd {
     /// Print one JSON summary on stdout instead of a progress bar.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 #[derive(Args)]
@@ -376,10 +377,8 @@ struct StatusCmd {
     /// Print the result as JSON on stdout (for scripts) instead of text.
     #[arg(long)]
     json: bool,
-    /// The local agent's control socket (default: $PAGEWIRE_CONTROL, else
-    /// $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 fn parse_window(s: &str) -> Result<u64, String> {
@@ -448,7 +447,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Flush(f) => {
             init_logs("warn");
-            let socket = f.control.unwrap_or_else(default_socket);
+            let socket = f.ctl.socket();
             let epoch = ControlClient::connect(&socket)
                 .await?
                 .flush(&f.region, f.timeout)
@@ -476,7 +475,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Epoch(e) => {
             init_logs("warn");
-            let socket = e.control.unwrap_or_else(default_socket);
+            let socket = e.ctl.socket();
             let epoch = ControlClient::connect(&socket)
                 .await?
                 .epoch(&e.region, e.wait, e.timeout)
@@ -496,7 +495,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn mount(m: MountCmd) -> Result<()> {
     use pagewire::client::{attach, AttachOptions};
-    let mut opts = AttachOptions::new(m.control.unwrap_or_else(default_socket), &m.from, &m.region);
+    let mut opts = AttachOptions::new(m.ctl.socket(), &m.from, &m.region);
     opts.mechanism = m.mechanism;
     opts.backing = Some(std::path::absolute(&m.to).context("resolving --to")?);
     let started = std::time::Instant::now();
@@ -615,7 +614,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
 }
 
 async fn pull(p: PullCmd) -> Result<()> {
-    let socket = p.control.unwrap_or_else(default_socket);
+    let socket = p.ctl.socket();
     let client = ControlClient::connect(&socket).await?;
     // The agent opens the destination itself, so it needs an absolute path.
     let to = std::path::absolute(&p.to).context("resolving --to")?;
@@ -666,7 +665,7 @@ async fn pull(p: PullCmd) -> Result<()> {
 }
 
 async fn replicate(r: ReplicateCmd) -> Result<()> {
-    let socket = r.control.unwrap_or_else(default_socket);
+    let socket = r.ctl.socket();
     let args = pagewire::control::ReplicateArgs {
         region: r.region.clone(),
         to: r.to.clone(),
@@ -707,7 +706,7 @@ async fn replicate(r: ReplicateCmd) -> Result<()> {
 }
 
 async fn migrate(m: MigrateCmd) -> Result<()> {
-    let socket = m.control.unwrap_or_else(default_socket);
+    let socket = m.ctl.socket();
     let args = pagewire::control::MigrateArgs {
         region: m.region.clone(),
         to: m.to.clone(),
@@ -781,7 +780,7 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
 }
 
 async fn receive(r: ReceiveCmd) -> Result<()> {
-    let socket = r.control.unwrap_or_else(default_socket);
+    let socket = r.ctl.socket();
     // The agent opens the file itself, so it needs an absolute path.
     let to = std::path::absolute(&r.to).context("resolving --to")?;
     let args = pagewire::control::ReceiveFileArgs {
@@ -838,7 +837,7 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
 }
 
 async fn status(s: StatusCmd) -> Result<()> {
-    let socket = s.control.unwrap_or_else(default_socket);
+    let socket = s.ctl.socket();
     let report = ControlClient::connect(&socket).await?.status().await?;
     if s.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

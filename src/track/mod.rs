@@ -121,9 +121,10 @@ pub(crate) fn runs(words: &[AtomicU64], take: bool) -> Vec<(usize, usize)> {
         if w.load(Ordering::Acquire) == 0 {
             continue;
         }
-        let mut bits = match take {
-            true => w.swap(0, Ordering::AcqRel),
-            false => w.load(Ordering::Acquire),
+        let mut bits = if take {
+            w.swap(0, Ordering::AcqRel)
+        } else {
+            w.load(Ordering::Acquire)
         };
         while bits != 0 {
             let b = bits.trailing_zeros() as usize;

@@ -297,12 +297,13 @@ impl Scanner {
             Some(i) => i.drain().map_err(|e| e.to_string())?,
             None => true,
         };
-        let now = if changed {
+        let fresh = if changed {
             *passes += 1;
-            region.chunk_hashes().map_err(|e| e.to_string())?
+            Some(region.chunk_hashes().map_err(|e| e.to_string())?)
         } else {
-            prev.clone()
+            None
         };
+        let now = fresh.as_deref().unwrap_or(prev);
         let mut out = Vec::new();
         for (c, h) in now.iter().enumerate() {
             let stale = sent[c] != Some(*h);
@@ -315,7 +316,9 @@ impl Scanner {
                 out.push(c as u64);
             }
         }
-        *prev = now;
+        if let Some(f) = fresh {
+            *prev = f;
+        }
         sent_since.iter_mut().for_each(|s| *s = false);
         Ok(out)
     }
