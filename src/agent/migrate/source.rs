@@ -838,6 +838,10 @@ impl Driver {
 
     /// Feeds an event that happened at `now` (a frame's arrival).
     fn feed_at(&mut self, now: Duration, ev: SourceEvent) -> Result<(), MigrateError> {
+        if let SourceEvent::Message(Message::Pong { at, peer }) = &ev {
+            tracing::debug!(region = %self.region.name(), sent = ?at, received = ?now, peer = ?peer,
+                round_trip = ?now.saturating_sub(*at), "clock sample");
+        }
         let actions = lock(&self.engine).handle(now, ev)?;
         self.queue.extend(actions);
         Ok(())

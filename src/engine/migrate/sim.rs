@@ -179,6 +179,9 @@ pub(super) struct Sim {
     pub(super) accept_late: Duration,
     /// B's `Pong`s are lost (A has no clock sample).
     pub(super) drop_pongs: bool,
+    /// A's driver carries out `Start`'s actions this much after the engine took it (it
+    /// opens the migration stream first: a round trip to B).
+    pub(super) start_late: Duration,
     /// Every frame from B takes this much longer than one from A (asymmetric paths).
     pub(super) back_extra: Duration,
     /// Each engine's clock reads the simulated time plus its offset (unrelated origins).
@@ -239,6 +242,7 @@ impl Sim {
             held_dropped: Vec::new(),
             accept_late: Duration::ZERO,
             drop_pongs: false,
+            start_late: Duration::ZERO,
             back_extra: Duration::ZERO,
             a_clock: Duration::ZERO,
             b_clock: Duration::ZERO,
@@ -259,6 +263,8 @@ impl Sim {
         let acts = self
             .a
             .handle(self.now + self.a_clock, SourceEvent::Start(cfg))?;
+        // Nothing is in flight yet: time can jump.
+        self.now += self.start_late;
         self.apply_a(acts);
         Ok(())
     }

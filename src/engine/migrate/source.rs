@@ -473,6 +473,10 @@ impl MigrateSource {
                 self.decide(now, out);
             }
             SourcePhase::FinalSync => {
+                // A clock sample ahead of the final sync's data, so that B's resume is
+                // placed well even when no round ran (pure post-copy: the only other
+                // sample went with `Begin`, which B may answer late).
+                run.ping(now, out);
                 for &c in &chunks {
                     run.dirty.set(c);
                 }
