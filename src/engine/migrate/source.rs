@@ -9,10 +9,18 @@ use super::{
     BW_SAMPLES, HOT_STREAK,
 };
 use crate::engine::clock::{ClockSync, Sample};
+use crate::engine::pull::{PROBE_EVERY, PROBE_GAIN_PCT};
 use crate::region::{Bitmap, Geometry};
 
 /// The automatic window's gain in post-copy, % of rate × min RTT (the pull's gain).
 const POSTCOPY_GAIN_PCT: u16 = 110;
+
+/// Gain (percent) of the post-copy window's drain interval, right after a probe.
+const DRAIN_GAIN_PCT: u16 = 75;
+
+/// Sample intervals (about an RTT each) whose least RTT sizes the post-copy window: two
+/// probe cycles, so at least one drain is always among them.
+const RTT_WINDOW: usize = 2 * PROBE_EVERY as usize;
 
 /// Clock samples (`Ping`s) unanswered at most.
 const PINGS: usize = 16;
@@ -187,6 +195,10 @@ struct Run {
     sample: Option<(Duration, u64)>,
     samples: VecDeque<f64>,
     min_rtt: Option<Duration>,
+    /// Post-copy: the least send-to-ack time in the current sample interval, and those of
+    /// the last [`RTT_WINDOW`] intervals (see `window_rtt`).
+    interval_min_rtt: Option<Duration>,
+    recent_min_rtts: VecDeque<Duration>,
     /// Chunks' send-to-ack times, smoothed (RFC 6298's 1/8).
     srtt: Option<Duration>,
     /// Bandwidth samples taken so far, and how many had been when post-copy first saw a
@@ -412,6 +424,8 @@ impl MigrateSource {
             min_rtt: None,
             srtt: None,
             samples_taken: 0,
+            interval_min_rtt: None,
+            recent_min_rtts: VecDeque::new(),
             queue_seen_at: None,
             rounds: 0,
             bytes_sent: 0,
@@ -898,6 +912,16 @@ impl Run {
         self.min_rtt.unwrap_or_default()
     }
 
+    /// The RTT post-copy's window is sized with: the least of the last [`RTT_WINDOW`]
+    /// sample intervals (each probe cycle has a drain, which empties this copy's own
+    /// queue), or the minimum of the whole run until that many were taken.
+    fn window_rtt(&self) -> Duration {
+        match self.recent_min_rtts.iter().min() {
+            Some(&m) if self.recent_min_rtts.len() == RTT_WINDOW => m.max(self.rtt()),
+            _ => self.rtt(),
+        }
+    }
+
     /// Post-copy has seen a standing queue, and the bandwidth filter a rate measured
     /// with the pipe full since (see `queue_seen_at`).
     fn queue_full(&self) -> bool {
@@ -915,14 +939,26 @@ impl Run {
                 // window's excess over one BDP at the bottleneck: keep it small once
                 // pre-copy has measured the rate. A pure post-copy ramps up at the
                 // configured gain until its chunks' round trips show a standing queue.
-                let gain_pct = match self.accepted_at {
+                // At the post-copy gain, one sample interval in PROBE_EVERY probes at
+                // PROBE_GAIN_PCT (as the pull's window does) and the next drains at
+                // DRAIN_GAIN_PCT, and the RTT is the least of the recent intervals' (the
+                // drains see the path without this copy's queue): on a path whose RTT
+                // rose above its earlier minimum for good, a window sized from that
+                // minimum would limit the rate, and every sample would lower it further.
+                let (gain_pct, rtt) = match self.accepted_at {
                     Some(_) if self.rounds > 0 || self.queue_full() => {
-                        gain_pct.min(POSTCOPY_GAIN_PCT)
+                        let g = gain_pct.min(POSTCOPY_GAIN_PCT);
+                        let g = match self.samples_taken % PROBE_EVERY as u64 {
+                            0 => g.max(PROBE_GAIN_PCT),
+                            1 => g.min(DRAIN_GAIN_PCT),
+                            _ => g,
+                        };
+                        (g, self.window_rtt())
                     }
-                    _ => gain_pct,
+                    _ => (gain_pct, self.rtt()),
                 };
                 let gain = gain_pct as f64 / 100.0;
-                let target = (gain * self.bandwidth() * self.rtt().as_secs_f64()) as u64;
+                let target = (gain * self.bandwidth() * rtt.as_secs_f64()) as u64;
                 target.clamp(floor, max.max(floor))
             }
         }
@@ -1023,6 +1059,7 @@ impl Run {
             if *o == 0 {
                 let rtt = now.saturating_sub(self.sent_at[c as usize]);
                 self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                self.interval_min_rtt = Some(self.interval_min_rtt.map_or(rtt, |m| m.min(rtt)));
                 let srtt = self.srtt.map_or(rtt, |s| (s * 7 + rtt) / 8);
                 self.srtt = Some(srtt);
                 if self.accepted_at.is_some()
@@ -1047,6 +1084,12 @@ impl Run {
         match self.sample {
             None => self.sample = Some((now, self.acked_total)),
             Some((t0, _)) if now.saturating_sub(t0) >= interval => {
+                if let (Some(_), Some(r)) = (self.accepted_at, self.interval_min_rtt.take()) {
+                    if self.recent_min_rtts.len() == RTT_WINDOW {
+                        self.recent_min_rtts.pop_front();
+                    }
+                    self.recent_min_rtts.push_back(r);
+                }
                 if self.pending_rate > 0.0 {
                     if self.samples.len() == BW_SAMPLES {
                         self.samples.pop_front();
