@@ -1105,14 +1105,10 @@ fn postcopy_faults_through_a_bottleneck_wait_about_one_rtt() {
     );
 }
 
-/// A pure post-copy (no pre-copy round measured the rate) starts its automatic window at
-/// gain 2 to ramp up; once the chunks' round trips show a standing queue it drops to the
-/// post-copy gain, so faults wait about one RTT there too, not two.
-#[test]
-fn pure_postcopy_leaves_its_ramp_up_when_a_queue_stands() {
-    let size = 256 * MIB;
-    let rtt = ms(50);
-    let mut sim = Sim::new(size, rtt, Writer::idle(), Writer::uniform(200.0), 23);
+/// A pure post-copy (`max_rounds` 0) of an idle region through a shared bottleneck,
+/// with the automatic window at gain 2, started.
+fn start_pure_postcopy(size: u64, rtt: Duration, b_writer: Writer, seed: u64) -> Sim {
+    let mut sim = Sim::new(size, rtt, Writer::idle(), b_writer, seed);
     sim.shared_bottleneck = true;
     let mut c = cfg(size);
     c.window = Window::Auto {
@@ -1123,6 +1119,17 @@ fn pure_postcopy_leaves_its_ramp_up_when_a_queue_stands() {
     c.max_rounds = 0;
     c.budget = ms(60);
     sim.start(c).unwrap();
+    sim
+}
+
+/// A pure post-copy (no pre-copy round measured the rate) starts its automatic window at
+/// gain 2 to ramp up; once the chunks' round trips show a standing queue it drops to the
+/// post-copy gain, so faults wait about one RTT there too, not two.
+#[test]
+fn pure_postcopy_leaves_its_ramp_up_when_a_queue_stands() {
+    let size = 256 * MIB;
+    let rtt = ms(50);
+    let mut sim = start_pure_postcopy(size, rtt, Writer::uniform(200.0), 23);
     let r = sim.run(Duration::from_secs(60));
     assert_eq!(r.outcome, Outcome::Migrated);
     sim.check_b_has_everything();
@@ -1225,17 +1232,7 @@ fn pure_postcopy_places_b_resume_with_a_sample_taken_at_the_handover() {
 fn postcopy_keeps_the_link_busy_when_the_rtt_stays_above_its_minimum() {
     for rise in [ms(0), ms(10), ms(25)] {
         let size = 1024 * MIB;
-        let rtt = ms(50);
-        let mut sim = Sim::new(size, rtt, Writer::idle(), Writer::idle(), 24);
-        sim.shared_bottleneck = true;
-        let mut c = cfg(size);
-        c.window = Window::Auto {
-            min: MIB,
-            max: 64 * MIB,
-            gain_pct: 200,
-        };
-        c.max_rounds = 0;
-        sim.start(c).unwrap();
+        let mut sim = start_pure_postcopy(size, ms(50), Writer::idle(), 24);
         while sim.a.phase() != SourcePhase::Postcopy {
             assert!(sim.now < Duration::from_secs(5), "no handover");
             sim.step();
