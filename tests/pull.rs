@@ -68,6 +68,9 @@ async fn two_agents_pull_a_table_of_sizes() {
         let s = h.wait().await.unwrap();
         assert_eq!(s.size, sizes[i]);
         assert_eq!(s.duplicate_chunks, 0);
+        // Nothing cut the connection: a pull that resumed here took the server's end
+        // of the credit direction for a lost link.
+        assert_eq!(s.reconnects, 0, "r{i}: {s:?}");
         assert_same(
             &src.path().join(format!("r{i}")),
             &dst.path().join(format!("r{i}")),
