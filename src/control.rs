@@ -369,6 +369,11 @@ pub struct AttachArgs {
     /// The mechanism the application wants (`auto` lets the agent's config decide).
     #[serde(default)]
     pub mechanism: crate::fault::Mechanism,
+    /// The file the application will map (`pagewire mount --to`), if not a memfd: the
+    /// agent refuses one it serves or a running pull or mount writes, before the
+    /// application creates (and truncates) it.
+    #[serde(default)]
+    pub backing: Option<std::path::PathBuf>,
 }
 
 /// The mapping the application made. Descriptors, in order: the backing file (memfd or

@@ -330,6 +330,68 @@ async fn mount_cli_fills_the_file() {
     s.a.shutdown().await;
 }
 
+/// `pagewire mount --to` a file the local agent serves is refused before anything
+/// touches it (the library used to create and truncate it first); so is an attach whose
+/// backing is the file a running mount fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_never_overwrites_a_served_region_or_a_running_mount() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let dir = region_dir();
+    let (src, mine) = (dir.path().join("r"), dir.path().join("mine"));
+    random_file(&src, 4 * MIB, 21);
+    random_file(&mine, 2 * MIB, 22);
+    let before = std::fs::read(&mine).unwrap();
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.regions.push(("r".into(), src.clone()));
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.regions.push(("mine".into(), mine.clone()));
+    let control = dir.path().join("a.sock");
+    ca.control = Some(control.clone());
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&a, "b").await;
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
+        .args(["mount", "--from", "b", "--region", "r", "--to"])
+        .arg(&mine)
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("it is a region this agent serves"), "{err}");
+    assert!(
+        std::fs::read(&mine).unwrap() == before,
+        "the served file is untouched"
+    );
+    // A mount in progress (the application holds it, unread): a second one into its
+    // file is refused, the first completes byte-exact.
+    let to = dir.path().join("m");
+    let mut o1 = opts(&control, Mechanism::Auto);
+    o1.backing = Some(to.clone());
+    let (first, second) = tokio::task::spawn_blocking(move || {
+        let first = attach(&o1).unwrap();
+        let second = attach(&o1).map(|_| ()).map_err(|e| e.to_string());
+        first.wait_complete(Some(Duration::from_secs(60))).unwrap();
+        (first, second)
+    })
+    .await
+    .unwrap();
+    // Refused whether the first was still filling or had just completed (the
+    // application still maps it).
+    let e = second.unwrap_err();
+    assert!(
+        e.contains("another pull is writing it") || e.contains("has it mapped"),
+        "{e}"
+    );
+    first.detach();
+    assert_same(&src, &to);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// The `lazy_reader` example, built by `cargo test` next to this test binary.
 fn lazy_reader() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -361,6 +361,11 @@ async fn attach(
     mut w: OwnedWriteHalf,
     pid: Option<i32>,
 ) {
+    if let Some(to) = &args.backing {
+        if let Err(e) = super::pull::check_dest(&inner, to) {
+            return send_error(&mut w, e.to_string()).await;
+        }
+    }
     let geometry = match super::pull::prepare(&inner, &args.from, &args.region).await {
         Ok(g) => g,
         Err(e) => return send_error(&mut w, e.to_string()).await,

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -283,6 +283,13 @@ impl Mount {
             background_rate_bps: t.rate_bps,
             elapsed_s: elapsed,
         }
+    }
+
+    /// The file an application still has mapped through this mount (`None` for a
+    /// memfd, or once it detached).
+    pub(crate) fn attached_file(&self) -> Option<&Path> {
+        let file = Path::new(&self.label);
+        (file.is_absolute() && !self.detached.load(Ordering::Acquire)).then_some(file)
     }
 
     fn set_phase(&self, p: &'static str) {

@@ -642,8 +642,8 @@ pub(crate) fn launch(
 }
 
 /// Refuses a destination that is one of our served regions or the target of a pull
-/// still running (same file, whatever the path spelling); also used by `pagewire
-/// receive`.
+/// still running (same file, whatever the path spelling; a mount's file counts as its
+/// pull's); also used by `pagewire receive` and `pagewire mount`.
 pub(crate) fn check_dest(inner: &Inner, to: &Path) -> Result<(), PullError> {
     use std::os::unix::fs::MetadataExt;
     let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
@@ -668,6 +668,15 @@ pub(crate) fn check_dest(inner: &Inner, to: &Path) -> Result<(), PullError> {
         return Err(PullError::DestInUse(
             to.into(),
             "another pull is writing it",
+        ));
+    }
+    let mapped = lock(&inner.mounts)
+        .values()
+        .any(|m| m.attached_file().is_some_and(|f| id(f) == Some(target)));
+    if mapped {
+        return Err(PullError::DestInUse(
+            to.into(),
+            "an application has it mapped through a mount",
         ));
     }
     Ok(())

@@ -217,6 +217,11 @@ pub fn attach(opts: &AttachOptions) -> Result<Mapping, AttachError> {
         source,
     })?;
     let wanted = wanted_mechanism(opts)?;
+    // The agent's working directory is not ours.
+    let backing = opts
+        .backing
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     let mut reader = BufReader::new(stream.try_clone()?);
     send_line(
         &stream,
@@ -224,6 +229,7 @@ pub fn attach(opts: &AttachOptions) -> Result<Mapping, AttachError> {
             from: opts.from.clone(),
             region: opts.region.clone(),
             mechanism: wanted,
+            backing: backing.clone(),
         }),
         &[],
     )?;
@@ -320,8 +326,7 @@ pub fn attach(opts: &AttachOptions) -> Result<Mapping, AttachError> {
         base: base as u64,
         map_len,
         mechanism,
-        label: opts
-            .backing
+        label: backing
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "memfd".into()),

@@ -36,6 +36,9 @@ pub enum RegionError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The served file is shorter than the region it was opened as (truncated since).
+    #[error("{path} is now {now} bytes, shorter than the {size} bytes it is served as: it was truncated while served (restart the agent to serve it at its new size)")]
+    Shrunk { path: PathBuf, size: u64, now: u64 },
 }
 
 /// The chunk hash replication compares (xxh3-64 of the chunk's bytes).
@@ -221,6 +224,11 @@ impl FileRegion {
         self.geometry
     }
 
+    /// The file's size now (0 if it cannot be read).
+    fn current_len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
     /// How many chunks from `chunk` on lie wholly inside a hole of the file (0 when
     /// `chunk` holds data, or the filesystem cannot tell).
     pub fn hole_run(&self, chunk: u64) -> u64 {
@@ -235,7 +243,10 @@ impl FileRegion {
         let data = unsafe { libc::lseek(self.file.as_raw_fd(), off as i64, libc::SEEK_DATA) };
         let data_at = if data < 0 {
             match std::io::Error::last_os_error().raw_os_error() {
-                // No data at or after `off`: the rest of the file is a hole.
+                // No data at or after `off`: the rest of the file is a hole, unless the
+                // file was truncated under us (then reading the chunk says so, rather
+                // than the region being served as zeros).
+                Some(libc::ENXIO) if self.current_len() < g.size => return 0,
                 Some(libc::ENXIO) => g.size,
                 // Filesystem without SEEK_DATA support: assume data.
                 _ => return 0,
@@ -260,11 +271,18 @@ impl FileRegion {
         let buf = &mut buf[..len];
         self.file
             .read_exact_at(buf, self.geometry.offset(chunk))
-            .map_err(|source| RegionError::Io {
-                op: "reading",
-                chunk,
-                path: self.path.clone(),
-                source,
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::UnexpectedEof => RegionError::Shrunk {
+                    path: self.path.clone(),
+                    size: self.geometry.size,
+                    now: self.current_len(),
+                },
+                _ => RegionError::Io {
+                    op: "reading",
+                    chunk,
+                    path: self.path.clone(),
+                    source,
+                },
             })?;
         Ok(if is_zero(buf) {
             ChunkRead::Zero
@@ -367,6 +385,39 @@ mod tests {
         let tail = r.hole_run(11);
         assert!(tail == 0 || tail == 53, "{tail}");
         assert_eq!(r.hole_run(64), 0);
+    }
+
+    /// A served file truncated under the agent is an error naming it, not a region of
+    /// zeros (the hole probe past the new end finds no data).
+    #[test]
+    fn a_file_truncated_while_served_is_an_error_not_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r");
+        std::fs::write(&p, vec![7u8; 16 * 4096]).unwrap();
+        let r = FileRegion::open("r", &p, 4096).unwrap();
+        let mut buf = vec![0; 4096];
+        assert_eq!(r.read_chunk(15, &mut buf).unwrap(), ChunkRead::Data(4096));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(2 * 4096)
+            .unwrap();
+        assert_eq!(r.hole_run(4), 0, "not a hole: truncated");
+        let e = r.read_chunk(4, &mut buf).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RegionError::Shrunk {
+                    size: 65536,
+                    now: 8192,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("truncated while served"), "{e}");
+        assert_eq!(r.read_chunk(1, &mut buf).unwrap(), ChunkRead::Data(4096));
     }
 
     /// Block-wise, threaded hashing gives what hashing each chunk on its own gives: holes,
