@@ -301,8 +301,8 @@ struct AgentArgs {
     /// Chunk size for served regions (power of two, 4KiB..16MiB; default 64KiB).
     #[arg(long, value_parser = parse_size)]
     chunk_size: Option<u64>,
-    /// Bulk bytes a pull lets a peer have in flight: `auto` (default: about twice the
-    /// bandwidth-delay product, at least 256KiB) or a fixed size. Smaller keeps urgent
+    /// Bulk bytes a pull lets a peer have in flight: `auto` (default: about 1.1 times
+    /// the bandwidth-delay product, at least 256KiB) or a fixed size. Smaller keeps urgent
     /// fetches fast; it must cover bandwidth x RTT to fill a long link.
     #[arg(long, value_parser = parse_window)]
     bulk_window: Option<u64>,

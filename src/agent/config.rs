@@ -460,7 +460,13 @@ impl AgentConfig {
             cfg.peers.push(PeerSpec { name: k, addr: v });
         }
         let mut regions: BTreeMap<String, PathBuf> = fc.regions;
+        // A flag overrides the config file's entry of the same name; two flags for one
+        // name are a mistake.
+        let mut flagged = std::collections::BTreeSet::new();
         for (k, v) in &o.regions {
+            if !flagged.insert(k.as_str()) {
+                return Err(invalid("region", k, "given twice with --region"));
+            }
             regions.insert(k.clone(), v.clone());
         }
         for (k, v) in regions {
@@ -653,6 +659,17 @@ r = "/dev/shm/r"
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[0].addr, "10.1.1.1:1");
         assert_eq!(c.regions, vec![("r".into(), PathBuf::from("/dev/shm/r"))]);
+        // A flag overrides the file's region of the same name; two flags for one name
+        // are refused.
+        let mut o = Overrides {
+            regions: vec![("r".into(), "/dev/shm/r2".into())],
+            ..Default::default()
+        };
+        let c = AgentConfig::load(Some(&p), &o).unwrap();
+        assert_eq!(c.regions, vec![("r".into(), PathBuf::from("/dev/shm/r2"))]);
+        o.regions.push(("r".into(), "/dev/shm/r3".into()));
+        let e = AgentConfig::load(Some(&p), &o).unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
 
         std::fs::write(&p, "name = \"a\"\nbogus = 1\n").unwrap();
         assert!(matches!(

@@ -72,17 +72,18 @@ pub struct FileRegion {
 impl FileRegion {
     /// Opens an existing file as a region of its current size.
     pub fn open(name: &str, path: &Path, chunk_size: u32) -> Result<FileRegion, RegionError> {
-        let file = File::open(path).map_err(|source| RegionError::Open {
+        let open_err = |source| RegionError::Open {
             path: path.into(),
             source,
-        })?;
-        let size = file
-            .metadata()
-            .map_err(|source| RegionError::Open {
-                path: path.into(),
-                source,
-            })?
-            .len();
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(std::io::Error::other(
+                "not a regular file (a region is served from a file)",
+            )));
+        }
+        let size = meta.len();
         let geometry =
             Geometry::new(size, chunk_size as u64).map_err(|source| RegionError::Geometry {
                 path: path.into(),
@@ -418,6 +419,9 @@ mod tests {
         );
         assert!(e.to_string().contains("truncated while served"), "{e}");
         assert_eq!(r.read_chunk(1, &mut buf).unwrap(), ChunkRead::Data(4096));
+        // A directory is no region.
+        let e = FileRegion::open("d", dir.path(), 4096).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     /// Block-wise, threaded hashing gives what hashing each chunk on its own gives: holes,
