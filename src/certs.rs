@@ -36,6 +36,9 @@ pub enum CertError {
     /// The node name cannot be a certificate identity.
     #[error("invalid node name {0:?}: use letters, digits, '-', '.' (a DNS name)")]
     BadName(String),
+    /// The directory has no CA to sign with.
+    #[error("no CA in {0}: run `pagewire certs init --dir {0}` first")]
+    NoCa(String),
     /// A `--san` value is neither an IP address nor a DNS name.
     #[error("invalid subject alt name {0:?}")]
     BadSan(String),
@@ -131,6 +134,9 @@ pub fn issue(
         return Err(CertError::BadName(name.into()));
     }
     let (ca_cert_path, ca_key_path) = ca_paths(dir);
+    if !ca_cert_path.exists() && !ca_key_path.exists() {
+        return Err(CertError::NoCa(dir.display().to_string()));
+    }
     let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
     let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
     let ca_key =

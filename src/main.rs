@@ -413,10 +413,24 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, leaving out a cause whose text the line already
+/// holds (most of our errors quote their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -946,12 +960,14 @@ fn print_status(r: &StatusReport) {
         );
         for x in &p.replicas {
             println!(
-                "    -> {:<12} {}  acked {}  lag {} bytes / {:.1} ms  sent {} bytes  {} catch-ups{}",
+                "    -> {:<12} {}  acked {}  lag {} bytes / {:.1} ms  apply p50/p99 {}/{} ms  sent {} bytes  {} catch-ups{}",
                 x.peer,
                 if x.connected { "up  " } else { "DOWN" },
                 x.acked_epoch,
                 x.lag_bytes,
                 x.lag_ms,
+                x.apply_p50_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                x.apply_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
                 x.bytes_sent,
                 x.catch_ups,
                 x.last_error

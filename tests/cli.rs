@@ -233,3 +233,20 @@ fn help_explains_every_command() {
     }
     let _ = PathBuf::new();
 }
+
+/// Errors are one line that names the problem once and says what to do.
+#[test]
+fn errors_name_their_cause_once_and_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let o = run(&["status", "--control", sock.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(err.contains("is `pagewire agent` running"), "{err}");
+    let o = run(&["certs", "issue", "x", "--dir", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("run `pagewire certs init"), "{err}");
+}
