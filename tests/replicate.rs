@@ -8,7 +8,7 @@ use pagewire::agent::ReplicateOptions;
 use pagewire::wan::{LinkParams, Relay, RelayConfig};
 use rand::{Rng, SeedableRng};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -57,6 +57,9 @@ async fn writes_replicate_in_epochs_and_flush_waits_for_them() {
     cb.regions.push(("r".into(), src.clone()));
     let mut ca = mesh.config("a", pa, &[("b", pb)]);
     ca.regions.push(("r".into(), dst.clone()));
+    let (sa, sb) = (da.path().join("a.sock"), db.path().join("b.sock"));
+    ca.control = Some(sa.clone());
+    cb.control = Some(sb.clone());
     let b = start(cb).await;
     let a = start(ca).await;
     connected(&b, "a").await;
@@ -78,6 +81,20 @@ async fn writes_replicate_in_epochs_and_flush_waits_for_them() {
     let r = &st.replications[0];
     assert_eq!(r.replicas[0].acked_epoch, last);
     assert_eq!(r.replicas[0].catch_ups, 1);
+    // `pagewire epoch` (the control request): the replica's applied epoch; the owner's
+    // own epoch (no phantom replica entry on it); an unknown region is an error.
+    let epoch = |sock: PathBuf, region: &'static str| async move {
+        let c = pagewire::control::ControlClient::connect(&sock)
+            .await
+            .unwrap();
+        c.epoch(region, None, Duration::ZERO).await
+    };
+    assert!(epoch(sa.clone(), "r").await.unwrap() >= last);
+    assert_eq!(epoch(sb.clone(), "r").await.unwrap(), last);
+    assert!(b.status().replicas.is_empty(), "{:?}", b.status().replicas);
+    let e = epoch(sa.clone(), "nosuch").await.unwrap_err().to_string();
+    assert!(e.contains("no region \"nosuch\""), "{e}");
+    assert!(a.status().replicas.iter().all(|x| x.region == "r"));
     // A second replicate of the same region to the same peers is a no-op; to others it
     // is refused.
     replicate(&b, &src, &opts(&["a"]));

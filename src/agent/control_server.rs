@@ -211,12 +211,32 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             wait,
             timeout_ms,
         } => {
-            let entry = inner.replicas.entry(&region);
-            let ev = match wait {
-                None => ControlEvent::Epoch {
-                    epoch: entry.epoch(),
+            if inner.region(&region).is_none() {
+                let message = format!(
+                    "this agent has no region {region:?} (a replica serves its copy under the region's name: --region {region}=PATH)"
+                );
+                return send_error(&mut w, message).await;
+            }
+            // On the owner: the epoch it replicates (a replica entry here would be a
+            // phantom).
+            let owned = inner
+                .publications
+                .status()
+                .into_iter()
+                .find(|p| p.region == region)
+                .map(|p| p.epoch);
+            let ev = match (wait, owned) {
+                (None, Some(epoch)) => ControlEvent::Epoch { epoch },
+                (Some(_), Some(_)) => ControlEvent::Error {
+                    message: format!(
+                        "this agent owns {region:?} and replicates it: --wait is for a replica (use `pagewire flush` here)"
+                    ),
                 },
-                Some(n) => {
+                (None, None) => ControlEvent::Epoch {
+                    epoch: inner.replicas.get(&region).map_or(0, |e| e.epoch()),
+                },
+                (Some(n), None) => {
+                    let entry = inner.replicas.entry(&region);
                     match tokio::time::timeout(
                         Duration::from_millis(timeout_ms),
                         entry.wait_epoch(n),
