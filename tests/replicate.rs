@@ -55,6 +55,10 @@ async fn writes_replicate_in_epochs_and_flush_waits_for_them() {
     sparse_file(&dst, size, &[]);
     let mut cb = mesh.config("b", pb, &[("a", pa)]);
     cb.regions.push(("r".into(), src.clone()));
+    // A region only b has: a refuses to be its replica.
+    let only_b = db.path().join("s");
+    random_file(&only_b, MIB, 2);
+    cb.regions.push(("s".into(), only_b));
     let mut ca = mesh.config("a", pa, &[("b", pb)]);
     ca.regions.push(("r".into(), dst.clone()));
     let (sa, sb) = (da.path().join("a.sock"), db.path().join("b.sock"));
@@ -95,6 +99,35 @@ async fn writes_replicate_in_epochs_and_flush_waits_for_them() {
     let e = epoch(sa.clone(), "nosuch").await.unwrap_err().to_string();
     assert!(e.contains("no region \"nosuch\""), "{e}");
     assert!(a.status().replicas.iter().all(|x| x.region == "r"));
+    // `pagewire replicate` (the control request): a replica that refuses ends the
+    // command with its reason instead of a wait forever; a running replication's
+    // replicas or settings cannot be changed by asking again.
+    let replicate_cli = |region: &'static str, interval_ms: u64| {
+        let sb = sb.clone();
+        async move {
+            let c = pagewire::control::ControlClient::connect(&sb)
+                .await
+                .unwrap();
+            let args = pagewire::control::ReplicateArgs {
+                region: region.into(),
+                to: vec!["a".into()],
+                tracker: Some("hash-scan".into()),
+                interval_ms: Some(interval_ms),
+                scan_interval_ms: None,
+                window: None,
+            };
+            tokio::time::timeout(Duration::from_secs(30), c.replicate(args, |_| {}))
+                .await
+                .expect("the command ends")
+                .map_err(|e| e.to_string())
+        }
+    };
+    let e = replicate_cli("s", 20).await.unwrap_err();
+    assert!(e.contains("replica refused") && e.contains("\"s\""), "{e}");
+    let same = replicate_cli("r", 20).await;
+    assert!(same.is_ok(), "the same request reports: {same:?}");
+    let e = replicate_cli("r", 500).await.unwrap_err();
+    assert!(e.contains("cannot change"), "{e}");
     // A second replicate of the same region to the same peers is a no-op; to others it
     // is refused.
     replicate(&b, &src, &opts(&["a"]));

@@ -338,7 +338,32 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
     };
     let kind = args.tracker.as_deref().unwrap_or("inotify");
     let p = match inner.publications.get(&args.region) {
-        Some(p) => p,
+        Some(p) => {
+            // Running already: the same request reports on it; a different one cannot
+            // change it (its replicas and settings are fixed while it runs).
+            let st = p.status();
+            let mut now: Vec<&str> = st.replicas.iter().map(|r| r.peer.as_str()).collect();
+            let mut asked: Vec<&str> = args.to.iter().map(String::as_str).collect();
+            now.sort_unstable();
+            asked.sort_unstable();
+            asked.dedup();
+            let differs = now != asked
+                || args.tracker.as_deref().is_some_and(|t| t != st.tracker)
+                || args
+                    .interval_ms
+                    .is_some_and(|ms| ms.max(1) != st.interval_ms);
+            if differs {
+                let message = format!(
+                    "{} is already replicating to {} with tracker {} every {} ms; a running replication cannot change its replicas or settings (restart the agent to start it anew)",
+                    args.region,
+                    now.join(", "),
+                    st.tracker,
+                    st.interval_ms
+                );
+                return send_error(&mut w, message).await;
+            }
+            p
+        }
         None => {
             let tracker = match super::replicate::file_tracker(kind, &region, scan) {
                 Ok(t) => t,
@@ -358,6 +383,18 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
         if st.replicas.iter().all(|r| r.connected) {
             let _ = send(&mut w, &ControlEvent::Replicating(st)).await;
             return;
+        }
+        // A replica that answered with a refusal (no such region, another size) will
+        // not come by waiting: say so rather than wait forever.
+        let refused = st.replicas.iter().find_map(|r| {
+            let e = r.last_error.as_deref()?;
+            (!r.connected && e.starts_with("replica refused")).then(|| format!("{}: {e}", r.peer))
+        });
+        if let Some(why) = refused {
+            let message = format!(
+                "{why} (the agent keeps retrying it every few seconds; `pagewire status` shows it)"
+            );
+            return send_error(&mut w, message).await;
         }
         if send(&mut w, &ControlEvent::ReplicateProgress(st))
             .await
