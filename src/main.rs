@@ -735,9 +735,8 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
     };
     const MIB: f64 = (1 << 20) as f64;
     let mut last = String::new();
-    let r = ControlClient::connect(&socket)
-        .await?
-        .migrate(args, |p| {
+    let client = ControlClient::connect(&socket).await?;
+    let run = client.migrate(args, |p| {
             let line = format!(
                 "{:<13} round {:>3}  dirty {:>8.1} MiB/s  bandwidth {:>8.1} MiB/s  expected downtime {}  remaining {:.1} MiB  sent {:.1} MiB",
                 p.phase,
@@ -754,8 +753,13 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
                 eprintln!("{line}");
                 last = line;
             }
-        })
-        .await?;
+        });
+    let r = tokio::select! {
+        r = run => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!(
+            "interrupted: the agent cancels the migration if it has not handed over yet (the region then stays here and its application runs on); after the handover it finishes on its own: `pagewire status` shows which"
+        ),
+    };
     if m.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -800,6 +800,92 @@ async fn the_cli_migrates_with_freeze_pid_and_the_writer_stays_stopped() {
     b.shutdown().await;
 }
 
+/// Ctrl-C on `pagewire migrate` during pre-copy cancels the migration (it used to run
+/// on in the agent, and a new one was refused as "already running"): A stays the owner,
+/// its file intact, and a new migration may start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_the_cli_cancels_a_migration_in_precopy() {
+    logs();
+    let p = Pair::new();
+    let size = 64 * MIB;
+    random_file(&p.a_file(), size, 23);
+    random_file(&p.b_file(), size, 24);
+    let before = std::fs::read(p.a_file()).unwrap();
+    let phase = |a: &pagewire::agent::Agent| {
+        a.status()
+            .migrations
+            .into_iter()
+            .find(|m| m.region == "r")
+            .map(|m| (m.phase, m.owner))
+    };
+    let (a, b) = p.agents().await;
+    // A --freeze-pid that names no process is refused at once, not at the freeze.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
+        .args([
+            "migrate",
+            "--region",
+            "r",
+            "--to",
+            "b",
+            "--freeze-pid",
+            "2147483647",
+        ])
+        .arg("--control")
+        .arg(p.da.path().join("a.sock"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("No such process"),
+        "{stderr}"
+    );
+    assert!(phase(&a).is_none(), "nothing started");
+    // 8 Mbit/s: 64 MiB would take over a minute.
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
+        .args(["migrate", "--region", "r", "--to", "b"])
+        .args(["--max-bandwidth", "8mbit"])
+        .arg("--control")
+        .arg(p.da.path().join("a.sock"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    within(async {
+        while !phase(&a).is_some_and(|(ph, _)| ph.starts_with("precopy")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(cli.id().unwrap() as i32, libc::SIGINT) };
+    let out = within(cli.wait_with_output()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    within(async {
+        while !phase(&a).is_some_and(|(ph, _)| ph.starts_with("aborted")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (ph, owner) = phase(&a).unwrap();
+    assert!(owner && ph.contains("cancelled"), "{ph}");
+    assert!(
+        std::fs::read(p.a_file()).unwrap() == before,
+        "A's file intact"
+    );
+    // Not "already running": a new migration starts (and completes, unpaced).
+    let r = a
+        .migrate("r", opts(50, 4, Freeze::Snapshot), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, "migrated");
+    assert_same(&p.a_file(), &p.b_file());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Sends `frames` on a new migration stream for `r` (after the open) and returns the
 /// first frame B answers with after `Migrating`, or the stream error.
 async fn hostile_stream(

@@ -271,7 +271,15 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
             )
             .await
         }
-        (Some(pid), false) if pid > 0 => super::Freeze::Pid(pid),
+        (Some(pid), false) if pid > 0 => {
+            // Found out now rather than after the whole pre-copy, at the freeze.
+            // SAFETY: signal 0 only checks that the process exists and may be signalled.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return send_error(&mut w, format!("--freeze-pid {pid}: {e}")).await;
+            }
+            super::Freeze::Pid(pid)
+        }
         (Some(pid), false) => return send_error(&mut w, format!("bad freeze pid {pid}")).await,
         (None, true) => super::Freeze::WriteProtect,
         (None, false) => super::Freeze::Snapshot,
@@ -289,13 +297,14 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = super::migrate::source::run(inner.clone(), &args.region, opts, Some(tx));
     tokio::pin!(run);
-    let mut client = true;
     let result = loop {
         tokio::select! {
             r = &mut run => break r,
             Some(p) = rx.recv() => {
-                if client && send(&mut w, &ControlEvent::MigrateProgress(p)).await.is_err() {
-                    client = false;
+                if send(&mut w, &ControlEvent::MigrateProgress(p)).await.is_err() {
+                    // The command went away (Ctrl-C): closing the channel cancels the
+                    // migration if it has not handed over yet; after that it finishes.
+                    rx.close();
                 }
             }
         }

@@ -237,6 +237,9 @@ pub enum Outcome {
     /// A's own side failed before the handover (collecting changes, or the freeze); A's
     /// app runs on.
     SourceFailed,
+    /// Cancelled on A before the handover (the command that started it went away); A's
+    /// app runs on.
+    Cancelled,
     /// After a cut during the handover, B said it did not take ownership; A resumed.
     HandoverRefused,
     /// After handover, B said it owns nothing (it lost its state); A resumed its frozen

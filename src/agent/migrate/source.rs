@@ -144,6 +144,7 @@ pub(crate) fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Migrated => "migrated",
         Outcome::LinkLost => "link-lost",
         Outcome::SourceFailed => "source-error",
+        Outcome::Cancelled => "cancelled",
         Outcome::HandoverRefused => "handover-refused",
         Outcome::DestinationLost => "destination-lost",
     }
@@ -1053,6 +1054,19 @@ impl Driver {
                     }
                 }
                 Got::Tick => {
+                    // Whoever watched the progress went away (the `pagewire migrate`
+                    // command ended: Ctrl-C): give up while A still owns it.
+                    let watcher_gone = self.progress_tx.as_ref().is_some_and(|t| t.is_closed());
+                    if watcher_gone && lock(&self.engine).cancellable() {
+                        tracing::info!(region = %self.region.name(), "migration cancelled: its command went away");
+                        self.last_error =
+                            Some("cancelled: the command that started it went away".into());
+                        if let Some(mut s) = stream.take() {
+                            let _ = s.send.reset(WireCode::Cancelled.varint());
+                        }
+                        let _ = self.feed(SourceEvent::Cancel);
+                        continue;
+                    }
                     let _ = self.feed(SourceEvent::Tick);
                     if last_progress.elapsed() >= Duration::from_millis(100) {
                         last_progress = Instant::now();

@@ -80,6 +80,10 @@ pub enum SourceEvent {
     /// dropped the migration stream: before the handover, give up as a cut would but
     /// with [`Outcome::SourceFailed`]; after it, handled as a cut.
     Failed,
+    /// Give up if the handover has not begun ([`Outcome::Cancelled`]; the driver then
+    /// drops the migration stream, which B sees as a cut); ignored after it, when only
+    /// finishing the post-copy leaves one complete owner. See [`MigrateSource::cancellable`].
+    Cancel,
     /// The app is paused (answer to `Freeze`); `began`: when the driver started pausing
     /// it (called the hook, sent SIGSTOP, began write-protecting), on the engine's clock.
     /// The downtime counts from there.
@@ -312,11 +316,13 @@ impl MigrateSource {
                 }
             }
             SourceEvent::LinkDown => self.link_down(now, &mut out),
+            SourceEvent::Cancel => {
+                if self.cancellable() {
+                    self.abort(now, Outcome::Cancelled, &mut out)
+                }
+            }
             SourceEvent::Failed => {
-                if matches!(
-                    self.phase,
-                    SourcePhase::Precopy { .. } | SourcePhase::Freezing | SourcePhase::FinalSync
-                ) {
+                if self.cancellable() {
                     self.abort(now, Outcome::SourceFailed, &mut out)
                 } else {
                     // The driver dropped the stream with it: what a cut does.
@@ -363,6 +369,14 @@ impl MigrateSource {
             }
         }
         Ok(out)
+    }
+
+    /// Before the handover: giving up leaves A the owner with its app running.
+    pub fn cancellable(&self) -> bool {
+        matches!(
+            self.phase,
+            SourcePhase::Precopy { .. } | SourcePhase::Freezing | SourcePhase::FinalSync
+        )
     }
 
     fn unexpected(&self, what: &'static str) -> MigrateError {

@@ -1259,3 +1259,32 @@ fn postcopy_keeps_the_link_busy_when_the_rtt_stays_above_its_minimum() {
         assert!(rate >= 0.85 * RATE, "RTT +{:?}: {rate} of {RATE}", rise * 2);
     }
 }
+
+/// `Cancel` gives up before the handover (A owns, its app runs) and is ignored after it,
+/// when only finishing the post-copy leaves one complete owner.
+#[test]
+fn cancel_gives_up_before_the_handover_and_not_after() {
+    let size = 16 * MIB;
+    let mut sim = Sim::new(size, ms(20), Writer::uniform(500.0), Writer::idle(), 25);
+    sim.start(cfg(size)).unwrap();
+    sim.run_for(ms(30));
+    assert!(sim.a.cancellable());
+    sim.a_event(SourceEvent::Cancel);
+    assert_eq!(sim.a.phase(), SourcePhase::Aborted(Outcome::Cancelled));
+    assert!(sim.a.owns() && sim.a_running);
+    assert_eq!(sim.reports.last().unwrap().outcome, Outcome::Cancelled);
+
+    let mut sim = Sim::new(size, ms(20), Writer::idle(), Writer::uniform(100.0), 26);
+    let mut c = cfg(size);
+    c.max_rounds = 0;
+    sim.start(c).unwrap();
+    while sim.a.phase() != SourcePhase::Postcopy {
+        assert!(sim.now < Duration::from_secs(5), "no handover");
+        sim.step();
+    }
+    assert!(!sim.a.cancellable());
+    sim.a_event(SourceEvent::Cancel);
+    let r = sim.run(Duration::from_secs(30));
+    assert_eq!(r.outcome, Outcome::Migrated);
+    sim.check_b_has_everything();
+}
