@@ -507,8 +507,17 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Set by SIGINT while `pagewire mount` waits (a blocking loop, not the runtime's).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn mount(m: MountCmd) -> Result<()> {
     use pagewire::client::{attach, AttachOptions};
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     let mut opts = AttachOptions::new(m.ctl.socket(), &m.from, &m.region);
     opts.mechanism = m.mechanism;
     opts.backing = Some(std::path::absolute(&m.to).context("resolving --to")?);
@@ -516,6 +525,21 @@ fn mount(m: MountCmd) -> Result<()> {
     let map = attach(&opts)?;
     let bar = (!m.json).then(|| TransferBar::new(&format!("{}:{}", m.from, m.region)));
     let done = loop {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(b) = &bar {
+                b.clear();
+            }
+            map.detach();
+            let removed = std::fs::remove_file(&m.to).is_ok();
+            anyhow::bail!(
+                "interrupted: the mount was detached{}",
+                if removed {
+                    format!(" and the incomplete {} removed", m.to.display())
+                } else {
+                    String::new()
+                }
+            );
+        }
         let r = map.wait_complete(Some(Duration::from_millis(200)));
         if let (Some(b), Some(s)) = (&bar, map.status()) {
             b.update_mount(&s);
@@ -638,13 +662,23 @@ async fn pull(p: PullCmd) -> Result<()> {
         to,
     };
     let bar = (!p.json).then(|| TransferBar::new(&format!("{}:{}", p.from, p.region)));
-    let summary = client
-        .pull(args, |s| {
+    let run = client.pull(args, |s| {
+        if let Some(b) = &bar {
+            b.update(s)
+        }
+    });
+    let summary = tokio::select! {
+        s = run => s,
+        _ = tokio::signal::ctrl_c() => {
             if let Some(b) = &bar {
-                b.update(s)
+                b.clear();
             }
-        })
-        .await;
+            anyhow::bail!(
+                "interrupted: the agent cancels the pull and removes the incomplete {}",
+                p.to.display()
+            );
+        }
+    };
     let summary = match summary {
         Ok(s) => s,
         Err(e) => {

@@ -267,6 +267,14 @@ async fn a_pull_never_overwrites_a_served_region_or_a_running_pull() {
     }
     first.wait().await.unwrap();
     assert_same(&theirs, &to);
+    // A cancelled pull (the CLI's Ctrl-C) removes its incomplete file: full-size, it
+    // would pass for a complete copy.
+    let partial = dst.path().join("partial");
+    let h = a.pull("b", "theirs", &partial).await.unwrap();
+    assert!(partial.exists());
+    h.cancel();
+    assert!(matches!(h.wait().await, Err(PullError::Cancelled)));
+    assert!(!partial.exists(), "the incomplete file was removed");
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -166,7 +166,11 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             let ev = match result {
                 Ok(Ok(summary)) => ControlEvent::Done(summary),
                 Ok(Err(e)) => ControlEvent::Error {
-                    message: e.to_string(),
+                    message: if args.to.exists() {
+                        e.to_string()
+                    } else {
+                        format!("{e}; the incomplete {} was removed", args.to.display())
+                    },
                 },
                 Err(e) => ControlEvent::Error {
                     message: format!("pull task failed: {e}"),

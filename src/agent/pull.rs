@@ -694,6 +694,18 @@ async fn drive(inner: Arc<Inner>, p: Arc<PullInner>) -> Result<PullSummary, Pull
         Err(e) => {
             p.set_phase("failed");
             tracing::warn!(id = p.id, peer = %p.peer, region = %p.region, "pull failed: {e}");
+            // The file was created (or emptied) at full size for this pull: left behind
+            // it would look complete by its size. A new pull starts afresh anyway.
+            if let Dest::File(_) = &p.dest {
+                match std::fs::remove_file(&p.to) {
+                    Ok(()) => {
+                        tracing::info!(id = p.id, to = %p.to.display(), "removed the incomplete file")
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = p.id, to = %p.to.display(), "removing the incomplete file: {e}")
+                    }
+                }
+            }
         }
     }
     r.map(|_| p.summary())
