@@ -241,8 +241,8 @@ enum CertsCmd {
     Init {
         #[arg(long, default_value = "certs/dev")]
         dir: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
         /// Replace existing files.
         #[arg(long)]
@@ -258,8 +258,10 @@ enum CertsCmd {
         /// the identity.
         #[arg(long = "san")]
         sans: Vec<String>,
-        #[arg(long, default_value_t = 3650)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
+        /// Replace existing files.
         #[arg(long)]
         force: bool,
     },
@@ -392,9 +394,12 @@ fn parse_window(s: &str) -> Result<u64, String> {
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -841,6 +846,11 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
         to,
         timeout_ms: r.timeout.map(|t| t.as_millis() as u64),
     };
+    // This agent's name, for the hint on what to run on the source.
+    let me = match ControlClient::connect(&socket).await?.status().await {
+        Ok(st) => st.name,
+        Err(_) => "<this agent>".into(),
+    };
     let mut last: Option<(String, u64, u32)> = None;
     let report = ControlClient::connect(&socket)
         .await?
@@ -856,7 +866,7 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
             }
             match p.phase.as_str() {
                 "waiting" => eprintln!(
-                    "waiting for a migration of region {} ({} bytes) from {}: run `pagewire migrate --region {} --to <this agent>` there",
+                    "waiting for a migration of region {} ({} bytes) from {}: run `pagewire migrate --region {} --to {me}` there",
                     p.region, p.size, p.from, p.region
                 ),
                 phase => eprintln!(

@@ -1854,6 +1854,10 @@ async fn the_cli_receives_a_migration_into_a_file() {
     eprintln!("pagewire receive's stderr:\n{err}");
     assert!(out.status.success(), "receive: {err}");
     assert!(err.contains("waiting for a migration"), "{err}");
+    assert!(
+        err.contains("--to b` there"),
+        "the hint names this agent: {err}"
+    );
     let r: pagewire::control::ReceiveReport = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (r.region.as_str(), r.from.as_str(), r.size),

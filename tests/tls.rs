@@ -64,7 +64,19 @@ async fn a_wrong_certificate_name_is_refused_at_startup() {
         .await
         .err()
         .expect("must fail");
-    assert!(e.to_string().contains("is for node"), "{e}");
+    assert!(e.to_string().contains("is for node \"b\""), "{e}");
+    // Its own certificate with another node's key: both files named.
+    let mut c = mesh.config("a", free_port(), &[]);
+    c.key = mesh.path().join("b.key");
+    let e = pagewire::agent::Agent::start(c)
+        .await
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        e.contains("b.key does not belong to certificate") && e.contains("a.pem"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
         u => return Err(format!("unknown duration unit {u:?}")),
     })
 }
@@ -532,7 +533,8 @@ mod tests {
         assert!(parse_size("99999999999999999999t").is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("3h").is_err());
+        assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(3 * 3600)));
+        assert!(parse_duration("3d").is_err());
         assert_eq!(parse_pair("a=1:2"), Ok(("a".into(), "1:2".into())));
         assert!(parse_pair("a").is_err());
         assert!(parse_pair("a b=c").is_err());

@@ -23,11 +23,18 @@ pub enum IdentityError {
     #[error("{0} holds no certificate")]
     NoCert(PathBuf),
     /// The certificate is for another node.
-    #[error("certificate {path} is for node {found:?}, not {name:?}")]
+    #[error("certificate {path} is for node {}, not {name:?}", found.as_deref().map_or("(no node name)".to_string(), |f| format!("{f:?}")))]
     WrongName {
         path: PathBuf,
         found: Option<String>,
         name: String,
+    },
+    /// The key is not the certificate's.
+    #[error("key {key} does not belong to certificate {cert} ({why})")]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        why: String,
     },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
@@ -84,7 +91,21 @@ impl Identity {
                 name: name.into(),
             });
         }
+        let key_path = key;
         let key = PrivateKeyDer::from_pem_file(key).map_err(read_err(key))?;
+        // Checked here, where the files are known (rustls would only say "KeyMismatch").
+        let mismatch = |why: String| IdentityError::KeyMismatch {
+            cert: cert.into(),
+            key: key_path.into(),
+            why,
+        };
+        let signing = provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| mismatch(e.to_string()))?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signing)
+            .keys_match()
+            .map_err(|e| mismatch(e.to_string()))?;
         Ok(Identity {
             name: name.into(),
             ca: ca_der,
