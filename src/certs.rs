@@ -160,6 +160,21 @@ pub fn issue(
         if let Ok(ip) = s.parse::<std::net::IpAddr>() {
             san.push(SanType::IpAddress(ip));
         } else {
+            // A host name: labels of letters, digits and '-' (a leading '*.' allowed),
+            // separated by dots. rcgen takes any IA5 string.
+            let host = s.strip_prefix("*.").unwrap_or(s);
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                });
+            if !ok {
+                return Err(CertError::BadSan(s.clone()));
+            }
             let dns = s
                 .clone()
                 .try_into()
@@ -240,5 +255,22 @@ mod tests {
             issue(dir.path(), "node-a", &[], 30, false),
             Err(CertError::Exists(_))
         ));
+        for bad in ["", "not a host!", "a..b", "-a.b"] {
+            assert!(
+                matches!(
+                    issue(dir.path(), "node-b", &[bad.into()], 30, true),
+                    Err(CertError::BadSan(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        issue(
+            dir.path(),
+            "node-b",
+            &["*.example.org".into(), "::1".into()],
+            30,
+            true,
+        )
+        .unwrap();
     }
 }

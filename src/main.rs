@@ -207,6 +207,7 @@ struct ReplicateCmd {
 
 #[derive(Args)]
 struct FlushCmd {
+    /// The replicated region (owned by this agent).
     #[arg(long)]
     region: String,
     /// Give up after this long.
@@ -221,11 +222,13 @@ struct FlushCmd {
 
 #[derive(Args)]
 struct EpochCmd {
+    /// The region this agent holds a replica of (on its owner: the epoch it replicates).
     #[arg(long)]
     region: String,
     /// Wait until this epoch is applied.
     #[arg(long)]
     wait: Option<u64>,
+    /// With --wait: give up after this long.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
     /// Print the result as JSON on stdout (for scripts) instead of text.
