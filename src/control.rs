@@ -579,6 +579,9 @@ pub struct TransferStatus {
     pub elapsed_s: f64,
     pub urgent_fetches: u64,
     pub reconnects: u64,
+    /// Why a `failed` transfer failed.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// The end of a pull.

@@ -963,7 +963,7 @@ fn print_status(r: &StatusReport) {
     }
     for t in &r.transfers {
         println!(
-            "  #{} {} {}:{} -> {}  {}  {}/{} bytes  {:.1} MiB/s  {} urgent  {} reconnects",
+            "  #{} {} {}:{} -> {}  {}  {}/{} bytes  {:.1} MiB/s  {} urgent  {} reconnects{}",
             t.id,
             t.kind,
             t.peer,
@@ -974,7 +974,11 @@ fn print_status(r: &StatusReport) {
             t.bytes_total,
             t.rate_bps / (1 << 20) as f64,
             t.urgent_fetches,
-            t.reconnects
+            t.reconnects,
+            t.error
+                .as_deref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
         );
     }
     println!("mounts:");

@@ -275,6 +275,17 @@ async fn a_pull_never_overwrites_a_served_region_or_a_running_pull() {
     h.cancel();
     assert!(matches!(h.wait().await, Err(PullError::Cancelled)));
     assert!(!partial.exists(), "the incomplete file was removed");
+    let t = a
+        .status()
+        .transfers
+        .into_iter()
+        .find(|t| t.to == partial)
+        .unwrap();
+    assert_eq!(t.state, "failed");
+    assert!(
+        t.error.as_deref().is_some_and(|e| e.contains("cancel")),
+        "{t:?}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -284,6 +284,8 @@ pub(crate) struct PullInner {
     /// Woken whenever chunks arrive or an urgent fetch ends.
     arrived: Notify,
     phase: Mutex<&'static str>,
+    /// Why it failed.
+    error: Mutex<Option<String>>,
     started: Instant,
     finished: Mutex<Option<Instant>>,
     reconnects: AtomicU64,
@@ -341,6 +343,7 @@ impl PullInner {
             elapsed_s: elapsed,
             urgent_fetches: stats.urgent_fetches,
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            error: lock(&self.error).clone(),
         }
     }
 
@@ -611,6 +614,7 @@ pub(crate) fn launch(
         ctl: Mutex::new(None),
         arrived: Notify::new(),
         phase: Mutex::new("copying"),
+        error: Mutex::new(None),
         started: Instant::now(),
         finished: Mutex::new(None),
         reconnects: AtomicU64::new(0),
@@ -693,6 +697,7 @@ async fn drive(inner: Arc<Inner>, p: Arc<PullInner>) -> Result<PullSummary, Pull
         }
         Err(e) => {
             p.set_phase("failed");
+            *lock(&p.error) = Some(e.to_string());
             tracing::warn!(id = p.id, peer = %p.peer, region = %p.region, "pull failed: {e}");
             // The file was created (or emptied) at full size for this pull: left behind
             // it would look complete by its size. A new pull starts afresh anyway.
