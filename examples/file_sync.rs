@@ -26,8 +26,8 @@ use rand::{Rng, SeedableRng};
 #[derive(Parser)]
 #[command(about = "Replicate a file other processes modify with write(2) (replication demo)")]
 struct Args {
-    /// File size.
-    #[arg(long, default_value = "64MiB", value_parser = pagewire::agent::config::parse_size)]
+    /// File size (at least 64KiB: the dd writer writes 64KiB blocks).
+    #[arg(long, default_value = "64MiB", value_parser = file_size)]
     size: u64,
     /// How long the writers run.
     #[arg(long, default_value_t = 5)]
@@ -60,6 +60,16 @@ fn scribble(path: &Path, seconds: u64) -> Result<()> {
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
+}
+
+fn file_size(s: &str) -> Result<u64, String> {
+    let n = pagewire::agent::config::parse_size(s)?;
+    if n < 65536 {
+        return Err(format!(
+            "{s}: at least 64KiB (the dd writer writes 64KiB blocks)"
+        ));
+    }
+    Ok(n)
 }
 
 #[tokio::main]

@@ -42,13 +42,14 @@ struct Args {
     /// The local agent's control socket (writer/reader roles).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// The region's name (served by every agent, published by the writer).
     #[arg(long, default_value = "canvas")]
     region: String,
     /// Replica peers (writer role).
     #[arg(long)]
     to: Vec<String>,
-    /// Buffer size.
-    #[arg(long, default_value = "1MiB", value_parser = pagewire::agent::config::parse_size)]
+    /// Buffer size: a multiple of 4KiB, at least 8KiB.
+    #[arg(long, default_value = "1MiB", value_parser = buffer_size)]
     size: u64,
     /// Generations the writer makes (and the reader checks).
     #[arg(long, default_value_t = 20)]
@@ -156,6 +157,17 @@ fn reader(args: &Args, control: PathBuf) -> Result<u64> {
     }
     println!("reader: {checked} generations checked, {torn} reads retried mid-epoch");
     Ok(checked)
+}
+
+/// Sizes the layout (u64 counters, then the trailer) and the page-granular tracking fit.
+fn buffer_size(s: &str) -> Result<u64, String> {
+    let n = pagewire::agent::config::parse_size(s)?;
+    if n < 8192 || n % 4096 != 0 {
+        return Err(format!(
+            "{s}: the buffer must be a multiple of 4KiB, at least 8KiB"
+        ));
+    }
+    Ok(n)
 }
 
 #[tokio::main]

@@ -86,7 +86,9 @@ fn write_file(path: &Path, data: &str, private: bool, force: bool) -> Result<(),
 fn validity(params: &mut CertificateParams, days: u32) {
     let now = time_now();
     params.not_before = now - std::time::Duration::from_secs(3600);
-    params.not_after = now + std::time::Duration::from_secs(days as u64 * 86400);
+    // At most 100 years: a date past 9999 would overflow (and panic) in `time`.
+    let days = days.min(36500) as u64;
+    params.not_after = now + std::time::Duration::from_secs(days * 86400);
 }
 
 fn time_now() -> time::OffsetDateTime {

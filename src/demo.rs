@@ -44,7 +44,9 @@ pub fn free_port() -> std::io::Result<u16> {
 
 /// Logs to stderr at `warn` unless `RUST_LOG` says otherwise.
 pub fn logs() {
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

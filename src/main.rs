@@ -244,8 +244,8 @@ enum CertsCmd {
     Init {
         #[arg(long, default_value = "certs/dev")]
         dir: PathBuf,
-        /// Validity in days (at least 1).
-        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
         days: u32,
         /// Replace existing files.
         #[arg(long)]
@@ -261,8 +261,8 @@ enum CertsCmd {
         /// the identity.
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Validity in days (at least 1).
-        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
         days: u32,
         /// Replace existing files.
         #[arg(long)]
@@ -525,7 +525,10 @@ extern "C" fn on_sigint(_: libc::c_int) {
 fn mount(m: MountCmd) -> Result<()> {
     use pagewire::client::{attach, AttachOptions};
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+    }
     let mut opts = AttachOptions::new(m.ctl.socket(), &m.from, &m.region);
     opts.mechanism = m.mechanism;
     opts.backing = Some(std::path::absolute(&m.to).context("resolving --to")?);
@@ -565,7 +568,19 @@ fn mount(m: MountCmd) -> Result<()> {
             b.clear()
         }
     }
-    done?;
+    if let Err(e) = done {
+        // Incomplete: by its size it would pass for a copy.
+        map.detach();
+        let removed = std::fs::remove_file(&m.to).is_ok();
+        anyhow::bail!(
+            "{e}{}",
+            if removed {
+                format!("; the incomplete {} was removed", m.to.display())
+            } else {
+                String::new()
+            }
+        );
+    }
     let st = map.status();
     let mechanism = map.mechanism();
     map.detach();
@@ -855,9 +870,8 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
         Err(_) => "<this agent>".into(),
     };
     let mut last: Option<(String, u64, u32)> = None;
-    let report = ControlClient::connect(&socket)
-        .await?
-        .receive_file(args, |p| {
+    let client = ControlClient::connect(&socket).await?;
+    let run = client.receive_file(args, |p| {
             // A line when the phase changes, and every tenth of the region.
             let tenth = p.chunks_received * 10 / p.chunks.max(1);
             let key = (p.phase.clone(), tenth, p.aborted_attempts);
@@ -881,8 +895,14 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
                 ),
             }
             last = Some(key);
-        })
-        .await?;
+        });
+    let report = tokio::select! {
+        r = run => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!(
+            "interrupted: the agent stops waiting and removes {} if it made it; a migration already running into it goes on (`pagewire status`)",
+            r.to.display()
+        ),
+    };
     if r.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

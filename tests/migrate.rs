@@ -1819,6 +1819,13 @@ async fn the_cli_receives_a_migration_into_a_file() {
     until_serving(&b, "m", true).await;
     gone.kill().await.unwrap();
     until_serving(&b, "m", false).await;
+    // The file made for it is removed (nothing was received into it).
+    within(async {
+        while target.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     // The real thing.
     let recv = cli(
         &[

@@ -489,7 +489,8 @@ async fn attach(
                         Some(ControlEvent::Complete(m.status()))
                     }
                     super::mount::SessionEvent::Failed(why) => {
-                        Some(ControlEvent::Error { message: format!("mount failed: {why}") })
+                        // The client library says "mount failed: " itself.
+                        Some(ControlEvent::Error { message: why })
                     }
                     super::mount::SessionEvent::Detached => {
                         serving = false;

@@ -6,9 +6,10 @@
 //! reports progress until it owns the region with every chunk. Pre-copy only: post-copy
 //! needs an application that faults stale pages in ([`super::receive`]).
 //!
-//! The target is withdrawn (the region is no longer served here; the file stays) when the
-//! client goes away, the timeout passes or the agent shuts down before a migration into it
-//! started; a migration already running goes on (its state shows in `pagewire status`).
+//! The target is withdrawn (the region is no longer served here; a file made for it is
+//! removed, an existing one stays) when the client goes away, the timeout passes or the
+//! agent shuts down before a migration into it started; a migration already running goes
+//! on (its state shows in `pagewire status`).
 
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
@@ -34,8 +35,8 @@ pub(crate) async fn run(
     w: &mut OwnedWriteHalf,
 ) {
     let started = Instant::now();
-    let g = match register(&inner, &args).await {
-        Ok(g) => g,
+    let (g, created) = match register(&inner, &args).await {
+        Ok(x) => x,
         Err(message) => {
             let _ = send(w, &ControlEvent::Error { message }).await;
             return;
@@ -103,11 +104,18 @@ pub(crate) async fn run(
             })
         }
         End::ClientGone => {
-            withdraw(&inner, &args);
+            withdraw(&inner, &args, created);
             return;
         }
         End::Error(message) => {
-            withdraw(&inner, &args);
+            let message = if withdraw(&inner, &args, created) && created {
+                format!(
+                    "{message}; the file it had made, {}, was removed",
+                    args.to.display()
+                )
+            } else {
+                message
+            };
             ControlEvent::Error { message }
         }
     };
@@ -163,7 +171,8 @@ impl Watch {
 
 /// Asks the peer for the region's geometry, prepares the file and serves it as the
 /// region's migration target.
-async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<Geometry, String> {
+/// Registers the target; also says whether the file was made for it (it did not exist).
+async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<(Geometry, bool), String> {
     if lock(&inner.migrations.expected).contains_key(&args.region) {
         return Err(format!(
             "region {} already waits for a migration here (another `pagewire receive`)",
@@ -186,6 +195,7 @@ async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<Geometry
         })?;
     // Not a file this agent serves as another region, nor a pull's destination.
     super::super::pull::check_dest(inner, &args.to).map_err(|e| e.to_string())?;
+    let created = std::fs::symlink_metadata(&args.to).is_err();
     let file = open_target(&args.to, g.size)?;
     let region = Arc::new(
         FileRegion::from_file(&args.region, &args.to, file, g.chunk_size as u32)
@@ -219,7 +229,7 @@ async fn register(inner: &Arc<Inner>, args: &ReceiveFileArgs) -> Result<Geometry
     }
     regions.insert(args.region.clone(), region);
     lock(&inner.migrations.expected).insert(args.region.clone(), args.from.clone());
-    Ok(g)
+    Ok((g, created))
 }
 
 /// Opens (or creates, mode 0600) the file to receive `size` bytes into. An existing file
@@ -273,8 +283,9 @@ fn open_target(path: &Path, size: u64) -> Result<std::fs::File, String> {
     Ok(f)
 }
 
-/// Stops serving the target unless a migration into it is running or done.
-fn withdraw(inner: &Inner, args: &ReceiveFileArgs) {
+/// Stops serving the target unless a migration into it is running or done (then returns
+/// false). A file made for it (`created`) is removed: nothing was received into it.
+fn withdraw(inner: &Inner, args: &ReceiveFileArgs, created: bool) -> bool {
     let running = match lock(&inner.migrations.map).get(&args.region) {
         Some(Slot::Dest { engine, .. }) => matches!(
             lock(engine).phase(),
@@ -284,7 +295,7 @@ fn withdraw(inner: &Inner, args: &ReceiveFileArgs) {
     };
     if running {
         tracing::warn!(region = %args.region, "the receive client went away; the migration into {} goes on", args.to.display());
-        return;
+        return false;
     }
     lock(&inner.migrations.expected).remove(&args.region);
     if let Ok(mut r) = inner.regions.write() {
@@ -293,4 +304,10 @@ fn withdraw(inner: &Inner, args: &ReceiveFileArgs) {
         }
     }
     tracing::info!(region = %args.region, "no longer waiting for a migration into {}", args.to.display());
+    if created {
+        if let Err(e) = std::fs::remove_file(&args.to) {
+            tracing::warn!(path = %args.to.display(), "removing the unused target: {e}");
+        }
+    }
+    true
 }
