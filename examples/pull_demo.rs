@@ -18,9 +18,14 @@ use pagewire::demo::{config, free_port};
 use pagewire::progress::TransferBar;
 use rand::{RngCore, SeedableRng};
 
-fn usage() -> ! {
-    eprintln!("usage: pull_demo [--size SIZE]   (default 1GiB; e.g. 64MiB, 4GiB)");
-    std::process::exit(2)
+fn usage(code: i32) -> ! {
+    eprintln!(
+        "usage: pull_demo [--size SIZE]   (default 1GiB; e.g. 64MiB, 4GiB)\n\n\
+         Starts agents a and b on loopback with certificates made in a temp dir; b serves a\n\
+         region of SIZE (random pages, a zero stretch in the middle), a pulls it into a file\n\
+         through its control socket with a progress bar, then the copy's blake3 is checked."
+    );
+    std::process::exit(code)
 }
 
 /// A region that looks like memory: mostly random pages, with a zero stretch in the middle
@@ -56,11 +61,14 @@ async fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size" => {
-                let v = args.next().unwrap_or_else(|| usage());
+                let v = args.next().unwrap_or_else(|| usage(2));
                 size = parse_size(&v).map_err(anyhow::Error::msg)?;
+                if size == 0 {
+                    anyhow::bail!("--size must be more than 0");
+                }
             }
-            "-h" | "--help" => usage(),
-            _ => usage(),
+            "-h" | "--help" => usage(0),
+            _ => usage(2),
         }
     }
     pagewire::demo::logs();

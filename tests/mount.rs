@@ -383,7 +383,7 @@ async fn a_mount_never_overwrites_a_served_region_or_a_running_mount() {
     // application still maps it).
     let e = second.unwrap_err();
     assert!(
-        e.contains("another pull is writing it") || e.contains("has it mapped"),
+        e.contains("another pull or mount is writing it") || e.contains("has it mapped"),
         "{e}"
     );
     first.detach();

@@ -671,7 +671,7 @@ pub(crate) fn check_dest(inner: &Inner, to: &Path) -> Result<(), PullError> {
     if busy {
         return Err(PullError::DestInUse(
             to.into(),
-            "another pull is writing it",
+            "another pull or mount is writing it",
         ));
     }
     let mapped = lock(&inner.mounts)

@@ -509,7 +509,14 @@ impl Publication {
                     .links
                     .iter()
                     .filter(|l| *l.acked.borrow() < epoch)
-                    .map(|l| format!("{} (acked {}{})", l.peer, *l.acked.borrow(), if l.connected.load(Ordering::Relaxed) { "" } else { ", not connected" }))
+                    .map(|l| {
+                        let why = match (l.connected.load(Ordering::Relaxed), lock(&l.last_error).clone()) {
+                            (true, _) => String::new(),
+                            (false, Some(e)) => format!(", not replicating: {e}"),
+                            (false, None) => ", not connected".into(),
+                        };
+                        format!("{} (acked {}{why})", l.peer, *l.acked.borrow())
+                    })
                     .collect();
                 Err(ReplicateError::Timeout(format!(
                     "epoch {epoch} not acknowledged within {timeout:?} by {}",
