@@ -522,6 +522,16 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Detaches an unfinished mount and removes its file (by its size it would pass for a
+/// copy); the error says so.
+fn abandon(map: pagewire::client::Mapping, to: &std::path::Path, why: &str) -> anyhow::Error {
+    map.detach();
+    match std::fs::remove_file(to) {
+        Ok(()) => anyhow::anyhow!("{why}; the incomplete {} was removed", to.display()),
+        Err(_) => anyhow::anyhow!("{why}"),
+    }
+}
+
 fn mount(m: MountCmd) -> Result<()> {
     use pagewire::client::{attach, AttachOptions};
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
@@ -540,16 +550,7 @@ fn mount(m: MountCmd) -> Result<()> {
             if let Some(b) = &bar {
                 b.clear();
             }
-            map.detach();
-            let removed = std::fs::remove_file(&m.to).is_ok();
-            anyhow::bail!(
-                "interrupted: the mount was detached{}",
-                if removed {
-                    format!(" and the incomplete {} removed", m.to.display())
-                } else {
-                    String::new()
-                }
-            );
+            return Err(abandon(map, &m.to, "interrupted: the mount was detached"));
         }
         let r = map.wait_complete(Some(Duration::from_millis(200)));
         if let (Some(b), Some(s)) = (&bar, map.status()) {
@@ -569,17 +570,7 @@ fn mount(m: MountCmd) -> Result<()> {
         }
     }
     if let Err(e) = done {
-        // Incomplete: by its size it would pass for a copy.
-        map.detach();
-        let removed = std::fs::remove_file(&m.to).is_ok();
-        anyhow::bail!(
-            "{e}{}",
-            if removed {
-                format!("; the incomplete {} was removed", m.to.display())
-            } else {
-                String::new()
-            }
-        );
+        return Err(abandon(map, &m.to, &e.to_string()));
     }
     let st = map.status();
     let mechanism = map.mechanism();
