@@ -734,6 +734,16 @@ fn proc_state(pid: u32) -> Option<char> {
     s[s.rfind(')')? + 1..].trim_start().chars().next()
 }
 
+/// `pagewire migrate --region r --to b ARGS --control` A's socket.
+fn cli_migrate(p: &Pair, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"));
+    c.args(["migrate", "--region", "r", "--to", "b"])
+        .args(args)
+        .arg("--control")
+        .arg(p.da.path().join("a.sock"));
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_migrates_with_freeze_pid_and_the_writer_stays_stopped() {
     logs();
@@ -750,28 +760,22 @@ async fn the_cli_migrates_with_freeze_pid_and_the_writer_stays_stopped() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let pid = writer.id();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
-        .args([
-            "migrate",
-            "--region",
-            "r",
-            "--to",
-            "b",
+    let pid_s = pid.to_string();
+    let out = cli_migrate(
+        &p,
+        &[
             "--downtime-budget",
             "30ms",
-        ])
-        .args([
             "--max-rounds",
             "6",
             "--freeze-pid",
-            &pid.to_string(),
+            &pid_s,
             "--json",
-        ])
-        .arg("--control")
-        .arg(p.da.path().join("a.sock"))
-        .output()
-        .await
-        .unwrap();
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
     let state = proc_state(pid);
     let _ = writer.kill();
     let _ = writer.wait();
@@ -820,18 +824,7 @@ async fn ctrl_c_on_the_cli_cancels_a_migration_in_precopy() {
     };
     let (a, b) = p.agents().await;
     // A --freeze-pid that names no process is refused at once, not at the freeze.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
-        .args([
-            "migrate",
-            "--region",
-            "r",
-            "--to",
-            "b",
-            "--freeze-pid",
-            "2147483647",
-        ])
-        .arg("--control")
-        .arg(p.da.path().join("a.sock"))
+    let out = cli_migrate(&p, &["--freeze-pid", "2147483647"])
         .output()
         .await
         .unwrap();
@@ -842,11 +835,7 @@ async fn ctrl_c_on_the_cli_cancels_a_migration_in_precopy() {
     );
     assert!(phase(&a).is_none(), "nothing started");
     // 8 Mbit/s: 64 MiB would take over a minute.
-    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_pagewire"))
-        .args(["migrate", "--region", "r", "--to", "b"])
-        .args(["--max-bandwidth", "8mbit"])
-        .arg("--control")
-        .arg(p.da.path().join("a.sock"))
+    let cli = cli_migrate(&p, &["--max-bandwidth", "8mbit"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
