@@ -341,6 +341,10 @@ pub struct ReplicaLinkStatus {
     pub catch_ups: u64,
     pub catch_up_bytes: u64,
     pub last_error: Option<String>,
+    /// The replica answered the last attempt with a refusal (no such region, another
+    /// size): waiting will not bring it; the owner retries in the background.
+    #[serde(default)]
+    pub refused: bool,
     /// Time from an epoch's collection to the replica's acknowledgement (newest 4096
     /// epochs): what a write waits beyond the collection interval.
     pub apply_p50_ms: Option<f64>,

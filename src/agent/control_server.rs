@@ -223,12 +223,7 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             }
             // On the owner: the epoch it replicates (a replica entry here would be a
             // phantom).
-            let owned = inner
-                .publications
-                .status()
-                .into_iter()
-                .find(|p| p.region == region)
-                .map(|p| p.epoch);
+            let owned = inner.publications.get(&region).map(|p| p.status().epoch);
             let ev = match (wait, owned) {
                 (None, Some(epoch)) => ControlEvent::Epoch { epoch },
                 (Some(_), Some(_)) => ControlEvent::Error {
@@ -399,9 +394,12 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
         }
         // A replica that answered with a refusal (no such region, another size) will
         // not come by waiting: say so rather than wait forever.
-        let refused = st.replicas.iter().find_map(|r| {
-            let e = r.last_error.as_deref()?;
-            (!r.connected && e.starts_with("replica refused")).then(|| format!("{}: {e}", r.peer))
+        let refused = st.replicas.iter().find(|r| r.refused).map(|r| {
+            format!(
+                "{}: {}",
+                r.peer,
+                r.last_error.as_deref().unwrap_or("refused")
+            )
         });
         if let Some(why) = refused {
             let message = format!(

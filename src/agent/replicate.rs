@@ -153,6 +153,8 @@ struct LinkHandle {
     catch_ups: AtomicU64,
     catch_up_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The last attempt was refused by the replica (see `ReplicaLinkStatus::refused`).
+    refused: AtomicBool,
     /// Collect-to-applied latency of tracked epochs, µs (newest `LAG_SAMPLES`).
     lags: Mutex<std::collections::VecDeque<u32>>,
 }
@@ -403,6 +405,7 @@ pub(crate) fn start_tracking(
                 catch_ups: AtomicU64::new(0),
                 catch_up_bytes: AtomicU64::new(0),
                 last_error: Mutex::new(None),
+                refused: AtomicBool::new(false),
                 lags: Mutex::new(Default::default()),
             })
         })
@@ -465,6 +468,7 @@ impl Publication {
                         catch_ups: l.catch_ups.load(Ordering::Relaxed),
                         catch_up_bytes: l.catch_up_bytes.load(Ordering::Relaxed),
                         last_error: lock(&l.last_error).clone(),
+                        refused: l.refused.load(Ordering::Relaxed),
                         apply_p50_ms: p50,
                         apply_p99_ms: p99,
                     }
@@ -720,7 +724,8 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
     let state = match read_frame::<_, Reply>(&mut recv, cap).await {
         Ok(Some(Reply::ReplicaState(s))) => s,
         Ok(Some(Reply::Error(e))) => {
-            return Err(format!("replica refused: {}: {}", e.kind, e.message))
+            l.refused.store(true, Ordering::Relaxed);
+            return Err(format!("replica refused: {}: {}", e.kind, e.message));
         }
         Ok(Some(_)) => return Err("unexpected reply to replicate".into()),
         Ok(None) => return Err("replica closed the stream".into()),
@@ -762,6 +767,7 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
     lock(&l.state).sent_catch_up(base, bytes, p.now(), data);
     l.connected.store(true, Ordering::Relaxed);
     *lock(&l.last_error) = None;
+    l.refused.store(false, Ordering::Relaxed);
     tracing::info!(peer = %l.peer, region = %p.region.name(), base, bytes, "replica caught up by hash; streaming epochs");
 
     let acks = async {
