@@ -123,8 +123,12 @@ pub struct ReceiveProgress {
     pub phase: String,
     pub size: u64,
     pub chunk_size: u32,
-    /// Chunk frames received so far in this attempt (re-sent chunks count again).
+    /// Chunk frames received so far (re-sent chunks count again).
     pub chunks_received: u64,
+    /// Chunks this agent holds a copy of in the current attempt (at most `chunks`; 0
+    /// while waiting or after an aborted attempt): what progress is measured by.
+    #[serde(default)]
+    pub chunks_present: u64,
     pub chunks: u64,
     /// Attempts that failed so far.
     pub aborted_attempts: u32,
@@ -147,6 +151,10 @@ pub struct ReceiveReport {
     /// From the registration to the end, ms (includes the wait for the migration).
     pub elapsed_ms: f64,
 }
+
+/// The lowest `--max-bandwidth` a migration accepts, bits/s (1 Mbit/s: a 64 KiB chunk
+/// every 0.5 s, a GiB in 2.4 hours). Below it a migration would look hung.
+pub const MIN_MAX_BANDWIDTH_BPS: u64 = 1_000_000;
 
 /// `pagewire migrate` arguments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,7 +180,8 @@ pub struct MigrateArgs {
     /// application receiving the region).
     #[serde(default)]
     pub postcopy: bool,
-    /// Chunk data sent at most this many bits per second (None: no cap).
+    /// Chunk data sent at most this many bits per second (None: no cap; at least
+    /// [`MIN_MAX_BANDWIDTH_BPS`]).
     pub max_bandwidth_bps: Option<u64>,
     /// File regions: nothing writes the file through a shared mapping, so a pass over it
     /// is needed only after an inotify event (see `MigrateOptions::no_mmap_writers`).

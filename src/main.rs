@@ -150,7 +150,7 @@ struct MigrateCmd {
     freeze_writes: bool,
     /// Cap the rate of chunk data sent to the peer (e.g. 200mbit, 50MBps), in every phase
     /// including the final sync (a low cap lengthens the downtime). Default: no cap.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long, value_parser = parse_max_bandwidth)]
     max_bandwidth: Option<u64>,
     /// Post-copy: switch over once the predicted downtime fits the budget even with
     /// chunks still stale; an application receiving the region on the peer
@@ -384,6 +384,16 @@ struct StatusCmd {
     json: bool,
     #[command(flatten)]
     ctl: ControlArg,
+}
+
+fn parse_max_bandwidth(s: &str) -> Result<u64, String> {
+    let bps = parse_rate(s)?;
+    if bps < pagewire::control::MIN_MAX_BANDWIDTH_BPS {
+        return Err(format!(
+            "{s:?} is below the least a migration accepts, 1mbit (a 64 KiB chunk every 0.5 s)"
+        ));
+    }
+    Ok(bps)
 }
 
 fn parse_window(s: &str) -> Result<u64, String> {
@@ -864,7 +874,7 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
     let client = ControlClient::connect(&socket).await?;
     let run = client.receive_file(args, |p| {
             // A line when the phase changes, and every tenth of the region.
-            let tenth = p.chunks_received * 10 / p.chunks.max(1);
+            let tenth = p.chunks_present * 10 / p.chunks.max(1);
             let key = (p.phase.clone(), tenth, p.aborted_attempts);
             if last.as_ref() == Some(&key) {
                 return;
@@ -878,10 +888,11 @@ async fn receive(r: ReceiveCmd) -> Result<()> {
                     p.region, p.size, p.from, p.region
                 ),
                 phase => eprintln!(
-                    "{phase:<10} {}/{} chunks received ({:.1}%), {:.1} s",
-                    p.chunks_received,
+                    "{phase:<10} {}/{} chunks here ({:.1}%; {} chunk frames received, re-sent ones included), {:.1} s",
+                    p.chunks_present,
                     p.chunks,
-                    p.chunks_received as f64 * 100.0 / p.chunks.max(1) as f64,
+                    p.chunks_present as f64 * 100.0 / p.chunks.max(1) as f64,
+                    p.chunks_received,
                     p.elapsed_s
                 ),
             }

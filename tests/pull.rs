@@ -252,6 +252,13 @@ async fn a_pull_never_overwrites_a_served_region_or_a_running_pull() {
         before,
         "served region was touched"
     );
+    // Nor is one file served under two names, whatever the path (a hard link here).
+    let alias = dst.path().join("alias");
+    std::fs::hard_link(&mine, &alias).unwrap();
+    let e = a.add_region("other", &alias).unwrap_err().to_string();
+    assert!(e.contains("already served as region \"mine\""), "{e}");
+    a.add_region("mine", &mine).unwrap(); // the same name may be opened again
+    std::fs::remove_file(&alias).unwrap();
 
     let to = dst.path().join("copy");
     let first = a.pull("b", "theirs", &to).await.unwrap();

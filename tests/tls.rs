@@ -102,3 +102,33 @@ async fn peers_reconnect_and_the_connection_is_shared_by_both_directions() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Two running agents under one name would take the connection from each other in turn;
+/// once one replaced the other, the replaced one is refused, and both ends say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_running_agent_with_the_same_name_is_refused_with_a_reason() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa1, pa2, pb) = (free_port(), free_port(), free_port());
+    let b = start(mesh.config("b", pb, &[("a", pa1)])).await;
+    let a1 = start(mesh.config("a", pa1, &[("b", pb)])).await;
+    connected(&a1, "b").await;
+    connected(&b, "a").await;
+    let a2 = start(mesh.config("a", pa2, &[("b", pb)])).await;
+    connected(&a2, "b").await;
+    // a1 dials again within its backoff (at most 500 ms here) and is refused each time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peer = |x: &pagewire::agent::Agent| x.status().peers.into_iter().next().unwrap();
+    let at_b = peer(&b);
+    let why = at_b.last_error.clone().unwrap_or_default();
+    assert!(why.contains("two running agents use the name a"), "b says: {why}");
+    let why = peer(&a1).last_error.unwrap_or_default();
+    assert!(why.contains("two running agents use the name a"), "a1 says: {why}");
+    // a2 kept its connection all along.
+    let kept = peer(&a2);
+    assert!(kept.connected, "{kept:?}");
+    assert!(kept.connected_for_s.unwrap_or(0.0) >= 2.5, "{kept:?}");
+    a1.shutdown().await;
+    a2.shutdown().await;
+    b.shutdown().await;
+}

@@ -12,7 +12,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::Inner;
 use crate::control::{
-    AttachArgs, AttachInfo, ControlEvent, ControlRequest, MAX_LINE, PROGRESS_INTERVAL,
+    AttachArgs, AttachInfo, ControlEvent, ControlRequest, MAX_LINE, MIN_MAX_BANDWIDTH_BPS,
+    PROGRESS_INTERVAL,
 };
 use crate::fault::{fdpass, Mechanism};
 
@@ -283,6 +284,13 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
         (None, true) => super::Freeze::WriteProtect,
         (None, false) => super::Freeze::Snapshot,
     };
+    if let Some(b) = args.max_bandwidth_bps.filter(|&b| b < MIN_MAX_BANDWIDTH_BPS) {
+        return send_error(
+            &mut w,
+            format!("max bandwidth {b} bit/s is below the least a migration accepts, 1 Mbit/s"),
+        )
+        .await;
+    }
     let opts = super::MigrateOptions {
         to: args.to.clone(),
         budget: Duration::from_millis(args.downtime_budget_ms),

@@ -59,6 +59,25 @@ pub enum StartError {
     },
 }
 
+/// Refuses `r` when another region name in `regions` serves the same file.
+fn refuse_served_twice(
+    regions: &BTreeMap<String, Arc<FileRegion>>,
+    name: &str,
+    r: &FileRegion,
+) -> Result<(), RegionError> {
+    let id = r.file_id();
+    match regions
+        .iter()
+        .find(|(n, o)| n.as_str() != name && id.is_some() && o.file_id() == id)
+    {
+        Some((other, _)) => Err(RegionError::AlreadyServed {
+            path: r.path().into(),
+            other: other.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A running agent. Dropping it does not stop it: call [`Agent::shutdown`].
 pub struct Agent {
     inner: Arc<Inner>,
@@ -66,6 +85,9 @@ pub struct Agent {
 
 pub(crate) struct Inner {
     name: String,
+    /// A random id for this start of the agent, sent in hellos: a peer tells a restart
+    /// (new id) from a second connection of the same agent.
+    boot: u64,
     config: AgentConfig,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
@@ -95,6 +117,7 @@ impl Agent {
         let mut regions = BTreeMap::new();
         for (name, path) in &config.regions {
             let r = FileRegion::open(name, path, config.chunk_size)?;
+            refuse_served_twice(&regions, name, &r)?;
             regions.insert(name.clone(), Arc::new(r));
         }
         let endpoint = transport::endpoint(listen, &id, &config.tuning)?;
@@ -106,6 +129,7 @@ impl Agent {
         })?;
         let inner = Arc::new(Inner {
             name: config.name.clone(),
+            boot: rand::random(),
             peers: peers::PeerTable::new(&config.peers),
             config,
             endpoint,
@@ -182,6 +206,7 @@ impl Agent {
     pub fn add_region(&self, name: &str, path: &std::path::Path) -> Result<(), RegionError> {
         let r = FileRegion::open(name, path, self.inner.config.chunk_size)?;
         if let Ok(mut regions) = self.inner.regions.write() {
+            refuse_served_twice(&regions, name, &r)?;
             regions.insert(name.into(), Arc::new(r));
         }
         Ok(())

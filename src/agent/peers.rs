@@ -21,13 +21,6 @@ use crate::transport;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_CAP: usize = 4096;
 
-/// A random id for this agent process, sent in hellos.
-fn boot_id() -> u64 {
-    use std::sync::OnceLock;
-    static BOOT: OnceLock<u64> = OnceLock::new();
-    *BOOT.get_or_init(rand::random)
-}
-
 #[derive(Clone)]
 struct Link {
     conn: quinn::Connection,
@@ -39,7 +32,14 @@ struct SlotState {
     link: Option<Link>,
     since: Option<Instant>,
     last_error: Option<String>,
+    /// Boot ids whose live connection a connection from another boot id replaced (the
+    /// peer restarted, as far as we knew). One of them connecting again means two
+    /// running agents use the peer's name: it is refused, not let take the slot back.
+    replaced: Vec<u64>,
 }
+
+/// How many replaced boot ids a slot remembers.
+const REPLACED_KEPT: usize = 8;
 
 struct Slot {
     state: Mutex<SlotState>,
@@ -75,6 +75,7 @@ impl PeerTable {
                                 link: None,
                                 since: None,
                                 last_error: None,
+                                replaced: Vec::new(),
                             }),
                             tx: watch::channel(None).0,
                         },
@@ -129,6 +130,10 @@ impl PeerTable {
     /// 2. the peer restarted (new boot id): the old connection is dead, keep the new one;
     /// 3. both dialed by the same side: keep the new one (the dialer gave up on the old);
     /// 4. a simultaneous dial from both sides: keep the one dialed by the smaller name.
+    ///
+    /// A connection from a boot id that rule 2 replaced is refused: that agent did not
+    /// restart, so a second agent runs under the same name (they would otherwise take
+    /// the connection from each other in turn).
     pub fn register(
         &self,
         me: &str,
@@ -146,7 +151,22 @@ impl PeerTable {
             dialer: dialer.into(),
             peer_boot,
         };
-        let keep_new = match st.link.as_ref().filter(|l| alive(&l.conn)) {
+        if st.replaced.contains(&peer_boot) {
+            let why = format!(
+                "two running agents use the name {name}: this one (from {}) lost its connection to another that connected since; give each agent its own name and certificate",
+                new.conn.remote_address()
+            );
+            if st.last_error.as_deref() == Some(why.as_str()) {
+                tracing::debug!(peer = %name, "{why}");
+            } else {
+                tracing::warn!(peer = %name, "refused: {why}");
+            }
+            new.conn.close(WireCode::Duplicate.varint(), why.as_bytes());
+            st.last_error = Some(why);
+            return false;
+        }
+        let live = st.link.as_ref().filter(|l| alive(&l.conn));
+        let keep_new = match live {
             None => true,
             Some(old) if old.peer_boot != peer_boot => true,
             Some(old) if old.dialer == new.dialer => true,
@@ -155,10 +175,16 @@ impl PeerTable {
         if keep_new {
             if let Some(old) = st.link.take() {
                 if alive(&old.conn) && old.conn.stable_id() != new.conn.stable_id() {
-                    old.conn.close(
-                        WireCode::Duplicate.varint(),
-                        b"replaced by a newer connection",
-                    );
+                    let why: &[u8] = if old.peer_boot != peer_boot {
+                        if st.replaced.len() == REPLACED_KEPT {
+                            st.replaced.remove(0);
+                        }
+                        st.replaced.push(old.peer_boot);
+                        b"replaced by a connection from a newer start of this agent (if this one is still running, two agents use its name)"
+                    } else {
+                        b"replaced by a newer connection"
+                    };
+                    old.conn.close(WireCode::Duplicate.varint(), why);
                 }
             }
             slot.tx.send_replace(Some(new.conn.clone()));
@@ -213,7 +239,7 @@ fn our_hello(inner: &Inner) -> Hello {
         version: PROTOCOL_VERSION,
         name: inner.name.clone(),
         software: crate::VERSION.into(),
-        boot: boot_id(),
+        boot: inner.boot,
     }
 }
 

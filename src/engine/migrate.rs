@@ -237,6 +237,9 @@ pub enum Outcome {
     /// A's own side failed before the handover (collecting changes, or the freeze); A's
     /// app runs on.
     SourceFailed,
+    /// B refused the migration before the handover (busy with another, or it refused a
+    /// message); A's app runs on.
+    Refused,
     /// Cancelled on A before the handover (the command that started it went away); A's
     /// app runs on.
     Cancelled,

@@ -39,6 +39,9 @@ pub enum RegionError {
     /// The served file is shorter than the region it was opened as (truncated since).
     #[error("{path} is now {now} bytes, shorter than the {size} bytes it is served as: it was truncated while served (restart the agent to serve it at its new size)")]
     Shrunk { path: PathBuf, size: u64, now: u64 },
+    /// The file is already served under another region name.
+    #[error("{path} is already served as region {other:?}: serve a file under one name only (a migration or replication of one name would change the other's bytes under it)")]
+    AlreadyServed { path: PathBuf, other: String },
 }
 
 /// The chunk hash replication compares (xxh3-64 of the chunk's bytes).
@@ -95,6 +98,12 @@ impl FileRegion {
             file,
             geometry,
         })
+    }
+
+    /// The served file's identity (device, inode), whatever its path's spelling.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
     /// A region over an already open file (an application's memfd), labelled `path`.

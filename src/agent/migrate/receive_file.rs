@@ -79,6 +79,7 @@ pub(crate) async fn run(
             size: g.size,
             chunk_size: g.chunk_size,
             chunks_received: stats.chunks_received,
+            chunks_present: stats.chunks_present,
             chunks: g.chunks(),
             aborted_attempts: watch.aborted,
             elapsed_s: started.elapsed().as_secs_f64(),

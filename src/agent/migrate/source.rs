@@ -145,6 +145,7 @@ pub(crate) fn outcome_name(o: Outcome) -> &'static str {
         Outcome::LinkLost => "link-lost",
         Outcome::SourceFailed => "source-error",
         Outcome::Cancelled => "cancelled",
+        Outcome::Refused => "refused",
         Outcome::HandoverRefused => "handover-refused",
         Outcome::DestinationLost => "destination-lost",
     }
@@ -516,6 +517,16 @@ fn replaced(inner: &Inner, peer: &str, conn: &quinn::Connection) -> bool {
             .is_some_and(|c| c.stable_id() != conn.stable_id()),
         _ => false,
     }
+}
+
+/// How a migration stream ended, from a frame of B's.
+enum FrameFault {
+    /// The stream or connection ended: a link loss.
+    Lost(String),
+    /// B broke the protocol: the stream is stopped with this code.
+    Protocol(WireCode, String),
+    /// B answered with an error.
+    Refused(String),
 }
 
 /// Why a migration stream could not be opened.
@@ -905,7 +916,11 @@ impl Driver {
         let mut stream = match opened {
             Ok(s) => Some(s),
             Err(e) => {
-                let _ = self.feed(SourceEvent::LinkDown);
+                let ev = match e {
+                    OpenError::Refused { .. } => SourceEvent::Refused,
+                    OpenError::Link(_) => SourceEvent::LinkDown,
+                };
+                let _ = self.feed(ev);
                 self.queue.clear();
                 return Err(match e {
                     OpenError::Refused { why, .. } => MigrateRunError::Refused {
@@ -999,20 +1014,27 @@ impl Driver {
                     let conn = s.conn.clone();
                     match self.on_frame(f) {
                         Ok(()) => {}
-                        Err((code, why)) => {
-                            if let Some(code) = code {
-                                tracing::warn!(peer = %self.opts.to, code = code.name(), "closing migration stream: {why}");
-                                if let Some(stop) = s.stop.take() {
-                                    let _ = stop.send(code.varint());
-                                }
-                                let _ = s.send.reset(code.varint());
-                            }
+                        Err(FrameFault::Lost(why)) => {
                             stream = None;
-                            if code.is_none() {
-                                self.stream_lost(&conn, &why);
-                            } else {
-                                self.link_down(why);
+                            self.stream_lost(&conn, &why);
+                        }
+                        Err(FrameFault::Protocol(code, why)) => {
+                            tracing::warn!(peer = %self.opts.to, code = code.name(), "closing migration stream: {why}");
+                            if let Some(stop) = s.stop.take() {
+                                let _ = stop.send(code.varint());
                             }
+                            let _ = s.send.reset(code.varint());
+                            stream = None;
+                            self.link_down(why);
+                        }
+                        Err(FrameFault::Refused(why)) => {
+                            // B said no: before the handover nothing is worth a retry;
+                            // after it, handled as a cut (the engine decides).
+                            tracing::info!(region = %self.region.name(), peer = %self.opts.to, "{why}");
+                            self.last_error = Some(why);
+                            let _ = s.send.reset(WireCode::Cancelled.varint());
+                            stream = None;
+                            let _ = self.feed(SourceEvent::Refused);
                         }
                     }
                 }
@@ -1139,21 +1161,20 @@ impl Driver {
         }
     }
 
-    /// A frame from B. `Err((Some(code), why))`: B broke the protocol; `Err((None, why))`:
-    /// the stream ended.
-    fn on_frame(&mut self, (at, f): Inbound) -> Result<(), (Option<WireCode>, String)> {
+    /// A frame from B; an error says how the stream ended.
+    fn on_frame(&mut self, (at, f): Inbound) -> Result<(), FrameFault> {
         let g = self.region.geometry();
         let m = match f {
             Ok(Some(m)) => m,
-            Ok(None) => return Err((None, "the destination closed the stream".into())),
-            Err(FrameError::Io(e)) => return Err((None, e.to_string())),
-            Err(e) => return Err((Some(e.code()), e.to_string())),
+            Ok(None) => return Err(FrameFault::Lost("the destination closed the stream".into())),
+            Err(FrameError::Io(e)) => return Err(FrameFault::Lost(e.to_string())),
+            Err(e) => return Err(FrameFault::Protocol(e.code(), e.to_string())),
         };
         let ev = match m {
             MigrateBack::Ack { chunks } => {
                 if chunks.len() > super::ACK_BATCH {
-                    return Err((
-                        Some(WireCode::ProtocolViolation),
+                    return Err(FrameFault::Protocol(
+                        WireCode::ProtocolViolation,
                         format!("ack of {} chunks", chunks.len()),
                     ));
                 }
@@ -1191,8 +1212,8 @@ impl Driver {
                 let missing = match missing {
                     None => None,
                     Some(b) => Some(Bitmap::from_bytes(&b, g.chunks()).map_err(|e| {
-                        (
-                            Some(WireCode::ProtocolViolation),
+                        FrameFault::Protocol(
+                            WireCode::ProtocolViolation,
                             format!("status bitmap: {e}"),
                         )
                     })?),
@@ -1204,8 +1225,8 @@ impl Driver {
             }
             MigrateBack::Fetch { chunks } => {
                 if chunks.len() > super::ACK_BATCH {
-                    return Err((
-                        Some(WireCode::ProtocolViolation),
+                    return Err(FrameFault::Protocol(
+                        WireCode::ProtocolViolation,
                         format!("fetch of {} chunks", chunks.len()),
                     ));
                 }
@@ -1215,11 +1236,14 @@ impl Driver {
             MigrateBack::Error(e) => {
                 let mut m = e.message;
                 m.truncate(crate::proto::MAX_MESSAGE_LEN);
-                return Err((None, format!("the destination refused: {}: {m}", e.kind)));
+                return Err(FrameFault::Refused(format!(
+                    "the destination refused: {}: {m}",
+                    e.kind
+                )));
             }
         };
         self.feed_at(at.saturating_duration_since(self.started), ev)
-            .map_err(|e| (Some(WireCode::ProtocolViolation), e.to_string()))
+            .map_err(|e| FrameFault::Protocol(WireCode::ProtocolViolation, e.to_string()))
     }
 
     /// Performs queued actions in order.

@@ -79,6 +79,11 @@ pub struct DestStats {
     pub chunks_received: u64,
     /// Arrived chunks dropped because B's copy was already current.
     pub duplicates: u64,
+    /// Chunks B holds a copy of in the current attempt: distinct chunks arrived (less
+    /// those dropped as stale) while receiving; chunks no longer stale once B owns the
+    /// region; 0 when no attempt runs. Unlike `chunks_received`, never above the
+    /// region's chunk count (re-sent chunks and earlier attempts do not count).
+    pub chunks_present: u64,
     /// When B resumed the app.
     pub resumed_at: Option<Duration>,
 }
@@ -99,6 +104,8 @@ pub struct MigrateDest {
     /// Chunks B dropped on A's `Stale` and has not received since (pre-copy).
     dropped: Bitmap,
     requested: Bitmap,
+    /// Chunks arrived in this attempt while receiving (and not dropped since).
+    copied: Bitmap,
     link_up: bool,
     /// Reconnected while owner: fetches wait until B has answered A's `Query` (A takes
     /// a `Fetch` only once it knows B owns the region).
@@ -124,6 +131,7 @@ impl MigrateDest {
             missing: Bitmap::new(0),
             dropped: Bitmap::new(0),
             requested: Bitmap::new(0),
+            copied: Bitmap::new(0),
             link_up: true,
             resync: false,
             stats: DestStats::default(),
@@ -140,7 +148,17 @@ impl MigrateDest {
     }
 
     pub fn stats(&self) -> DestStats {
-        self.stats
+        let chunks = self.geo.map_or(0, |g| g.chunks());
+        DestStats {
+            chunks_present: match self.phase {
+                DestPhase::Receiving => self.copied.count_ones(),
+                DestPhase::Owner | DestPhase::Complete => {
+                    chunks.saturating_sub(self.missing.count_ones())
+                }
+                DestPhase::Idle | DestPhase::Aborted => 0,
+            },
+            ..self.stats
+        }
     }
 
     /// True while this host holds the ownership token.
@@ -201,6 +219,7 @@ impl MigrateDest {
                     DestPhase::Receiving => {
                         for &c in &chunks {
                             self.dropped.clear(c);
+                            self.copied.set(c);
                         }
                         out.push(DestAction::Install(chunks.clone()));
                         out.push(DestAction::Ack(chunks));
@@ -287,6 +306,7 @@ impl MigrateDest {
                 self.missing = Bitmap::full(geo.chunks());
                 self.dropped = Bitmap::new(geo.chunks());
                 self.requested = Bitmap::new(geo.chunks());
+                self.copied = Bitmap::new(geo.chunks());
                 self.pending = None;
                 self.received = 0;
                 self.phase = DestPhase::Receiving;
@@ -356,6 +376,7 @@ impl MigrateDest {
                         if self.dropped.set(d) {
                             drop.set(d);
                         }
+                        self.copied.clear(d);
                     }
                     if drop.count_ones() > 0 {
                         out.push(DestAction::Drop(drop));
@@ -395,6 +416,7 @@ impl MigrateDest {
             }
         }
         self.dropped = Bitmap::new(0);
+        self.copied = Bitmap::new(0);
         self.missing = stale;
         self.phase = DestPhase::Owner;
         self.stats.resumed_at = Some(now);

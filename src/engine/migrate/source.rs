@@ -80,6 +80,10 @@ pub enum SourceEvent {
     /// dropped the migration stream: before the handover, give up as a cut would but
     /// with [`Outcome::SourceFailed`]; after it, handled as a cut.
     Failed,
+    /// B answered with an error (it is busy with another migration, or refused a
+    /// message) and the driver dropped the stream: like `Failed`, with
+    /// [`Outcome::Refused`] before the handover.
+    Refused,
     /// Give up if the handover has not begun ([`Outcome::Cancelled`]; the driver then
     /// drops the migration stream, which B sees as a cut); ignored after it, when only
     /// finishing the post-copy leaves one complete owner. See [`MigrateSource::cancellable`].
@@ -321,9 +325,13 @@ impl MigrateSource {
                     self.abort(now, Outcome::Cancelled, &mut out)
                 }
             }
-            SourceEvent::Failed => {
+            ev @ (SourceEvent::Failed | SourceEvent::Refused) => {
                 if self.cancellable() {
-                    self.abort(now, Outcome::SourceFailed, &mut out)
+                    let o = match ev {
+                        SourceEvent::Refused => Outcome::Refused,
+                        _ => Outcome::SourceFailed,
+                    };
+                    self.abort(now, o, &mut out)
                 } else {
                     // The driver dropped the stream with it: what a cut does.
                     self.link_down(now, &mut out)

@@ -269,6 +269,7 @@ fn a_cut_during_precopy_aborts_and_a_runs_on_then_a_retry_succeeds() {
     assert!(!sim.ever_frozen && sim.a_running && sim.a.owns());
     assert_eq!(sim.b.phase(), DestPhase::Aborted);
     assert!(sim.b_data.iter().all(|d| d.is_none()), "B discarded");
+    assert_eq!(sim.b.stats().chunks_present, 0, "an aborted copy is not progress");
     // A's app keeps writing.
     let before: u64 = sim.a_data.iter().sum();
     sim.run_for(ms(100));
@@ -279,6 +280,10 @@ fn a_cut_during_precopy_aborts_and_a_runs_on_then_a_retry_succeeds() {
     assert_eq!(r.outcome, Outcome::Migrated);
     sim.check_b_has_everything();
     assert_eq!(sim.a.generation(), 2);
+    // Two attempts' frames were received, but progress is counted in chunks.
+    let chunks = size / CHUNK as u64;
+    assert!(sim.b.stats().chunks_received > chunks);
+    assert_eq!(sim.b.stats().chunks_present, chunks);
 }
 
 #[test]
@@ -832,6 +837,9 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
         m
     };
     b.handle(t, DestEvent::Arrived(vec![0, 1, 2, 3])).unwrap();
+    // Re-sent chunks count as frames received, not as more chunks present.
+    b.handle(t, DestEvent::Arrived(vec![3])).unwrap();
+    assert_eq!((b.stats().chunks_received, b.stats().chunks_present), (5, 4));
     // Chunks 1 and 2 went hot: B drops them now.
     assert_eq!(
         b.handle(
@@ -852,8 +860,10 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
             .unwrap(),
         vec![DestAction::Send(Message::Dropped)]
     );
+    assert_eq!(b.stats().chunks_present, 2);
     // Chunk 2 cooled off and was re-sent: it is held again.
     b.handle(t, DestEvent::Arrived(vec![2])).unwrap();
+    assert_eq!(b.stats().chunks_present, 3);
     // At the handover 1, 2 and 3 are stale: 1 is gone already, 2 and 3 are dropped now.
     let acts = b
         .handle(
@@ -878,6 +888,8 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
         ]
     );
     assert!(b.is_missing(1) && b.is_missing(2) && b.is_missing(3) && !b.is_missing(0));
+    // Once B owns the region, present means current.
+    assert_eq!(b.stats().chunks_present, 1);
     // A Stale after the handover, or of the wrong length, is refused.
     assert!(matches!(
         b.handle(t, msg(Message::Stale { chunks: bits(&[0]) })),
