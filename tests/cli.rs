@@ -254,7 +254,15 @@ fn errors_name_their_cause_once_and_say_what_to_do() {
 /// Arguments that would make a command look hung are refused before anything starts.
 #[test]
 fn a_migration_cap_too_low_to_progress_is_refused() {
-    let o = run(&["migrate", "--region", "r", "--to", "b", "--max-bandwidth", "1"]);
+    let o = run(&[
+        "migrate",
+        "--region",
+        "r",
+        "--to",
+        "b",
+        "--max-bandwidth",
+        "1",
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("below the least a migration accepts"), "{err}");

@@ -1923,6 +1923,15 @@ async fn a_received_region_accepts_its_named_source_only() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("pagewire receive --from a --region m"), "{e}");
+    // Status says the peer refused it, not that the link was lost.
+    let phase = |x: &Agent| {
+        x.status()
+            .migrations
+            .into_iter()
+            .find(|m| m.region == "m" && m.role == "source")
+            .map(|m| m.phase)
+    };
+    assert_eq!(phase(&a).as_deref(), Some("aborted (refused)"));
     let target = db.path().join("m.received");
     let client = ControlClient::connect(&db.path().join("b.sock"))
         .await
@@ -1948,6 +1957,7 @@ async fn a_received_region_accepts_its_named_source_only() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("waits for a migration from a"), "{e}");
+    assert_eq!(phase(&c).as_deref(), Some("aborted (refused)"));
     assert!(c
         .status()
         .migrations
@@ -1988,7 +1998,14 @@ async fn a_receive_waits_through_an_aborted_attempt() {
     let phases = Arc::new(Mutex::new(Vec::<String>::new()));
     let ph = phases.clone();
     let client = ControlClient::connect(&b_sock).await.unwrap();
+    let past_full = Arc::new(AtomicBool::new(false));
+    let pf = past_full.clone();
     let recv = tokio::spawn(client.receive_file(args, move |pr| {
+        // Progress is chunks present in this attempt: never past the region, nothing
+        // once an attempt aborted (its frames re-sent across rounds and attempts are not).
+        if pr.chunks_present > pr.chunks || (pr.phase == "aborted" && pr.chunks_present > 0) {
+            pf.store(true, Ordering::Relaxed);
+        }
         let mut v = ph.lock().unwrap();
         if v.last() != Some(&pr.phase) {
             v.push(pr.phase.clone());
@@ -2031,6 +2048,11 @@ async fn a_receive_waits_through_an_aborted_attempt() {
     let phases = phases.lock().unwrap().clone();
     assert_eq!(report.aborted_attempts, 1, "{report:?} {phases:?}");
     assert!(phases.iter().any(|p| p == "aborted"), "{phases:?}");
+    assert!(
+        !past_full.load(Ordering::Relaxed),
+        "progress past the region"
+    );
+    assert!(report.chunks_received > size / (64 << 10), "{report:?}");
     assert_same(&src, &target);
     a.shutdown().await;
     b.shutdown().await;

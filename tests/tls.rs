@@ -121,9 +121,15 @@ async fn a_second_running_agent_with_the_same_name_is_refused_with_a_reason() {
     let peer = |x: &pagewire::agent::Agent| x.status().peers.into_iter().next().unwrap();
     let at_b = peer(&b);
     let why = at_b.last_error.clone().unwrap_or_default();
-    assert!(why.contains("two running agents use the name a"), "b says: {why}");
+    assert!(
+        why.contains("two running agents use the name a"),
+        "b says: {why}"
+    );
     let why = peer(&a1).last_error.unwrap_or_default();
-    assert!(why.contains("two running agents use the name a"), "a1 says: {why}");
+    assert!(
+        why.contains("two running agents use the name a"),
+        "a1 says: {why}"
+    );
     // a2 kept its connection all along.
     let kept = peer(&a2);
     assert!(kept.connected, "{kept:?}");

@@ -284,7 +284,10 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
         (None, true) => super::Freeze::WriteProtect,
         (None, false) => super::Freeze::Snapshot,
     };
-    if let Some(b) = args.max_bandwidth_bps.filter(|&b| b < MIN_MAX_BANDWIDTH_BPS) {
+    if let Some(b) = args
+        .max_bandwidth_bps
+        .filter(|&b| b < MIN_MAX_BANDWIDTH_BPS)
+    {
         return send_error(
             &mut w,
             format!("max bandwidth {b} bit/s is below the least a migration accepts, 1 Mbit/s"),

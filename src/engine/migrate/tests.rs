@@ -269,7 +269,11 @@ fn a_cut_during_precopy_aborts_and_a_runs_on_then_a_retry_succeeds() {
     assert!(!sim.ever_frozen && sim.a_running && sim.a.owns());
     assert_eq!(sim.b.phase(), DestPhase::Aborted);
     assert!(sim.b_data.iter().all(|d| d.is_none()), "B discarded");
-    assert_eq!(sim.b.stats().chunks_present, 0, "an aborted copy is not progress");
+    assert_eq!(
+        sim.b.stats().chunks_present,
+        0,
+        "an aborted copy is not progress"
+    );
     // A's app keeps writing.
     let before: u64 = sim.a_data.iter().sum();
     sim.run_for(ms(100));
@@ -839,7 +843,10 @@ fn b_drops_stale_copies_on_stale_and_only_the_rest_at_the_handover() {
     b.handle(t, DestEvent::Arrived(vec![0, 1, 2, 3])).unwrap();
     // Re-sent chunks count as frames received, not as more chunks present.
     b.handle(t, DestEvent::Arrived(vec![3])).unwrap();
-    assert_eq!((b.stats().chunks_received, b.stats().chunks_present), (5, 4));
+    assert_eq!(
+        (b.stats().chunks_received, b.stats().chunks_present),
+        (5, 4)
+    );
     // Chunks 1 and 2 went hot: B drops them now.
     assert_eq!(
         b.handle(
