@@ -295,6 +295,26 @@ impl Counter {
     }
 }
 
+/// The log must hold what the app writes in `--run-a` plus `--run-b` (the migration's
+/// own time comes on top): found out now rather than when the app stops with a full log.
+fn check_room(args: &Args) -> Result<()> {
+    check_size(args.size)?;
+    let room = (args.size - HEADER) / ENTRY;
+    let need = (f64::from(args.rate) * (args.run_a + args.run_b).as_secs_f64()).ceil() as u64;
+    if need > room {
+        let size = HEADER + need.saturating_mul(2) * ENTRY;
+        bail!(
+            "--size {} holds {room} increments, but {} increments/s for --run-a {:?} and --run-b {:?} write {need}: use --size {}KiB or more, or a lower --rate",
+            args.size,
+            args.rate,
+            args.run_a,
+            args.run_b,
+            size.div_ceil(1024)
+        );
+    }
+    Ok(())
+}
+
 fn check_size(size: u64) -> Result<()> {
     if size < HEADER + ENTRY {
         bail!(
@@ -795,7 +815,7 @@ pub async fn run(args: &Args) -> Result<Summary> {
     if args.rate == 0 {
         bail!("--rate must be at least 1");
     }
-    check_size(args.size)?;
+    check_room(args)?;
     let say = |s: String| {
         if !args.json {
             println!("{s}");
@@ -1339,7 +1359,7 @@ pub mod two_hosts {
         if args.rate == 0 {
             bail!("--rate must be at least 1");
         }
-        check_size(args.size)?;
+        check_room(args)?;
         let sock = control(args);
         let opts = PublishOptions::new(&sock, REGION, args.size, &[]);
         let published = Arc::new(
@@ -1483,7 +1503,7 @@ pub mod two_hosts {
         if args.rate == 0 {
             bail!("--rate must be at least 1");
         }
-        check_size(args.size)?;
+        check_room(args)?;
         let sock = control(args);
         let mut r = receive(&ReceiveOptions::new(&sock, REGION, args.size))
             .with_context(|| format!("client::receive through {}", sock.display()))?;

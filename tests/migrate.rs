@@ -2058,3 +2058,35 @@ async fn a_receive_waits_through_an_aborted_attempt() {
     b.shutdown().await;
     relays.shutdown().await;
 }
+
+/// An application that receives a region and gives up before any migration reached it
+/// drops its mapping without hanging (the agent reads its userfaultfd only while a
+/// migration runs, and munmap of a registered range would wait for the unmap event to
+/// be read), and the agent withdraws the region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiving_app_that_gives_up_before_a_migration_unmaps_without_hanging() {
+    use pagewire::client::receive::{receive, ReceiveOptions};
+    logs();
+    let p = Pair::new();
+    random_file(&p.b_file(), MIB, 2);
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.config_b();
+    cb.control = Some(b_sock.clone());
+    let b = start(cb).await;
+    let sock = b_sock.clone();
+    // A plain thread, so that a hang fails the test rather than the runtime's shutdown.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = receive(&ReceiveOptions::new(&sock, "gone", 4 * MIB)).unwrap();
+        assert!(!r.wait_owner(Some(Duration::from_millis(100))).unwrap());
+        drop(r);
+        let _ = tx.send(());
+    });
+    // A hang detector, not a timing check.
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("dropping a receiving region hung");
+    until_serving(&b, "gone", false).await;
+    b.shutdown().await;
+}

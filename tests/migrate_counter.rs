@@ -277,3 +277,28 @@ fn recover_completes_an_interrupted_increment() {
     raw.write_all_at(&3u64.to_le_bytes(), 8).unwrap();
     assert!(c.recover().is_err());
 }
+
+/// A log too small for what the app writes in `--run-a` + `--run-b` is refused before
+/// anything starts (the app used to stop with a full log and the demo then hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_too_small_for_the_run_is_refused_up_front() {
+    let argv = [
+        "migrate_counter",
+        "--size",
+        "8KiB",
+        "--rate",
+        "2000",
+        "--run-a",
+        "1s",
+        "--run-b",
+        "1s",
+    ];
+    let args = demo::Args::try_parse_from(argv).unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(60), demo::run(&args))
+        .await
+        .expect("the demo hung")
+        .err()
+        .expect("a full log should be refused")
+        .to_string();
+    assert!(e.contains("holds 170 increments"), "{e}");
+}

@@ -49,12 +49,11 @@ impl ReceiveOptions {
 
 /// A region being migrated into this process: raw pointer and length.
 pub struct Receiving {
-    // Fields drop in this order: the mapping goes first, while the agent still reads the
-    // userfaultfd (munmap of a registered range waits until the agent has read the unmap
-    // event), then the descriptors, then the connection.
+    // Fields drop in this order (after `Drop::drop` unregistered the range): the mapping,
+    // then the descriptors, then the connection.
     _map: memmap2::MmapRaw,
     /// Kept open so that faults wait (rather than reading holes) if the agent dies.
-    _uffd: OwnedFd,
+    uffd: OwnedFd,
     _file: File,
     reader: BufReader<UnixStream>,
     ptr: *mut u8,
@@ -117,10 +116,23 @@ pub fn receive(opts: &ReceiveOptions) -> Result<Receiving, AttachError> {
         reader,
         owner: false,
         received: false,
-        _uffd: fd,
+        uffd: fd,
         _map: map,
         _file: file,
     })
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        // Unregister first: munmap of a registered range waits until the userfaultfd's
+        // reader has read the unmap event, and the agent reads it only while a migration
+        // into this region runs (an app giving up before one would hang here).
+        let _ = uffd::unregister(
+            self.uffd.as_raw_fd(),
+            self.ptr as u64,
+            self._map.len() as u64,
+        );
+    }
 }
 
 impl Receiving {
