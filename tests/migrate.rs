@@ -2090,3 +2090,63 @@ async fn a_receiving_app_that_gives_up_before_a_migration_unmaps_without_hanging
     until_serving(&b, "gone", false).await;
     b.shutdown().await;
 }
+
+/// The same name twice, with the same two agents: an application publishes a region on
+/// a and migrates it (post-copy) into an application receiving it on b; both apps end;
+/// then a new application publishes a new region under that name on a (a's finished
+/// migration of the old one is history, not a refusal) and it migrates into a new
+/// receiving app on b (b's finished migration of the old one does not make it busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_migrated_away_can_be_published_and_migrated_again() {
+    use pagewire::client::publish::{publish, PublishOptions};
+    use pagewire::client::receive::{receive, ReceiveOptions};
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let a_sock = p.da.path().join("a.sock");
+    let b_sock = p.db.path().join("b.sock");
+    let mut ca = p.config_a();
+    ca.control = Some(a_sock.clone());
+    let mut cb = p.config_b();
+    cb.control = Some(b_sock.clone());
+    let (a, b) = (start(ca).await, start(cb).await);
+    settled(&a, &b).await;
+    let size = 2 * MIB + 4096;
+    for round in 0..2u8 {
+        let o = PublishOptions::new(&a_sock, "again", size, &[]);
+        let published = tokio::task::spawn_blocking(move || publish(&o))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: publish: {e}"));
+        let fill = vec![round + 1; size as usize];
+        published.write_at(0, &fill);
+        let sock = b_sock.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let app_b = tokio::task::spawn_blocking(move || {
+            let mut r = receive(&ReceiveOptions::new(&sock, "again", size)).unwrap();
+            let _ = ready_tx.send(());
+            assert!(r.wait_owner(Some(Duration::from_secs(60))).unwrap());
+            assert!(r.wait_received(Some(Duration::from_secs(60))).unwrap());
+            let mut all = vec![0u8; size as usize];
+            r.read_at(0, &mut all);
+            all
+        });
+        ready_rx.await.unwrap();
+        let o = MigrateOptions {
+            postcopy: true,
+            ..opts(50, 4, Freeze::Snapshot)
+        };
+        let rep = within(a.migrate("again", o, |_| {}))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: migrate: {e}"));
+        assert_eq!(rep.outcome, "migrated");
+        let got = within(app_b).await.unwrap();
+        assert!(got == fill, "round {round}: b's copy differs");
+        drop(published);
+        until_serving(&a, "again", false).await;
+        until_serving(&b, "again", false).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -151,6 +151,7 @@ pub(crate) fn start(
             args.region
         ));
     }
+    inner.migrations.forget_handed_over(&args.region)?;
     let page = crate::fault::uffd::page_size();
     if args.size == 0
         || args.map_len != args.size.next_multiple_of(page)

@@ -158,6 +158,30 @@ impl Migrations {
     }
 
     /// False when this agent handed `region` over (or holds a partial incoming copy).
+    /// A new publication of `region` (an application's fresh memory, not the copy that
+    /// was migrated away): forgets a finished outgoing migration of that name, so this
+    /// agent owns the new region; refused while such a migration still runs (B may still
+    /// fault chunks in from here).
+    pub(crate) fn forget_handed_over(&self, region: &str) -> Result<(), String> {
+        let mut map = lock(&self.map);
+        if let Some(Slot::Source { engine, peer, .. }) = map.get(region) {
+            let phase = lock(engine).phase();
+            match phase {
+                SourcePhase::Released => {
+                    map.remove(region);
+                }
+                SourcePhase::HandingOver | SourcePhase::Postcopy => {
+                    return Err(format!(
+                        "region {region} is still being handed over to {peer} ({}): publish a region under this name once that migration is done",
+                        source_phase(phase)
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn owns(&self, region: &str) -> bool {
         match lock(&self.map).get(region) {
             None => true,

@@ -289,6 +289,16 @@ fn start(
         regions.insert(args.region.clone(), region);
         receiving.insert(args.region.clone(), app.clone());
     }
+    // A finished migration of this name into the app that had it (gone: the region was
+    // not served) is history: this app's region is a new one, and a migration into it
+    // starts from a fresh engine (its source forgot its side when it published anew,
+    // see `Migrations::forget_handed_over`).
+    let mut map = lock(&inner.migrations.map);
+    if let Some(super::Slot::Dest { engine, .. }) = map.get(&args.region) {
+        if lock(engine).phase() == crate::engine::migrate::DestPhase::Complete {
+            map.remove(&args.region);
+        }
+    }
     tracing::info!(region = %args.region, size = args.size, "an application waits to receive a migrated region");
     Ok(app)
 }
