@@ -261,15 +261,16 @@ async fn idle_latencies(p: Pair, chunks: u64) -> Vec<f64> {
 }
 
 /// Benchmark 3b's first row: urgent fetches during a saturating pull, default window.
-/// The agents' default window; PAGEWIRE_BENCH_GAIN=PERCENT sets an automatic window's gain.
+/// The agents' default window; PAGEWIRE_BENCH_GAIN=PERCENT sets an automatic window's gain,
+/// PAGEWIRE_BENCH_FLOOR=SIZE its floor.
 async fn default_window_latency(env: &Env, random: &Path, size: u64) -> (Vec<f64>, f64) {
     let mut window = pagewire::agent::config::DEFAULT_BULK_WINDOW;
-    if let (Ok(g), Window::Auto { min, max, .. }) = (std::env::var("PAGEWIRE_BENCH_GAIN"), window) {
-        window = Window::Auto {
-            min,
-            max,
-            gain_pct: g.parse().unwrap(),
-        };
+    if let Window::Auto { min, max, gain_pct } = window {
+        let gain_pct =
+            std::env::var("PAGEWIRE_BENCH_GAIN").map_or(gain_pct, |g| g.parse().unwrap());
+        let min = std::env::var("PAGEWIRE_BENCH_FLOOR")
+            .map_or(min, |f| pagewire::wan::parse_bytes(&f).unwrap() as u64);
+        window = Window::Auto { min, max, gain_pct };
     }
     println!("default window: {window:?}");
     loaded_latency(env, random, size, window).await
@@ -430,7 +431,16 @@ async fn run() {
         .ok()
         .and_then(|w| pagewire::agent::config::parse_size(&w).ok())
         .map(Window::Fixed)
-        .unwrap_or(pagewire::engine::pull::AUTO_WINDOW);
+        .unwrap_or(match pagewire::engine::pull::AUTO_WINDOW {
+            // PAGEWIRE_BENCH_FLOOR=SIZE: the automatic window with another floor.
+            Window::Auto { min, max, gain_pct } => Window::Auto {
+                min: std::env::var("PAGEWIRE_BENCH_FLOOR")
+                    .map_or(min, |f| pagewire::wan::parse_bytes(&f).unwrap() as u64),
+                max,
+                gain_pct,
+            },
+            w => w,
+        });
     println!("pull window: {window:?}");
     let p = pair(
         &env,

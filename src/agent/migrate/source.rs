@@ -867,6 +867,11 @@ impl Driver {
     }
 
     fn link_down(&mut self, why: String) {
+        let why = if self.inner.shutdown.is_cancelled() {
+            format!("this agent is shutting down ({why})")
+        } else {
+            why
+        };
         tracing::info!(region = %self.region.name(), peer = %self.opts.to, "migration stream lost: {why}");
         self.last_error = Some(why);
         let _ = self.feed(SourceEvent::LinkDown);
