@@ -297,8 +297,7 @@ async fn a_log_too_small_for_the_run_is_refused_up_front() {
     let e = tokio::time::timeout(Duration::from_secs(60), demo::run(&args))
         .await
         .expect("the demo hung")
-        .err()
-        .expect("a full log should be refused")
+        .expect_err("a full log should be refused")
         .to_string();
     assert!(e.contains("holds 170 increments"), "{e}");
 }
