@@ -157,7 +157,6 @@ impl Migrations {
             .collect()
     }
 
-    /// False when this agent handed `region` over (or holds a partial incoming copy).
     /// A new publication of `region` (an application's fresh memory, not the copy that
     /// was migrated away): forgets a finished outgoing migration of that name, so this
     /// agent owns the new region; refused while such a migration still runs (B may still
@@ -182,6 +181,7 @@ impl Migrations {
         Ok(())
     }
 
+    /// False when this agent handed `region` over (or holds a partial incoming copy).
     pub(crate) fn owns(&self, region: &str) -> bool {
         match lock(&self.map).get(region) {
             None => true,
