@@ -138,3 +138,23 @@ async fn a_second_running_agent_with_the_same_name_is_refused_with_a_reason() {
     a2.shutdown().await;
     b.shutdown().await;
 }
+
+/// `--control` naming a file that is not a socket is refused at start and the file is
+/// left alone (it used to be replaced by the socket, and removed at shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_path_that_is_not_a_socket_is_refused_and_kept() {
+    let mesh = Mesh::new(&["a"]);
+    let precious = mesh.path().join("precious.txt");
+    std::fs::write(&precious, b"important data").unwrap();
+    let mut c = mesh.config("a", free_port(), &[]);
+    c.control = Some(precious.clone());
+    let e = match pagewire::agent::Agent::start(c).await {
+        Ok(a) => {
+            a.shutdown().await;
+            panic!("started on a regular file as its control socket");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"important data");
+}

@@ -20,7 +20,14 @@ use crate::fault::{fdpass, Mechanism};
 /// Binds the control socket, replacing a stale one (a socket file nobody listens on) but
 /// refusing to steal one that a live agent is using.
 pub(crate) fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists and is not a socket (give --control a path of its own; nothing was changed)",
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
