@@ -2150,3 +2150,81 @@ async fn a_name_migrated_away_can_be_published_and_migrated_again() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A migration and a replication of one region never overlap: `replicate` is refused on
+/// the source while the migration runs; once b owns the region, b refuses to become a
+/// replica of it, even for a restarted a that forgot the handover (it would overwrite
+/// b's copy with its stale one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_is_not_replicated_during_or_against_a_migration() {
+    use pagewire::agent::ReplicateOptions;
+    logs();
+    let p = Pair::new();
+    let size = 8 * MIB;
+    random_file(&p.a_file(), size, 61);
+    sparse_file(&p.b_file(), size, &[]);
+    let (a, b) = p.agents().await;
+    let to_b = ReplicateOptions {
+        to: vec!["b".into()],
+        ..Default::default()
+    };
+    // Paced: 8 MiB at 4 MB/s, so the migration is still running below.
+    let o = MigrateOptions {
+        max_bandwidth: Some(4_000_000),
+        ..opts(50, 3, Freeze::Snapshot)
+    };
+    let migration = a.migrate("r", o, |_| {});
+    let check = async {
+        while !a
+            .status()
+            .migrations
+            .iter()
+            .any(|m| m.region == "r" && m.phase.starts_with("precopy"))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let e = a
+            .replicate_file("r", "hash-scan", None, &to_b)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is being migrated to b"), "{e}");
+    };
+    let (r, ()) = within(async { tokio::join!(migration, check) }).await;
+    assert_eq!(r.unwrap().outcome, "migrated");
+    assert_same(&p.a_file(), &p.b_file());
+    // b owns r now; b's application writes to it.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.b_file())
+        .unwrap()
+        .write_all_at(&[7u8; 4096], 0)
+        .unwrap();
+    let owned = std::fs::read(p.b_file()).unwrap();
+    // a restarts and forgets that it handed r over; its replication to b is refused.
+    a.shutdown().await;
+    let a = start(p.config_a()).await;
+    settled(&a, &b).await;
+    a.replicate_file("r", "hash-scan", None, &to_b).unwrap();
+    let refusal = within(async {
+        loop {
+            let st = a.status();
+            if let Some(l) = st
+                .replications
+                .iter()
+                .flat_map(|r| r.replicas.iter())
+                .find(|l| l.refused)
+            {
+                break l.last_error.clone().unwrap_or_default();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refusal.contains("was migrated here from a"), "{refusal}");
+    assert!(
+        std::fs::read(p.b_file()).unwrap() == owned,
+        "b's copy was overwritten"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -144,6 +144,18 @@ pub(crate) async fn serve(
         )
         .await;
     }
+    if let Some(why) = inner.migrations.incoming(region.name()) {
+        return reply_error(
+            &mut send,
+            ErrorKind::Busy,
+            format!(
+                "region {} on {} {why}; a region has one owner",
+                region.name(),
+                inner.name
+            ),
+        )
+        .await;
+    }
     let writer = match OpenOptions::new().write(true).open(region.path()) {
         Ok(f) => f,
         Err(e) => {

@@ -372,6 +372,15 @@ pub(crate) fn start_tracking(
             "region {region_name} is a replica here (its owner is replicating it to us); a region has one owner"
         )));
     }
+    if let Some(why) = inner
+        .migrations
+        .outgoing(region_name)
+        .filter(|_| !opts.to.is_empty())
+    {
+        return Err(ReplicateError::Conflict(format!(
+            "region {region_name} {why}: replicate it from its owner once the migration is done"
+        )));
+    }
     if !inner.migrations.owns(region_name) {
         return Err(ReplicateError::Conflict(format!(
             "region {region_name} was handed over to another agent (or a migration into this agent did not complete): this agent does not own it"

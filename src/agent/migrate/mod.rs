@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::control::MigrationStatus;
-use crate::engine::migrate::{MigrateDest, MigrateSource, SourcePhase};
+use crate::engine::migrate::{DestPhase, MigrateDest, MigrateSource, SourcePhase};
 
 pub use source::{Freeze, MigrateOptions, MigrateRunError};
 
@@ -179,6 +179,33 @@ impl Migrations {
             }
         }
         Ok(())
+    }
+
+    /// Why `region` cannot be a replica here: a migration into this agent runs, or made
+    /// it the owner (`None`: neither).
+    pub(crate) fn incoming(&self, region: &str) -> Option<String> {
+        match lock(&self.map).get(region) {
+            Some(Slot::Dest { engine, peer }) => match lock(engine).phase() {
+                DestPhase::Idle | DestPhase::Aborted => None,
+                DestPhase::Receiving => Some(format!("is being migrated here from {peer}")),
+                DestPhase::Owner | DestPhase::Complete => {
+                    Some(format!("was migrated here from {peer}: this agent owns it"))
+                }
+            },
+            _ => None,
+        }
+    }
+
+    /// Why `region` cannot be replicated from here now: a migration of it away from this
+    /// agent runs (`None`: none runs).
+    pub(crate) fn outgoing(&self, region: &str) -> Option<String> {
+        match lock(&self.map).get(region) {
+            Some(Slot::Source { engine, peer, .. }) => match lock(engine).phase() {
+                SourcePhase::Idle | SourcePhase::Aborted(_) | SourcePhase::Released => None,
+                p => Some(format!("is being migrated to {peer} ({})", source_phase(p))),
+            },
+            _ => None,
+        }
     }
 
     /// False when this agent handed `region` over (or holds a partial incoming copy).
