@@ -330,6 +330,9 @@ pub struct ReplicationStatus {
     /// The last epoch produced.
     pub epoch: u64,
     pub interval_ms: u64,
+    /// Why collecting the region's changes fails (replicas get nothing new meanwhile).
+    #[serde(default)]
+    pub error: Option<String>,
     pub replicas: Vec<ReplicaLinkStatus>,
 }
 

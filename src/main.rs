@@ -1032,8 +1032,15 @@ fn print_status(r: &StatusReport) {
     }
     for p in &r.replications {
         println!(
-            "  {} tracker {} every {} ms, epoch {}",
-            p.region, p.tracker, p.interval_ms, p.epoch
+            "  {} tracker {} every {} ms, epoch {}{}",
+            p.region,
+            p.tracker,
+            p.interval_ms,
+            p.epoch,
+            p.error
+                .as_deref()
+                .map(|e| format!("  CHANGES NOT COLLECTED: {e}"))
+                .unwrap_or_default()
         );
         for x in &p.replicas {
             println!(

@@ -394,3 +394,50 @@ async fn inotify_and_the_periodic_scan_see_other_processes_writes() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A tracked file that cannot be followed (resized, renamed over) stops epochs: every
+/// flush fails with the reason and `status` shows it until the file is right again (with
+/// inotify, the first failure used to be the only one: flushes after it "succeeded").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_cannot_be_tracked_fails_flush_and_shows_in_status() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let (da, db) = (region_dir(), region_dir());
+    let size = 4 * MIB;
+    let (src, dst) = (db.path().join("r"), da.path().join("r"));
+    random_file(&src, size, 1);
+    sparse_file(&dst, size, &[]);
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.regions.push(("r".into(), src.clone()));
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.regions.push(("r".into(), dst.clone()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&b, "a").await;
+    b.replicate_file("r", "inotify", None, &opts(&["a"]))
+        .unwrap();
+    b.flush("r", Duration::from_secs(60)).await.unwrap();
+    assert_same(&src, &dst);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.set_len(size / 2).unwrap();
+    for _ in 0..2 {
+        let e = b.flush("r", Duration::from_secs(10)).await.unwrap_err();
+        assert!(e.to_string().contains("changed size"), "{e}");
+    }
+    let err = b.status().replications[0].error.clone().unwrap_or_default();
+    assert!(err.contains("changed size"), "{err}");
+    f.set_len(size).unwrap();
+    random_file(&src, size, 3);
+    b.flush("r", Duration::from_secs(60)).await.unwrap();
+    assert_same(&src, &dst);
+    assert_eq!(b.status().replications[0].error, None);
+    // Renamed over (how editors save): the agent still serves the old file; flush says so.
+    let new = db.path().join("r.new");
+    random_file(&new, size, 4);
+    std::fs::rename(&new, &src).unwrap();
+    let e = b.flush("r", Duration::from_secs(10)).await.unwrap_err();
+    assert!(e.to_string().contains("replaced"), "{e}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

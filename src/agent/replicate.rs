@@ -187,6 +187,9 @@ pub(crate) struct Publication {
     /// epoch; a running migration takes its own ([`Publication::tap_migration`]), so
     /// neither steals the other's dirty pages.
     taps: Mutex<Taps>,
+    /// Why the last collection of changes failed (`None` after one succeeds): epochs stop
+    /// while it stands, so `status` shows it and every flush fails with it.
+    collect_error: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -430,6 +433,7 @@ pub(crate) fn start_tracking(
         started: Instant::now(),
         cancel: inner.shutdown.child_token(),
         taps: Mutex::new(Taps::default()),
+        collect_error: Mutex::new(None),
     });
     map.insert(region_name.into(), p.clone());
     drop(map);
@@ -455,6 +459,7 @@ impl Publication {
             tracker: self.tracker_name.into(),
             epoch: *lock(&self.epoch),
             interval_ms: self.interval.as_millis() as u64,
+            error: lock(&self.collect_error).clone(),
             replicas: self
                 .links
                 .iter()
@@ -577,13 +582,19 @@ async fn produce(
         let (pieces, bytes) = match collected {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(region = %p.region.name(), "collecting changes failed: {e}");
+                let again = lock(&p.collect_error).replace(e.clone()).as_ref() == Some(&e);
+                if again {
+                    tracing::debug!(region = %p.region.name(), "collecting changes failed: {e}");
+                } else {
+                    tracing::warn!(region = %p.region.name(), "collecting changes failed (replicas get no changes until this is fixed): {e}");
+                }
                 for w in waiters {
                     let _ = w.send(Err(e.clone()));
                 }
                 continue;
             }
         };
+        lock(&p.collect_error).take();
         if pieces.is_empty() && waiters.is_empty() {
             continue;
         }

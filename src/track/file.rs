@@ -121,6 +121,9 @@ pub struct FileTracker {
     scan_every: Option<Duration>,
     last_scan: Instant,
     scans: u64,
+    /// The last rescan found the file gone (resized, deleted, replaced): every
+    /// collection checks again until it is back, rather than reporting no change.
+    gone: bool,
 }
 
 impl FileTracker {
@@ -162,6 +165,7 @@ impl FileTracker {
             scan_every,
             last_scan: Instant::now(),
             scans: 1,
+            gone: false,
         })
     }
 
@@ -180,7 +184,39 @@ impl FileTracker {
         &self.hashes
     }
 
+    /// Why the file the tracker has open is no longer the region's file at its path.
+    fn replaced(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.region.path();
+        let open = self.region.file().metadata().ok()?;
+        let now = std::fs::metadata(path).ok();
+        let same = now
+            .as_ref()
+            .is_some_and(|m| (m.dev(), m.ino()) == (open.dev(), open.ino()));
+        if open.nlink() > 0 && same {
+            return None;
+        }
+        Some(format!(
+            "{} is no longer the file this agent serves ({}); the served copy is the old one: write the file in place, and restart the agent to serve the new one",
+            path.display(),
+            if now.is_some() {
+                "it was replaced, e.g. renamed over as editors, rsync and sed -i do"
+            } else {
+                "it was deleted"
+            }
+        ))
+    }
+
     fn rescan(&mut self) -> Result<Ranges, TrackError> {
+        let r = self.rescan_inner();
+        self.gone = matches!(r, Err(TrackError::Gone(_)));
+        r
+    }
+
+    fn rescan_inner(&mut self) -> Result<Ranges, TrackError> {
+        if let Some(why) = self.replaced() {
+            return Err(TrackError::Gone(why));
+        }
         let size = self.region.file().metadata().map(|m| m.len()).unwrap_or(0);
         if size != self.region.geometry().size {
             return Err(TrackError::Gone(format!(
@@ -226,11 +262,15 @@ impl DirtyTracker for FileTracker {
         let due = self
             .scan_every
             .is_some_and(|every| self.last_scan.elapsed() >= every);
-        let changed = match &self.inotify {
+        let changed = match self.inotify.as_ref().map(|i| i.drain()) {
             None => true,
-            Some(i) => i.drain()?,
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                self.gone = matches!(e, TrackError::Gone(_));
+                return Err(e);
+            }
         };
-        if changed || due {
+        if changed || due || self.gone {
             self.rescan()
         } else {
             Ok(Vec::new())
@@ -336,5 +376,31 @@ mod tests {
             .set_len(2 << 20)
             .unwrap();
         assert!(matches!(t.collect(), Err(TrackError::Gone(_))));
+    }
+
+    /// With inotify, an error stays until the file is right again (the events that
+    /// showed it are drained: the next collection must not say "no change"); a file
+    /// renamed over the served one (editors, rsync, sed -i) is such an error.
+    #[test]
+    fn a_resized_or_replaced_file_stays_an_error_until_it_is_back() {
+        let (d, p) = file(1 << 20);
+        let g = Geometry::new(1 << 20, 64 << 10).unwrap();
+        let mut t = FileTracker::new(&p, g, true, None).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(512 << 10).unwrap();
+        assert!(t.inotify().unwrap().wait(Duration::from_secs(5)));
+        assert!(matches!(t.collect(), Err(TrackError::Gone(_))));
+        assert!(matches!(t.collect(), Err(TrackError::Gone(_))), "sticky");
+        f.set_len(1 << 20).unwrap();
+        assert!(t.collect().is_ok(), "back to its size");
+        let new = d.path().join("new");
+        std::fs::write(&new, vec![5u8; 1 << 20]).unwrap();
+        std::fs::rename(&new, &p).unwrap();
+        let e = match t.collect() {
+            Err(TrackError::Gone(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(e.contains("replaced"), "{e}");
+        assert!(matches!(t.collect(), Err(TrackError::Gone(_))), "sticky");
     }
 }
