@@ -357,6 +357,10 @@ pub struct ReplicaLinkStatus {
     /// size): waiting will not bring it; the owner retries in the background.
     #[serde(default)]
     pub refused: bool,
+    /// The replica applied this session's catch-up (its copy equals the owner's as of
+    /// then); false while the catch-up is on its way.
+    #[serde(default)]
+    pub caught_up: bool,
     /// Time from an epoch's collection to the replica's acknowledgement (newest 4096
     /// epochs): what a write waits beyond the collection interval.
     pub apply_p50_ms: Option<f64>,

@@ -441,3 +441,60 @@ async fn a_file_that_cannot_be_tracked_fails_flush_and_shows_in_status() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// `pagewire replicate` (the control request) returns once the replica has *applied* its
+/// catch-up, not once the catch-up was sent: over a slow link the replica equals the
+/// owner the moment the command returns, and `status` says it caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_returns_once_the_replica_applied_the_catch_up() {
+    logs();
+    let mesh = Mesh::new(&["a", "b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let (da, db) = (region_dir(), region_dir());
+    let size = 8 * MIB;
+    let (src, dst) = (db.path().join("r"), da.path().join("r"));
+    random_file(&src, size, 5);
+    sparse_file(&dst, size, &[]);
+    // b reaches a only through a relay at 40 Mbit/s: the catch-up takes ~1.7 s.
+    let to_a = Relay::start(RelayConfig::symmetric(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{pa}").parse().unwrap(),
+        LinkParams {
+            delay: Duration::from_millis(2),
+            rate_bps: Some(40_000_000),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let sb = db.path().join("b.sock");
+    let mut cb = mesh.config("b", pb, &[("a", to_a.local_addr().port())]);
+    cb.regions.push(("r".into(), src.clone()));
+    cb.control = Some(sb.clone());
+    // a's address for b leads nowhere: the only connection is b's, through the relay.
+    let mut ca = mesh.config("a", pa, &[("b", free_port())]);
+    ca.regions.push(("r".into(), dst.clone()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&b, "a").await;
+    let c = pagewire::control::ControlClient::connect(&sb)
+        .await
+        .unwrap();
+    let args = pagewire::control::ReplicateArgs {
+        region: "r".into(),
+        to: vec!["a".into()],
+        tracker: Some("inotify".into()),
+        interval_ms: Some(20),
+        scan_interval_ms: None,
+        window: None,
+    };
+    let st = tokio::time::timeout(Duration::from_secs(60), c.replicate(args, |_| {}))
+        .await
+        .expect("the command ends")
+        .unwrap();
+    assert_same(&src, &dst);
+    assert!(st.replicas[0].caught_up, "{st:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    to_a.shutdown().await;
+}

@@ -406,7 +406,7 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
     loop {
         tick.tick().await;
         let st = p.status();
-        if st.replicas.iter().all(|r| r.connected) {
+        if st.replicas.iter().all(|r| r.connected && r.caught_up) {
             let _ = send(&mut w, &ControlEvent::Replicating(st)).await;
             return;
         }

@@ -155,6 +155,8 @@ struct LinkHandle {
     last_error: Mutex<Option<String>>,
     /// The last attempt was refused by the replica (see `ReplicaLinkStatus::refused`).
     refused: AtomicBool,
+    /// The replica acknowledged this session's catch-up (see `ReplicaLinkStatus::caught_up`).
+    caught_up: AtomicBool,
     /// Collect-to-applied latency of tracked epochs, µs (newest `LAG_SAMPLES`).
     lags: Mutex<std::collections::VecDeque<u32>>,
 }
@@ -418,6 +420,7 @@ pub(crate) fn start_tracking(
                 catch_up_bytes: AtomicU64::new(0),
                 last_error: Mutex::new(None),
                 refused: AtomicBool::new(false),
+                caught_up: AtomicBool::new(false),
                 lags: Mutex::new(Default::default()),
             })
         })
@@ -483,6 +486,7 @@ impl Publication {
                         catch_up_bytes: l.catch_up_bytes.load(Ordering::Relaxed),
                         last_error: lock(&l.last_error).clone(),
                         refused: l.refused.load(Ordering::Relaxed),
+                        caught_up: l.caught_up.load(Ordering::Relaxed),
                         apply_p50_ms: p50,
                         apply_p99_ms: p99,
                     }
@@ -764,6 +768,7 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
         ));
     }
     // Everything produced up to `base` is covered by the catch-up read below.
+    l.caught_up.store(false, Ordering::Relaxed);
     let base = {
         let e = lock(&p.epoch);
         lock(&l.state).start_session(*e);
@@ -788,12 +793,15 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
     l.connected.store(true, Ordering::Relaxed);
     *lock(&l.last_error) = None;
     l.refused.store(false, Ordering::Relaxed);
-    tracing::info!(peer = %l.peer, region = %p.region.name(), base, bytes, "replica caught up by hash; streaming epochs");
+    tracing::info!(peer = %l.peer, region = %p.region.name(), base, bytes, "catch-up by hash sent; streaming epochs");
 
     let acks = async {
         loop {
             match read_frame::<_, ReplicaAck>(&mut recv, 64).await {
                 Ok(Some(a)) => {
+                    if a.epoch >= base && !l.caught_up.swap(true, Ordering::Relaxed) {
+                        tracing::info!(peer = %l.peer, region = %p.region.name(), base, "replica caught up (it applied the catch-up)");
+                    }
                     let r = lock(&l.state).ack(a.epoch);
                     let now = p.now();
                     match r {
