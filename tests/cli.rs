@@ -266,6 +266,19 @@ fn a_migration_cap_too_low_to_progress_is_refused() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("below the least a migration accepts"), "{err}");
+    // A duration without a unit (it used to mean seconds: a 50 s downtime budget).
+    let o = run(&[
+        "migrate",
+        "--region",
+        "r",
+        "--to",
+        "b",
+        "--downtime-budget",
+        "50",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("needs a unit: 50ms, 50s"), "{err}");
     // The lowest accepted cap gets past the argument check (to the missing agent).
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("none.sock");

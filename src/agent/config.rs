@@ -99,7 +99,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(match unit {
         "us" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
+        "" if n == 0 => Duration::ZERO,
+        // A bare number used to mean seconds, and `--downtime-budget 50` stopped a
+        // writer for 12 s: say which unit.
+        "" => return Err(format!("{s:?} needs a unit: {n}ms, {n}s, {n}m ...")),
+        "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
         u => return Err(format!("unknown duration unit {u:?}")),
@@ -532,7 +536,8 @@ mod tests {
         assert!(parse_size("1zb").is_err());
         assert!(parse_size("99999999999999999999t").is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3").unwrap_err().contains("needs a unit"));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(3 * 3600)));
         assert!(parse_duration("3d").is_err());
         assert_eq!(parse_pair("a=1:2"), Ok(("a".into(), "1:2".into())));
