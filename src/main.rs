@@ -1071,10 +1071,10 @@ fn print_status(r: &StatusReport) {
                 if m.role == "source" { "to" } else { "from" },
                 m.peer,
                 m.phase,
-                if m.owner {
-                    "owner"
-                } else {
-                    "NOT OWNER (handed over or incomplete)"
+                match (m.owner, m.role.as_str()) {
+                    (true, _) => "owner",
+                    (false, "source") => "NOT OWNER (handed over)",
+                    (false, _) => "not owner (nothing received yet, or an incomplete copy)",
                 }
             );
         }

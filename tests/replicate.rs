@@ -131,6 +131,10 @@ async fn writes_replicate_in_epochs_and_flush_waits_for_them() {
     // A second replicate of the same region to the same peers is a no-op; to others it
     // is refused.
     replicate(&b, &src, &opts(&["a"]));
+    let e = b
+        .replicate_file("r", "hash-scan", None, &opts(&["a", "a"]))
+        .unwrap_err();
+    assert!(e.to_string().contains("replica a is given twice"), "{e}");
     a.shutdown().await;
     b.shutdown().await;
 }

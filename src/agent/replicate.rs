@@ -349,6 +349,16 @@ pub(crate) fn start(
     if opts.to.is_empty() {
         return Err(ReplicateError::Conflict("no replicas given".into()));
     }
+    if let Some(p) = opts
+        .to
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| opts.to[..i].contains(p).then_some(p))
+    {
+        return Err(ReplicateError::Conflict(format!(
+            "replica {p} is given twice"
+        )));
+    }
     start_tracking(inner, region_name, tracker, opts)
 }
 
