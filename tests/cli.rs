@@ -25,6 +25,13 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// Runs a command that must fail; its stderr.
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "pagewire {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// Kills the agents if the test panics.
 struct Procs(Vec<Child>);
 
@@ -254,46 +261,27 @@ fn errors_name_their_cause_once_and_say_what_to_do() {
 /// Arguments that would make a command look hung are refused before anything starts.
 #[test]
 fn a_migration_cap_too_low_to_progress_is_refused() {
-    let o = run(&[
-        "migrate",
-        "--region",
-        "r",
-        "--to",
-        "b",
-        "--max-bandwidth",
-        "1",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let migrate = |flag: &str, value: &str, sock: &str| {
+        fails(&[
+            "migrate",
+            "--region",
+            "r",
+            "--to",
+            "b",
+            flag,
+            value,
+            "--control",
+            sock,
+        ])
+    };
+    let err = migrate("--max-bandwidth", "1", "none.sock");
     assert!(err.contains("below the least a migration accepts"), "{err}");
     // A duration without a unit (it used to mean seconds: a 50 s downtime budget).
-    let o = run(&[
-        "migrate",
-        "--region",
-        "r",
-        "--to",
-        "b",
-        "--downtime-budget",
-        "50",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = migrate("--downtime-budget", "50", "none.sock");
     assert!(err.contains("needs a unit: 50ms, 50s"), "{err}");
     // The lowest accepted cap gets past the argument check (to the missing agent).
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("none.sock");
-    let o = run(&[
-        "migrate",
-        "--region",
-        "r",
-        "--to",
-        "b",
-        "--max-bandwidth",
-        "1mbit",
-        "--control",
-        sock.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = migrate("--max-bandwidth", "1mbit", sock.to_str().unwrap());
     assert!(err.contains("is `pagewire agent` running"), "{err}");
 }

@@ -35,6 +35,34 @@ fn replicate(agent: &pagewire::agent::Agent, _path: &Path, o: &ReplicateOptions)
     agent.replicate_file("r", "hash-scan", None, o).unwrap();
 }
 
+/// Owner b's file `src` (random) and replica a's file `dst` (a hole) of one size, each in
+/// a directory of its own, and certificates for a and b.
+struct Files {
+    mesh: Mesh,
+    pa: u16,
+    pb: u16,
+    da: tempfile::TempDir,
+    db: tempfile::TempDir,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+fn files(size: u64, seed: u64) -> Files {
+    let (da, db) = (region_dir(), region_dir());
+    let (src, dst) = (db.path().join("r"), da.path().join("r"));
+    random_file(&src, size, seed);
+    sparse_file(&dst, size, &[]);
+    Files {
+        mesh: Mesh::new(&["a", "b"]),
+        pa: free_port(),
+        pb: free_port(),
+        da,
+        db,
+        src,
+        dst,
+    }
+}
+
 fn opts(to: &[&str]) -> ReplicateOptions {
     ReplicateOptions {
         to: to.iter().map(|s| s.to_string()).collect(),
@@ -405,13 +433,16 @@ async fn inotify_and_the_periodic_scan_see_other_processes_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_cannot_be_tracked_fails_flush_and_shows_in_status() {
     logs();
-    let mesh = Mesh::new(&["a", "b"]);
-    let (pa, pb) = (free_port(), free_port());
-    let (da, db) = (region_dir(), region_dir());
     let size = 4 * MIB;
-    let (src, dst) = (db.path().join("r"), da.path().join("r"));
-    random_file(&src, size, 1);
-    sparse_file(&dst, size, &[]);
+    let Files {
+        mesh,
+        pa,
+        pb,
+        da: _da,
+        db,
+        src,
+        dst,
+    } = files(size, 1);
     let mut cb = mesh.config("b", pb, &[("a", pa)]);
     cb.regions.push(("r".into(), src.clone()));
     let mut ca = mesh.config("a", pa, &[("b", pb)]);
@@ -452,13 +483,16 @@ async fn a_file_that_cannot_be_tracked_fails_flush_and_shows_in_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_returns_once_the_replica_applied_the_catch_up() {
     logs();
-    let mesh = Mesh::new(&["a", "b"]);
-    let (pa, pb) = (free_port(), free_port());
-    let (da, db) = (region_dir(), region_dir());
     let size = 8 * MIB;
-    let (src, dst) = (db.path().join("r"), da.path().join("r"));
-    random_file(&src, size, 5);
-    sparse_file(&dst, size, &[]);
+    let Files {
+        mesh,
+        pa,
+        pb,
+        da: _da,
+        db,
+        src,
+        dst,
+    } = files(size, 5);
     // b reaches a only through a relay at 40 Mbit/s: the catch-up takes ~1.7 s.
     let to_a = Relay::start(RelayConfig::symmetric(
         "127.0.0.1:0".parse().unwrap(),
