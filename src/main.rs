@@ -499,7 +499,20 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Migrate(m) => {
             init_logs("warn");
-            migrate(m).await
+            let (json, region, to) = (m.json, m.region.clone(), m.to.clone());
+            let r = migrate(m).await;
+            if let (true, Err(e)) = (json, &r) {
+                // Scripts get one JSON object on stdout whatever happened.
+                let interrupted = format!("{e}").starts_with("interrupted");
+                let failed = serde_json::json!({
+                    "region": region,
+                    "to": to,
+                    "outcome": if interrupted { "interrupted" } else { "failed" },
+                    "error": one_line(e),
+                });
+                println!("{failed}");
+            }
+            r
         }
         Command::Receive(r) => {
             init_logs("warn");

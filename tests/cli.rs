@@ -285,3 +285,28 @@ fn a_migration_cap_too_low_to_progress_is_refused() {
     let err = migrate("--max-bandwidth", "1mbit", sock.to_str().unwrap());
     assert!(err.contains("is `pagewire agent` running"), "{err}");
 }
+
+/// `pagewire migrate --json` prints one JSON object on stdout even when it fails.
+#[test]
+fn a_failed_migration_still_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let o = run(&[
+        "migrate",
+        "--region",
+        "r",
+        "--to",
+        "b",
+        "--json",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["outcome"], "failed", "{v}");
+    assert_eq!(v["region"], "r", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("pagewire agent"),
+        "{v}"
+    );
+}
