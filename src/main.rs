@@ -503,7 +503,7 @@ async fn run(cli: Cli) -> Result<()> {
             let r = migrate(m).await;
             if let (true, Err(e)) = (json, &r) {
                 // Scripts get one JSON object on stdout whatever happened.
-                let interrupted = format!("{e}").starts_with("interrupted");
+                let interrupted = e.is::<Interrupted>();
                 let failed = serde_json::json!({
                     "region": region,
                     "to": to,
@@ -790,6 +790,18 @@ async fn replicate(r: ReplicateCmd) -> Result<()> {
     Ok(())
 }
 
+/// `pagewire migrate` was interrupted (Ctrl-C): its `--json` outcome says so.
+#[derive(Debug)]
+struct Interrupted(&'static str);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 async fn migrate(m: MigrateCmd) -> Result<()> {
     let socket = m.ctl.socket();
     let args = pagewire::control::MigrateArgs {
@@ -827,9 +839,9 @@ async fn migrate(m: MigrateCmd) -> Result<()> {
         });
     let r = tokio::select! {
         r = run => r?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!(
+        _ = tokio::signal::ctrl_c() => return Err(Interrupted(
             "interrupted: the agent cancels the migration if it has not handed over yet (the region then stays here and its application runs on); after the handover it finishes on its own: `pagewire status` shows which"
-        ),
+        ).into()),
     };
     if m.json {
         println!("{}", serde_json::to_string(&r)?);
