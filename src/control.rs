@@ -89,6 +89,12 @@ pub enum ControlRequest {
     /// or an error. The target is withdrawn if the client goes away before a migration
     /// into it started.
     ReceiveFile(ReceiveFileArgs),
+    /// On the owner: stop replicating `region` (`pagewire replicate --stop`). Every
+    /// replica is told and keeps what it applied. Answered with
+    /// [`ControlEvent::ReplicationStopped`].
+    StopReplication {
+        region: String,
+    },
 }
 
 /// One event of a streamed request, as [`ControlClient::follow`] sorts it.
@@ -333,6 +339,13 @@ pub struct ReplicationStatus {
     /// Why collecting the region's changes fails (replicas get nothing new meanwhile).
     #[serde(default)]
     pub error: Option<String>,
+    /// Most bytes queued for one replica before it is cut loose and caught up by hash.
+    #[serde(default)]
+    pub window: u64,
+    /// Why the replication ended (stopped by an operator, or the region was migrated
+    /// away): the replicas were told and keep what they applied; `None` while it runs.
+    #[serde(default)]
+    pub ended: Option<String>,
     pub replicas: Vec<ReplicaLinkStatus>,
 }
 
@@ -377,6 +390,10 @@ pub struct ReplicaStatus {
     pub epoch: u64,
     pub bytes_applied: u64,
     pub last_update_s_ago: Option<f64>,
+    /// The owner ended the replication, and why (the region was migrated away, or an
+    /// operator stopped it): nothing more comes from that owner.
+    #[serde(default)]
+    pub ended: Option<String>,
 }
 
 /// Which region to attach lazily.
@@ -518,6 +535,8 @@ pub enum ControlEvent {
     Received,
     ReceiveProgress(ReceiveProgress),
     ReceivedFile(ReceiveReport),
+    /// The replication's last status, after [`ControlRequest::StopReplication`].
+    ReplicationStopped(ReplicationStatus),
 }
 
 /// `pagewire status`.
@@ -772,6 +791,24 @@ impl ControlClient {
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
             other => Err(ControlError::Protocol(format!(
                 "expected flushed, got {other:?}"
+            ))),
+        }
+    }
+
+    /// On the owner: stops replicating `region`; returns the replication's last status.
+    pub async fn stop_replication(
+        mut self,
+        region: &str,
+    ) -> Result<ReplicationStatus, ControlError> {
+        self.send(&ControlRequest::StopReplication {
+            region: region.into(),
+        })
+        .await?;
+        match self.next_event().await? {
+            Some(ControlEvent::ReplicationStopped(st)) => Ok(st),
+            Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
+            other => Err(ControlError::Protocol(format!(
+                "expected replication_stopped, got {other:?}"
             ))),
         }
     }

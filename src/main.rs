@@ -48,8 +48,8 @@ enum Command {
     Mount(MountCmd),
     /// Replicate a region this agent serves to peers, continuously: changes are found by a
     /// tracker and pushed in numbered epochs; returns once every replica has caught up
-    /// (the agent keeps replicating until it stops). Each replica must serve a region of
-    /// the same name and size (--region NAME=PATH on its agent).
+    /// (the agent keeps replicating until it stops, or until `--stop`). Each replica must
+    /// serve a region of the same name and size (--region NAME=PATH on its agent).
     Replicate(ReplicateCmd),
     /// On the owner: push everything written so far and wait until every replica has
     /// applied it; prints the epoch.
@@ -183,8 +183,14 @@ struct ReplicateCmd {
     #[arg(long)]
     region: String,
     /// Replica peers; repeatable.
-    #[arg(long = "to", required = true)]
+    #[arg(long = "to", required_unless_present = "stop")]
     to: Vec<String>,
+    /// Stop replicating the region instead (to change its replicas or settings, stop it,
+    /// then start it anew). Every replica is told and keeps what it applied; its
+    /// `pagewire status` says the replication ended, and `pagewire epoch --wait` there
+    /// fails at once rather than waiting.
+    #[arg(long, conflicts_with = "to")]
+    stop: bool,
     /// How changes are found: inotify (write(2) by any process, plus a periodic hash scan
     /// for writes through mmaps) or hash-scan (hash every chunk at every collection).
     #[arg(long, default_value = "inotify", value_parser = ["inotify", "hash-scan"])]
@@ -751,6 +757,27 @@ async fn pull(p: PullCmd) -> Result<()> {
 
 async fn replicate(r: ReplicateCmd) -> Result<()> {
     let socket = r.ctl.socket();
+    if r.stop {
+        let st = ControlClient::connect(&socket)
+            .await?
+            .stop_replication(&r.region)
+            .await?;
+        if r.json {
+            println!("{}", serde_json::to_string(&st)?);
+        } else {
+            println!(
+                "stopped replicating {} at epoch {}; replicas keep what they applied: {}",
+                st.region,
+                st.epoch,
+                st.replicas
+                    .iter()
+                    .map(|x| format!("{} (acked epoch {})", x.peer, x.acked_epoch))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(());
+    }
     let args = pagewire::control::ReplicateArgs {
         region: r.region.clone(),
         to: r.to.clone(),
@@ -1062,16 +1089,21 @@ fn print_status(r: &StatusReport) {
             p.tracker,
             p.interval_ms,
             p.epoch,
-            p.error
-                .as_deref()
-                .map(|e| format!("  CHANGES NOT COLLECTED: {e}"))
-                .unwrap_or_default()
+            match (&p.ended, &p.error) {
+                (Some(why), _) => format!("  ENDED: {why}"),
+                (None, Some(e)) => format!("  CHANGES NOT COLLECTED: {e}"),
+                (None, None) => String::new(),
+            }
         );
         for x in &p.replicas {
             println!(
                 "    -> {:<12} {}  acked {}  lag {} bytes / {:.1} ms  apply p50/p99 {}/{} ms  sent {} bytes  {} catch-ups{}",
                 x.peer,
-                if x.connected { "up  " } else { "DOWN" },
+                match (x.connected, &p.ended) {
+                    (true, _) => "up  ",
+                    (false, Some(_)) => "ended",
+                    (false, None) => "DOWN",
+                },
                 x.acked_epoch,
                 x.lag_bytes,
                 x.lag_ms,
@@ -1110,12 +1142,20 @@ fn print_status(r: &StatusReport) {
     }
     for x in &r.replicas {
         println!(
-            "  {} from {}  {}  epoch {}  {} bytes applied",
+            "  {} from {}  {}  epoch {}  {} bytes applied{}",
             x.region,
             x.owner,
-            if x.connected { "up" } else { "DOWN" },
+            match (x.connected, &x.ended) {
+                (true, _) => "up",
+                (false, Some(_)) => "ended",
+                (false, None) => "DOWN",
+            },
             x.epoch,
-            x.bytes_applied
+            x.bytes_applied,
+            x.ended
+                .as_deref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
         );
     }
 }

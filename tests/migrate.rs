@@ -2228,3 +2228,109 @@ async fn a_region_is_not_replicated_during_or_against_a_migration() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A region replicated to a third agent and then migrated away: the old owner sends its
+/// replica one last epoch and tells it the region moved (it would otherwise follow a copy
+/// nobody writes any more); the replica says so in `status` and a wait for a later epoch
+/// fails at once; the old owner's flush fails with the reason; the new owner can
+/// replicate the region to the same replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_ends_when_its_region_is_migrated_away() {
+    use pagewire::agent::ReplicateOptions;
+    logs();
+    let mesh = Mesh::new(&["a", "b", "c"]);
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let (da, db, dc) = (region_dir(), region_dir(), region_dir());
+    let size = 8 * MIB;
+    let (fa, fb, fc) = (
+        da.path().join("r"),
+        db.path().join("r"),
+        dc.path().join("r"),
+    );
+    random_file(&fa, size, 71);
+    sparse_file(&fb, size, &[]);
+    sparse_file(&fc, size, &[]);
+    let config = |name: &str, port: u16, peers: &[(&str, u16)], file: &Path| {
+        let mut c = mesh.config(name, port, peers);
+        c.regions.push(("r".into(), file.to_path_buf()));
+        c
+    };
+    let a = start(config("a", pa, &[("b", pb), ("c", pc)], &fa)).await;
+    let b = start(config("b", pb, &[("a", pa), ("c", pc)], &fb)).await;
+    let c = start(config("c", pc, &[("a", pa), ("b", pb)], &fc)).await;
+    settled(&a, &b).await;
+    connected(&a, "c").await;
+    connected(&b, "c").await;
+    let to_c = ReplicateOptions {
+        to: vec!["c".into()],
+        interval: Duration::from_millis(20),
+        ..Default::default()
+    };
+    a.replicate_file("r", "hash-scan", None, &to_c).unwrap();
+    within(a.flush("r", Duration::from_secs(60))).await.unwrap();
+    assert_same(&fa, &fc);
+    // A write the replication has not carried yet when the migration starts.
+    let last = [9u8; 4096];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fa)
+        .unwrap()
+        .write_all_at(&last, 3 * MIB)
+        .unwrap();
+    let r = within(a.migrate("r", opts(50, 3, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, "migrated");
+    assert_same(&fa, &fb);
+    // c is told, after one last epoch: it holds exactly what b took over.
+    let why = within(async {
+        loop {
+            if let Some(w) = c
+                .status()
+                .replicas
+                .iter()
+                .find(|x| x.region == "r")
+                .and_then(|x| x.ended.clone())
+            {
+                break w;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(why.contains("migrated to b"), "{why}");
+    assert_same(&fb, &fc);
+    let applied = c.replica_epoch("r");
+    let e = within(c.wait_epoch("r", applied + 1)).await.unwrap_err();
+    assert!(e.contains("migrated to b"), "{e}");
+    let st = a.status();
+    let row = st.replications.iter().find(|x| x.region == "r").unwrap();
+    assert!(
+        row.ended
+            .as_deref()
+            .is_some_and(|w| w.contains("migrated to b")),
+        "{row:?}"
+    );
+    let e = a
+        .flush("r", Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("migrated to b"), "{e}");
+    // The new owner replicates it to the same replica; c follows b from now on.
+    b.replicate_file("r", "hash-scan", None, &to_c).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fb)
+        .unwrap()
+        .write_all_at(&[5u8; 8192], 5 * MIB)
+        .unwrap();
+    within(b.flush("r", Duration::from_secs(60))).await.unwrap();
+    assert_same(&fb, &fc);
+    let st = c.status();
+    let x = st.replicas.iter().find(|x| x.region == "r").unwrap();
+    assert_eq!((x.owner.as_str(), x.ended.as_deref()), ("b", None), "{x:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}

@@ -536,3 +536,117 @@ async fn replicate_returns_once_the_replica_applied_the_catch_up() {
     b.shutdown().await;
     to_a.shutdown().await;
 }
+
+/// A replication is stopped (`pagewire replicate --stop`) and started anew with another
+/// window; a request to change a running one is refused and says how. The replica is
+/// told: its status says the replication ended, and a wait for a later epoch fails at
+/// once. A wait for epoch 0 on a replica that never received anything waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
+    use pagewire::control::{ControlClient, ReplicateArgs};
+    logs();
+    let size = 4 * MIB;
+    let Files {
+        mesh,
+        pa,
+        pb,
+        da: _da,
+        db,
+        src,
+        dst,
+    } = files(size, 9);
+    let sb = db.path().join("b.sock");
+    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    cb.regions.push(("r".into(), src.clone()));
+    cb.control = Some(sb.clone());
+    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    ca.regions.push(("r".into(), dst.clone()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&b, "a").await;
+    // Nothing was received yet: epoch 0 is not "applied".
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a.wait_epoch("r", 0))
+            .await
+            .is_err(),
+        "a wait for epoch 0 returned before anything was received"
+    );
+    let args = |window: u64| ReplicateArgs {
+        region: "r".into(),
+        to: vec!["a".into()],
+        tracker: Some("hash-scan".into()),
+        interval_ms: Some(20),
+        scan_interval_ms: None,
+        window: Some(window),
+    };
+    let ctl = || async { ControlClient::connect(&sb).await.unwrap() };
+    let limit = Duration::from_secs(60);
+    let st = tokio::time::timeout(limit, ctl().await.replicate(args(64 * MIB), |_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((st.window, st.ended.as_deref()), (64 * MIB, None));
+    assert_same(&src, &dst);
+    tokio::time::timeout(limit, a.wait_epoch("r", 0))
+        .await
+        .unwrap()
+        .unwrap();
+    let e = ctl()
+        .await
+        .replicate(args(128 * MIB), |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pagewire replicate --region r --stop"), "{e}");
+    let st = ctl().await.stop_replication("r").await.unwrap();
+    assert!(
+        st.ended.as_deref().is_some_and(|w| w.contains("--stop")),
+        "{st:?}"
+    );
+    let told = wait_for(limit, || {
+        a.status()
+            .replicas
+            .iter()
+            .any(|x| x.region == "r" && x.ended.as_deref().is_some_and(|w| w.contains("--stop")))
+    })
+    .await;
+    assert!(
+        told.is_ok(),
+        "the replica was not told: {:?}",
+        a.status().replicas
+    );
+    let e = tokio::time::timeout(limit, a.wait_epoch("r", a.replica_epoch("r") + 1))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.contains("b ended the replication"), "{e}");
+    let e = ctl()
+        .await
+        .stop_replication("r")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not replicate region"), "{e}");
+    assert!(b.status().replications.is_empty());
+    // Anew, with the other window; a follows b again.
+    let st = tokio::time::timeout(limit, ctl().await.replicate(args(128 * MIB), |_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((st.window, st.ended.as_deref()), (128 * MIB, None));
+    scribble(&src, size, 20, 3);
+    tokio::time::timeout(limit, b.flush("r", limit))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_same(&src, &dst);
+    let x = a
+        .status()
+        .replicas
+        .into_iter()
+        .find(|x| x.region == "r")
+        .unwrap();
+    assert_eq!((x.connected, x.ended), (true, None));
+    a.shutdown().await;
+    b.shutdown().await;
+}

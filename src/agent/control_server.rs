@@ -204,6 +204,18 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
         ControlRequest::Receive(args) => {
             super::migrate::receive::run(inner, args, fds, &mut reader, &r, &mut w).await
         }
+        ControlRequest::StopReplication { region } => {
+            let ev = match inner
+                .publications
+                .stop_replication(&region, super::replicate::STOPPED_BY_OPERATOR)
+            {
+                Ok(st) => ControlEvent::ReplicationStopped(st),
+                Err(e) => ControlEvent::Error {
+                    message: e.to_string(),
+                },
+            };
+            let _ = send(&mut w, &ev).await;
+        }
         ControlRequest::Flush { region, timeout_ms } => {
             let ev = match inner.publications.get(&region) {
                 None => ControlEvent::Error {
@@ -231,7 +243,11 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             }
             // On the owner: the epoch it replicates (a replica entry here would be a
             // phantom).
-            let owned = inner.publications.get(&region).map(|p| p.status().epoch);
+            let owned = inner
+                .publications
+                .get(&region)
+                .filter(|p| !p.is_ended())
+                .map(|p| p.status().epoch);
             let ev = match (wait, owned) {
                 (None, Some(epoch)) => ControlEvent::Epoch { epoch },
                 (Some(_), Some(_)) => ControlEvent::Error {
@@ -250,13 +266,20 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
                     )
                     .await
                     {
-                        Ok(()) => ControlEvent::Epoch {
-                            epoch: entry.epoch(),
+                        Ok(Ok(epoch)) => ControlEvent::Epoch { epoch },
+                        Ok(Err(why)) => ControlEvent::Error {
+                            message: format!(
+                                "region {region}: epoch {n} will not come ({why}); the replica holds epoch {}",
+                                entry.epoch()
+                            ),
                         },
                         Err(_) => ControlEvent::Error {
                             message: format!(
-                                "region {region}: epoch {n} not applied within {timeout_ms} ms (at {})",
-                                entry.epoch()
+                                "region {region}: epoch {n} not applied within {timeout_ms} ms ({})",
+                                match entry.applied_epoch() {
+                                    Some(at) => format!("at {at}"),
+                                    None => "nothing received from an owner yet".into(),
+                                }
                             ),
                         },
                     }
@@ -363,7 +386,13 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
         None => Some(Duration::from_secs(10)),
     };
     let kind = args.tracker.as_deref().unwrap_or("inotify");
-    let p = match inner.publications.get(&args.region) {
+    // A replication that ended (the region was migrated away) is started anew, if this
+    // agent owns the region again.
+    let running = inner
+        .publications
+        .get(&args.region)
+        .filter(|p| !p.is_ended() || inner.publications.is_published(&args.region));
+    let p = match running {
         Some(p) => {
             // Running already: the same request reports on it; a different one cannot
             // change it (its replicas and settings are fixed while it runs).
@@ -373,18 +402,28 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
             now.sort_unstable();
             asked.sort_unstable();
             asked.dedup();
+            if let Some(why) = &st.ended {
+                let message = format!(
+                    "the replication of {} ended ({why}); an application's region takes its replicas when it is published: publish it again to replicate it",
+                    args.region
+                );
+                return send_error(&mut w, message).await;
+            }
             let differs = now != asked
                 || args.tracker.as_deref().is_some_and(|t| t != st.tracker)
                 || args
                     .interval_ms
-                    .is_some_and(|ms| ms.max(1) != st.interval_ms);
+                    .is_some_and(|ms| ms.max(1) != st.interval_ms)
+                || args.window.is_some_and(|b| b != st.window);
             if differs {
                 let message = format!(
-                    "{} is already replicating to {} with tracker {} every {} ms; a running replication cannot change its replicas or settings (restart the agent to start it anew)",
+                    "{} is already replicating to {} with tracker {} every {} ms, window {} bytes; a running replication cannot change its replicas or settings: stop it first (pagewire replicate --region {} --stop), then start it anew",
                     args.region,
                     now.join(", "),
                     st.tracker,
-                    st.interval_ms
+                    st.interval_ms,
+                    st.window,
+                    args.region
                 );
                 return send_error(&mut w, message).await;
             }

@@ -272,14 +272,23 @@ impl Agent {
         self.replicate(region, t, opts)
     }
 
+    /// On the owner: stops replicating `region`; every replica is told and keeps what it
+    /// applied. Returns the replication's last status.
+    pub fn stop_replication(
+        &self,
+        region: &str,
+    ) -> Result<crate::control::ReplicationStatus, ReplicateError> {
+        self.inner
+            .publications
+            .stop_replication(region, replicate::STOPPED_BY_OPERATOR)
+    }
+
     /// On the owner: makes an epoch of everything written so far and waits until every
     /// replica applied it.
     pub async fn flush(&self, region: &str, timeout: Duration) -> Result<u64, ReplicateError> {
-        let p = self
-            .inner
-            .publications
-            .get(region)
-            .ok_or_else(|| ReplicateError::UnknownRegion(region.into()))?;
+        let p = self.inner.publications.get(region).ok_or_else(|| {
+            ReplicateError::Conflict(format!("this agent does not replicate region {region:?}"))
+        })?;
         p.flush(timeout).await
     }
 
@@ -289,7 +298,7 @@ impl Agent {
     }
 
     /// On a replica: waits until epoch `n` of `region` is applied.
-    pub async fn wait_epoch(&self, region: &str, n: u64) {
+    pub async fn wait_epoch(&self, region: &str, n: u64) -> Result<u64, String> {
         self.inner.replicas.entry(region).wait_epoch(n).await
     }
 

@@ -205,7 +205,7 @@ pub(crate) fn start(
         interval: Duration::from_millis(args.interval_ms.max(1)),
         ..Default::default()
     };
-    if let Err(e) = super::replicate::start_tracking(inner, &args.region, tracker, &opts) {
+    if let Err(e) = super::replicate::start_tracking(inner, &args.region, tracker, &opts, true) {
         if let Ok(mut r) = inner.regions.write() {
             r.remove(&args.region);
         }

@@ -37,14 +37,26 @@ pub(crate) struct Replicas {
 pub(crate) struct ReplicaEntry {
     pub(crate) region: String,
     owner: Mutex<String>,
-    /// The last epoch applied in full.
-    epoch: watch::Sender<u64>,
+    /// The last epoch applied in full, and whether the owner ended the replication.
+    applied: watch::Sender<Applied>,
     updated: Mutex<Option<Instant>>,
     bytes_applied: Mutex<u64>,
     connected: Mutex<bool>,
     /// One replication stream applies at a time (a new session waits for the old one to
     /// stop writing before it hashes the copy).
     apply: tokio::sync::Mutex<()>,
+}
+
+/// What a replica has applied.
+#[derive(Default)]
+struct Applied {
+    /// The last epoch applied in full (0 before anything was).
+    epoch: u64,
+    /// Any epoch was applied (a catch-up is numbered 0 while the owner produced none).
+    any: bool,
+    /// The owner ended the replication ([`Push::Stop`]), and why; cleared when an owner
+    /// starts again.
+    ended: Option<String>,
 }
 
 impl Replicas {
@@ -55,7 +67,7 @@ impl Replicas {
                 Arc::new(ReplicaEntry {
                     region: region.into(),
                     owner: Mutex::new(String::new()),
-                    epoch: watch::channel(0).0,
+                    applied: watch::channel(Applied::default()).0,
                     updated: Mutex::new(None),
                     bytes_applied: Mutex::new(0),
                     connected: Mutex::new(false),
@@ -76,9 +88,10 @@ impl Replicas {
                 region: e.region.clone(),
                 owner: lock(&e.owner).clone(),
                 connected: *lock(&e.connected),
-                epoch: *e.epoch.borrow(),
+                epoch: e.epoch(),
                 bytes_applied: *lock(&e.bytes_applied),
                 last_update_s_ago: lock(&e.updated).map(|t| t.elapsed().as_secs_f64()),
+                ended: e.applied.borrow().ended.clone(),
             })
             .collect()
     }
@@ -91,13 +104,28 @@ impl ReplicaEntry {
 
     /// The last epoch applied in full.
     pub(crate) fn epoch(&self) -> u64 {
-        *self.epoch.borrow()
+        self.applied.borrow().epoch
     }
 
-    /// Waits until epoch `n` (or later) is applied.
-    pub(crate) async fn wait_epoch(&self, n: u64) {
-        let mut rx = self.epoch.subscribe();
-        let _ = rx.wait_for(|e| *e >= n).await;
+    /// The last epoch applied, if any was.
+    pub(crate) fn applied_epoch(&self) -> Option<u64> {
+        let a = self.applied.borrow();
+        a.any.then_some(a.epoch)
+    }
+
+    /// Waits until epoch `n` (or later) is applied — at least the owner's first catch-up,
+    /// even for `n` = 0. Fails at once, with the owner's reason, if the owner ended the
+    /// replication before that.
+    pub(crate) async fn wait_epoch(&self, n: u64) -> Result<u64, String> {
+        let mut rx = self.applied.subscribe();
+        let r = rx
+            .wait_for(|a| (a.any && a.epoch >= n) || a.ended.is_some())
+            .await;
+        match r {
+            Ok(a) if a.any && a.epoch >= n => Ok(a.epoch),
+            Ok(a) => Err(a.ended.clone().unwrap_or_default()),
+            Err(_) => Err("the agent is shutting down".into()),
+        }
     }
 }
 
@@ -176,6 +204,7 @@ pub(crate) async fn serve(
         Err(e) => return reply_error(&mut send, ErrorKind::Io, e.to_string()).await,
     };
     *lock(&entry.owner) = peer.clone();
+    entry.applied.send_modify(|a| a.ended = None);
     let state = ReplicaState {
         epoch: entry.epoch(),
         hashes,
@@ -313,12 +342,24 @@ async fn apply_loop(
                     ));
                 }
                 current = None;
-                entry.epoch.send_replace(epoch);
+                entry.applied.send_modify(|a| {
+                    a.epoch = epoch;
+                    a.any = true;
+                });
                 *lock(&entry.updated) = Some(Instant::now());
                 tracing::debug!(peer, region = %region.name(), epoch, "replica: epoch applied");
                 write_frame(send, &ReplicaAck { epoch })
                     .await
                     .map_err(|e| (WireCode::Shutdown, e.to_string()))?;
+            }
+            Push::Stop { reason } => {
+                if current.is_some() {
+                    return Err((WireCode::UnexpectedFrame, "Stop inside an epoch".into()));
+                }
+                let why = format!("{peer} ended the replication: {reason}");
+                tracing::info!(peer, region = %region.name(), epoch = entry.epoch(), "replica: {why}");
+                entry.applied.send_modify(|a| a.ended = Some(why));
+                return Ok(());
             }
         }
     }

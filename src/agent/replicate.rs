@@ -20,7 +20,7 @@ use super::{reason, Inner};
 use crate::control::{ReplicaLinkStatus, ReplicationStatus};
 use crate::engine::replicate::{Link, Queued};
 use crate::proto::codec::{read_frame, write_frame, FrameError};
-use crate::proto::{Push, ReplicaAck, ReplicateStart, Reply, Request, WireCode};
+use crate::proto::{Push, ReplicaAck, ReplicateStart, Reply, Request, WireCode, MAX_STOP_REASON};
 use crate::region::{is_zero, FileRegion, Geometry};
 use crate::track::{DirtyTracker, Ranges};
 
@@ -49,6 +49,10 @@ pub enum ReplicateError {
     /// The agent is shutting down.
     #[error("agent shutting down")]
     Shutdown,
+    /// The replication was stopped (by an operator, or because the region was migrated
+    /// away); the reason says which.
+    #[error("replication of region {0} ended: {1}")]
+    Ended(String, String),
 }
 
 /// One piece of an epoch.
@@ -163,6 +167,14 @@ struct LinkHandle {
 
 const LAG_SAMPLES: usize = 4096;
 
+/// The reason replicas are given when an operator stops a replication.
+pub(crate) const STOPPED_BY_OPERATOR: &str = "stopped on the owner (pagewire replicate --stop)";
+
+/// How long the last epoch before a handover may take to be applied by the replicas.
+const HANDOVER_FLUSH: Duration = Duration::from_secs(10);
+/// How long a replica may take to receive the end of the replication.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 fn percentile(v: &std::collections::VecDeque<u32>, q: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -192,6 +204,16 @@ pub(crate) struct Publication {
     /// Why the last collection of changes failed (`None` after one succeeds): epochs stop
     /// while it stands, so `status` shows it and every flush fails with it.
     collect_error: Mutex<Option<String>>,
+    /// Most bytes queued for one replica (the `window` it was started with).
+    window: u64,
+    /// Published by an application (its tracker also serves a migration of the region):
+    /// ending the replication keeps the publication.
+    by_app: bool,
+    /// Why the replication ended (`pagewire replicate --stop`, or the region was migrated
+    /// away); set once, with `links_ended` cancelled.
+    ended: Mutex<Option<String>>,
+    /// Ends the link tasks (each tells its replica why, between epochs).
+    links_ended: CancellationToken,
 }
 
 #[derive(Default)]
@@ -270,12 +292,60 @@ pub(crate) struct Publications {
 }
 
 impl Publications {
+    /// Whether this agent replicates `region` (or an application published it): a
+    /// replication that ended does not count.
     pub(crate) fn is_published(&self, region: &str) -> bool {
-        lock(&self.map).contains_key(region)
+        lock(&self.map)
+            .get(region)
+            .is_some_and(|p| p.by_app || lock(&p.ended).is_none())
     }
 
     pub(crate) fn get(&self, region: &str) -> Option<Arc<Publication>> {
         lock(&self.map).get(region).cloned()
+    }
+
+    /// Ends the replication of `region` (`pagewire replicate --stop`): every replica is
+    /// told why and keeps what it applied. A file region's publication goes (it may be
+    /// replicated anew, with other settings); an application's stays published, with no
+    /// replicas. Returns its last status.
+    pub(crate) fn stop_replication(
+        &self,
+        region: &str,
+        reason: &str,
+    ) -> Result<ReplicationStatus, ReplicateError> {
+        let mut map = lock(&self.map);
+        let p = match map.get(region) {
+            Some(p) if lock(&p.ended).is_none() => p.clone(),
+            _ => {
+                return Err(ReplicateError::Conflict(format!(
+                    "this agent does not replicate region {region:?}"
+                )))
+            }
+        };
+        p.end_replication(reason);
+        if !p.by_app {
+            map.remove(region);
+        }
+        Ok(p.status())
+    }
+
+    /// `region` was handed over to `peer` by a migration: its replicas get one last
+    /// epoch (what was written up to the freeze), then are told the region moved; the
+    /// publication stays (ended) so `status` and `flush` say so.
+    pub(crate) fn handed_over(&self, region: &str, peer: &str) {
+        let Some(p) = self.get(region) else { return };
+        if p.links.is_empty() || lock(&p.ended).is_some() {
+            return;
+        }
+        let reason = format!(
+            "region {region} was migrated to {peer}, which owns it now (replicate it from {peer})"
+        );
+        tokio::spawn(async move {
+            if let Err(e) = p.flush(HANDOVER_FLUSH).await {
+                tracing::warn!(region = %p.region.name(), "last epoch before ending the replication (the region was migrated away): {e}");
+            }
+            p.end_replication(&reason);
+        });
     }
 
     /// Stops replicating `region` (its tasks end; replicas keep what they have).
@@ -359,16 +429,17 @@ pub(crate) fn start(
             "replica {p} is given twice"
         )));
     }
-    start_tracking(inner, region_name, tracker, opts)
+    start_tracking(inner, region_name, tracker, opts, false)
 }
 
-/// Like [`start`], but with no replicas too: an application's published region is
-/// tracked (for a migration) even when nothing replicates it.
+/// Like [`start`], but with no replicas too: an application's published region
+/// (`by_app`) is tracked (for a migration) even when nothing replicates it.
 pub(crate) fn start_tracking(
     inner: &Arc<Inner>,
     region_name: &str,
     tracker: Box<dyn DirtyTracker>,
     opts: &ReplicateOptions,
+    by_app: bool,
 ) -> Result<Arc<Publication>, ReplicateError> {
     let region = inner
         .region(region_name)
@@ -402,6 +473,22 @@ pub(crate) fn start_tracking(
         )));
     }
     let mut map = lock(&inner.publications.map);
+    if let Some(p) = map
+        .get(region_name)
+        .filter(|p| !p.by_app && lock(&p.ended).is_some())
+    {
+        // A replication that ended (the region was migrated away, and is back): gone.
+        p.cancel.cancel();
+        map.remove(region_name);
+    }
+    if map
+        .get(region_name)
+        .is_some_and(|p| lock(&p.ended).is_some())
+    {
+        return Err(ReplicateError::Conflict(format!(
+            "the replication of region {region_name} was stopped; an application's region takes its replicas when it is published: publish it again to replicate it"
+        )));
+    }
     if let Some(p) = map.get(region_name) {
         let mut have: Vec<&str> = p.links.iter().map(|l| l.peer.as_str()).collect();
         let mut want: Vec<&str> = opts.to.iter().map(|s| s.as_str()).collect();
@@ -447,6 +534,10 @@ pub(crate) fn start_tracking(
         cancel: inner.shutdown.child_token(),
         taps: Mutex::new(Taps::default()),
         collect_error: Mutex::new(None),
+        window: opts.window,
+        by_app,
+        ended: Mutex::new(None),
+        links_ended: CancellationToken::new(),
     });
     map.insert(region_name.into(), p.clone());
     drop(map);
@@ -473,6 +564,8 @@ impl Publication {
             epoch: *lock(&self.epoch),
             interval_ms: self.interval.as_millis() as u64,
             error: lock(&self.collect_error).clone(),
+            window: self.window,
+            ended: lock(&self.ended).clone(),
             replicas: self
                 .links
                 .iter()
@@ -505,9 +598,39 @@ impl Publication {
         }
     }
 
+    /// Ends the replication (once): the link tasks tell their replicas `reason` between
+    /// epochs and stop; a file region's producer stops too.
+    fn end_replication(&self, reason: &str) {
+        {
+            let mut e = lock(&self.ended);
+            if e.is_some() {
+                return;
+            }
+            *e = Some(reason.to_string());
+        }
+        tracing::info!(region = %self.region.name(), "replication ended: {reason}");
+        self.links_ended.cancel();
+        for l in &self.links {
+            l.wake.notify_one();
+        }
+    }
+
+    /// Whether the replication ended (see [`Publication::end_replication`]).
+    pub(crate) fn is_ended(&self) -> bool {
+        lock(&self.ended).is_some()
+    }
+
+    fn check_ended(&self) -> Result<(), ReplicateError> {
+        match lock(&self.ended).clone() {
+            Some(why) => Err(ReplicateError::Ended(self.region.name().into(), why)),
+            None => Ok(()),
+        }
+    }
+
     /// Makes an epoch of everything written so far and waits until every replica has
     /// applied it. Returns the epoch.
     pub(crate) async fn flush(&self, timeout: Duration) -> Result<u64, ReplicateError> {
+        self.check_ended()?;
         let (tx, rx) = oneshot::channel();
         self.flush_tx
             .send(tx)
@@ -536,6 +659,7 @@ impl Publication {
         };
         tokio::select! {
             _ = all => Ok(()),
+            _ = self.links_ended.cancelled() => self.check_ended(),
             _ = tokio::time::sleep(timeout) => {
                 let late: Vec<String> = self
                     .links
@@ -571,6 +695,7 @@ async fn produce(
         let mut waiters = Vec::new();
         tokio::select! {
             _ = p.cancel.cancelled() => return,
+            _ = p.links_ended.cancelled(), if !p.by_app => return,
             _ = tick.tick() => {}
             w = flush_rx.recv() => match w {
                 Some(w) => waiters.push(w),
@@ -585,7 +710,7 @@ async fn produce(
         let collected = tokio::task::spawn_blocking(move || {
             pc.collect_into_taps()?;
             let ranges = crate::track::normalize(std::mem::take(&mut lock(&pc.taps).replication));
-            if pc.links.is_empty() {
+            if pc.links.is_empty() || pc.links_ended.is_cancelled() {
                 // Published for migration only: nobody to send epochs to.
                 return Ok((Vec::new(), 0));
             }
@@ -647,6 +772,7 @@ async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
     loop {
         let conn = tokio::select! {
             _ = p.cancel.cancelled() => return,
+            _ = p.links_ended.cancelled() => return,
             c = inner.peers.wait(&l.peer, &inner.shutdown) => match c {
                 Some(c) => c,
                 None => return,
@@ -655,8 +781,20 @@ async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
         let r = tokio::select! {
             _ = p.cancel.cancelled() => return,
             r = session(&p, &l, &conn) => r,
+            // The session tells the replica between epochs; one stuck in an epoch (the
+            // replica stopped reading) is cut after a grace period.
+            _ = async {
+                p.links_ended.cancelled().await;
+                tokio::time::sleep(STOP_GRACE).await;
+            } => Err("the replica did not take the end of the replication in time".into()),
         };
         l.connected.store(false, Ordering::Relaxed);
+        if p.links_ended.is_cancelled() {
+            if let Err(why) = r {
+                *lock(&l.last_error) = Some(why);
+            }
+            return;
+        }
         match r {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(why) => {
@@ -849,18 +987,41 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
                     .await
                     .map_err(|e| lost(conn, &e))?;
             }
+            let ended = lock(&p.ended).clone();
+            if let Some(mut reason) = ended {
+                if reason.len() > MAX_STOP_REASON {
+                    let mut cut = MAX_STOP_REASON;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                }
+                write_frame(&mut send, &Push::Stop { reason })
+                    .await
+                    .map_err(|e| lost(conn, &e))?;
+                let _ = send.finish();
+                tracing::info!(peer = %l.peer, region = %p.region.name(), "replica told that the replication ended");
+                return Ok(());
+            }
             if lock(&l.state).is_behind() {
                 return Err::<(), String>(
                     "replica fell behind its window: catching up by hash".into(),
                 );
             }
-            l.wake.notified().await;
+            tokio::select! {
+                _ = l.wake.notified() => {}
+                _ = p.links_ended.cancelled() => {}
+            }
         }
     };
     let r = tokio::select! {
         r = acks => r,
         r = sender => r,
     };
+    if r.is_ok() {
+        // Stop was sent and the stream finished: let it drain to the replica.
+        let _ = tokio::time::timeout(STOP_GRACE, send.stopped()).await;
+    }
     let _ = send.reset(WireCode::Cancelled.varint());
     let _ = recv.stop(WireCode::Cancelled.varint());
     r

@@ -232,7 +232,14 @@ pub enum Push {
     Zero { offset: u64, len: u64 },
     /// Epoch `epoch` is complete: apply it, then acknowledge.
     End { epoch: u64 },
+    /// Between epochs: the owner stops replicating the region to this replica (an
+    /// operator stopped it, or the region was migrated to another agent), and why (at
+    /// most [`MAX_STOP_REASON`] bytes). The replica keeps what it applied.
+    Stop { reason: String },
 }
+
+/// Longest reason a [`Push::Stop`] carries.
+pub const MAX_STOP_REASON: usize = 1024;
 
 /// Replica to owner: an epoch was applied in full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]

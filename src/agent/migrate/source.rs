@@ -1377,6 +1377,10 @@ impl Driver {
                 }
                 SourceAction::Release => {
                     tracing::info!(region = %self.region.name(), to = %self.opts.to, "region handed over: this agent no longer owns it");
+                    // Replicas of the old copy would follow a region nobody writes here.
+                    self.inner
+                        .publications
+                        .handed_over(self.region.name(), &self.opts.to);
                 }
                 SourceAction::Report(r) => {
                     self.pending = None;
