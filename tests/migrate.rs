@@ -2334,3 +2334,46 @@ async fn a_replication_ends_when_its_region_is_migrated_away() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+/// An old owner that restarted (it does not remember handing the region over) and tries
+/// to migrate its stale copy to the new owner is refused with the reason, not reported
+/// as a lost link; the new owner's copy is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_old_owner_cannot_migrate_its_stale_copy_over_the_new_owner() {
+    logs();
+    let p = Pair::new();
+    let size = 8 * MIB;
+    random_file(&p.a_file(), size, 81);
+    sparse_file(&p.b_file(), size, &[]);
+    let (a, b) = p.agents().await;
+    let r = within(a.migrate("r", opts(50, 3, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, "migrated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.b_file())
+        .unwrap()
+        .write_all_at(&[7u8; 4096], 0)
+        .unwrap();
+    let owned = std::fs::read(p.b_file()).unwrap();
+    a.shutdown().await;
+    let a = start(p.config_a()).await;
+    settled(&a, &b).await;
+    let e = within(a.migrate("r", opts(50, 3, Freeze::Snapshot), |_| {}))
+        .await
+        .unwrap_err();
+    match &e {
+        MigrateRunError::Aborted { outcome, why, .. } => {
+            assert_eq!(*outcome, "refused", "{e:?}");
+            assert!(why.contains("this agent owns it"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        std::fs::read(p.b_file()).unwrap() == owned,
+        "b's copy was overwritten"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -526,6 +526,21 @@ impl Session<'_> {
                             Ok(a) => a,
                             Err(e) => {
                                 self.refusal = Some(refusal_kind(&e));
+                                let owner = matches!(
+                                    lock(self.engine).phase(),
+                                    DestPhase::Owner | DestPhase::Complete
+                                );
+                                if owner && matches!(e, MigrateError::Busy(_)) {
+                                    return Err((
+                                        WireCode::UnexpectedFrame,
+                                        format!(
+                                            "region {} was migrated here from {} and this agent owns it: {} has no newer copy to migrate (if it restarted, it no longer remembers the handover); migrate it back from here instead",
+                                            self.region.name(),
+                                            self.peer,
+                                            self.peer
+                                        ),
+                                    ));
+                                }
                                 return Err(engine_fail(e));
                             }
                         };

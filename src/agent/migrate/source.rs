@@ -519,6 +519,9 @@ fn replaced(inner: &Inner, peer: &str, conn: &quinn::Connection) -> bool {
     }
 }
 
+/// How long a failed write waits for B's answer saying why it stopped reading.
+const REFUSAL_GRACE: Duration = Duration::from_millis(500);
+
 /// How a migration stream ended, from a frame of B's.
 enum FrameFault {
     /// The stream or connection ended: a link loss.
@@ -866,6 +869,37 @@ impl Driver {
         self.link_down(lost(conn, e));
     }
 
+    /// B answered with an error: before the handover nothing is worth a retry; after
+    /// it, handled as a cut (the engine decides).
+    fn refused(&mut self, mut s: Stream, why: String) {
+        tracing::info!(region = %self.region.name(), peer = %self.opts.to, "{why}");
+        self.last_error = Some(why);
+        let _ = s.send.reset(WireCode::Cancelled.varint());
+        let _ = self.feed(SourceEvent::Refused);
+    }
+
+    /// A write to B failed. B may have refused what it read (it answers with an error
+    /// frame and stops reading, and the stop can overtake the answer): the frames not
+    /// read yet say so; otherwise the link was lost.
+    async fn write_failed(&mut self, mut s: Stream, e: &(dyn std::fmt::Display + Sync)) {
+        let conn = s.conn.clone();
+        let deadline = tokio::time::sleep(REFUSAL_GRACE);
+        tokio::pin!(deadline);
+        loop {
+            let f = tokio::select! {
+                f = s.frames.recv() => f,
+                _ = &mut deadline => None,
+            };
+            let Some(f) = f else { break };
+            match self.on_frame(f) {
+                Ok(()) => {}
+                Err(FrameFault::Refused(why)) => return self.refused(s, why),
+                Err(_) => break,
+            }
+        }
+        self.stream_lost(&conn, e);
+    }
+
     fn link_down(&mut self, why: String) {
         let why = if self.inner.shutdown.is_cancelled() {
             format!("this agent is shutting down ({why})")
@@ -1033,13 +1067,9 @@ impl Driver {
                             self.link_down(why);
                         }
                         Err(FrameFault::Refused(why)) => {
-                            // B said no: before the handover nothing is worth a retry;
-                            // after it, handled as a cut (the engine decides).
-                            tracing::info!(region = %self.region.name(), peer = %self.opts.to, "{why}");
-                            self.last_error = Some(why);
-                            let _ = s.send.reset(WireCode::Cancelled.varint());
-                            stream = None;
-                            let _ = self.feed(SourceEvent::Refused);
+                            if let Some(s) = stream.take() {
+                                self.refused(s, why);
+                            }
                         }
                     }
                 }
@@ -1293,9 +1323,9 @@ impl Driver {
                     }
                     if let Some(s) = stream.as_mut() {
                         if let Err(e) = s.send.write_all(&encode(&frame)).await {
-                            let conn = s.conn.clone();
-                            *stream = None;
-                            self.stream_lost(&conn, &e);
+                            if let Some(s) = stream.take() {
+                                self.write_failed(s, &e).await;
+                            }
                         }
                     }
                 }
@@ -1319,9 +1349,9 @@ impl Driver {
                             self.send_chunks(&mut s.send, &chunks).await
                         };
                         if let Err(e) = r {
-                            let conn = s.conn.clone();
-                            *stream = None;
-                            self.stream_lost(&conn, &e);
+                            if let Some(s) = stream.take() {
+                                self.write_failed(s, &e).await;
+                            }
                         }
                     }
                 }
