@@ -2377,3 +2377,148 @@ async fn a_restarted_old_owner_cannot_migrate_its_stale_copy_over_the_new_owner(
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Run by [`lost_source_case`] in a child process (this test binary again): receives
+/// region `pc`, says so, waits for the handover, then for the go file; prints how
+/// `wait_received` failed, then reads the whole region (a stale page raises SIGBUS).
+#[test]
+#[ignore = "a child process of lost_source_case"]
+fn receive_child() {
+    use pagewire::client::receive::{receive, ReceiveOptions};
+    use std::io::Write;
+    let Some(sock) = std::env::var_os("PW_RECEIVE_CHILD") else {
+        return;
+    };
+    let size: u64 = std::env::var("PW_RECEIVE_SIZE").unwrap().parse().unwrap();
+    let go = PathBuf::from(std::env::var_os("PW_RECEIVE_GO").unwrap());
+    let say = |s: &str| {
+        let mut o = std::io::stdout().lock();
+        writeln!(o, "{s}").unwrap();
+        o.flush().unwrap();
+    };
+    let mut r = receive(&ReceiveOptions::new(PathBuf::from(sock), "pc", size)).unwrap();
+    say("receiving");
+    assert!(r.wait_owner(Some(Duration::from_secs(120))).unwrap());
+    say("owner");
+    while !go.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match r.wait_received(Some(Duration::from_secs(60))) {
+        Err(e) => say(&format!("failed: {e}")),
+        Ok(done) => say(&format!("received: {done}")),
+    }
+    let mut all = vec![0u8; size as usize];
+    r.read_at(0, &mut all);
+    say("read everything");
+}
+
+/// The source agent goes away during post-copy, for good (`restart`: false; B's
+/// `fault_timeout` is 2 s) or by restarting (it no longer has the chunks; B's timeout is
+/// 10 min, so only the restart can be what B notices). The receiving application is told
+/// why (`wait_received` fails) and touching a stale page raises SIGBUS instead of
+/// waiting forever; B's status says post-copy failed.
+async fn lost_source_case(restart: bool) {
+    use tokio::io::AsyncBufReadExt;
+    logs();
+    let p = Pair::new();
+    random_file(&p.a_file(), MIB, 1);
+    random_file(&p.b_file(), MIB, 2);
+    let size = 32 * MIB;
+    let src = p.da.path().join("pc");
+    random_file(&src, size, 91);
+    let a_sock = p.da.path().join("a.sock");
+    let a = start(p.config_a()).await;
+    let b_sock = p.db.path().join("b.sock");
+    let mut cb = p.config_b();
+    cb.control = Some(b_sock.clone());
+    cb.fault_timeout = Duration::from_secs(if restart { 600 } else { 2 });
+    let b = start(cb).await;
+    settled(&a, &b).await;
+    a.add_region("pc", &src).unwrap();
+    let go = p.db.path().join("go");
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "receive_child", "--ignored", "--nocapture"])
+        .env("PW_RECEIVE_CHILD", &b_sock)
+        .env("PW_RECEIVE_SIZE", size.to_string())
+        .env("PW_RECEIVE_GO", &go)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    let mut until = async |what: &str, said: &mut Vec<String>| {
+        within(async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                said.push(l.clone());
+                if l.starts_with(what) {
+                    return l;
+                }
+            }
+            panic!("the child ended before {what:?}: {said:?}");
+        })
+        .await
+    };
+    until("receiving", &mut said).await;
+    // Paced: 32 MiB at 2 MB/s, so post-copy is far from done when A goes.
+    let args = MigrateArgs {
+        region: "pc".into(),
+        to: "b".into(),
+        downtime_budget_ms: 50,
+        max_rounds: 0,
+        max_time_ms: 20_000,
+        freeze_pid: None,
+        freeze_writes: false,
+        postcopy: true,
+        max_bandwidth_bps: Some(16_000_000),
+        no_mmap_writers: false,
+    };
+    let sock = a_sock.clone();
+    let migration = tokio::spawn(async move {
+        ControlClient::connect(&sock)
+            .await
+            .unwrap()
+            .migrate(args, |_| {})
+            .await
+    });
+    until("owner", &mut said).await;
+    a.shutdown().await;
+    let _ = migration.await;
+    let a = if restart {
+        let a = start(p.config_a()).await;
+        connected(&a, "b").await;
+        Some(a)
+    } else {
+        None
+    };
+    std::fs::write(&go, b"").unwrap();
+    let failed = until("failed: ", &mut said).await;
+    let want = if restart {
+        "the source agent a restarted during post-copy"
+    } else {
+        "no contact with the source agent a"
+    };
+    assert!(failed.contains(want), "{failed}");
+    let status = within(child.wait()).await.unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?} {said:?}");
+    let st = b.status();
+    let m = st.migrations.iter().find(|m| m.region == "pc").unwrap();
+    assert!(m.phase.starts_with("post-copy failed: "), "{m:?}");
+    assert!(m.phase.contains(want), "{m:?}");
+    if let Some(a) = a {
+        a.shutdown().await;
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_fails_with_sigbus_when_the_source_restarts() {
+    lost_source_case(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_fails_with_sigbus_after_the_fault_timeout_without_the_source() {
+    lost_source_case(false).await;
+}

@@ -202,7 +202,7 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             super::migrate::receive_file::run(inner, args, &mut reader, &r, &mut w).await
         }
         ControlRequest::Receive(args) => {
-            super::migrate::receive::run(inner, args, fds, &mut reader, &r, &mut w).await
+            super::migrate::receive::run(inner, args, fds, pid, &mut reader, &r, &mut w).await
         }
         ControlRequest::StopReplication { region } => {
             let ev = match inner

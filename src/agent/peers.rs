@@ -103,6 +103,15 @@ impl PeerTable {
         st.link.as_ref().map(|l| l.conn.clone()).filter(alive)
     }
 
+    /// The boot id of `name`'s live connection (it changes when that agent restarts).
+    pub fn boot(&self, name: &str) -> Option<u64> {
+        let st = self.lock(name)?;
+        st.link
+            .as_ref()
+            .filter(|l| alive(&l.conn))
+            .map(|l| l.peer_boot)
+    }
+
     /// Waits for a live connection to `name`; `None` on shutdown or for an unknown peer.
     pub async fn wait(
         &self,

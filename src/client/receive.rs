@@ -15,7 +15,10 @@
 //! Do not touch the mapping before [`Receiving::wait_owner`] returns: until then it holds
 //! a partial copy that the source is still changing. If the agent goes away during
 //! post-copy, threads touching a page not yet here wait (this handle keeps the
-//! userfaultfd open, so they never read a hole as zeros).
+//! userfaultfd open, so they never read a hole as zeros). If the *source* is lost
+//! during post-copy (it restarted, or stayed away longer than the agent's
+//! `fault_timeout`), [`Receiving::wait_received`] fails with the reason and a thread
+//! touching a page that is not here gets SIGBUS.
 
 use std::fs::File;
 use std::io::BufReader;

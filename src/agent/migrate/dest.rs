@@ -158,6 +158,11 @@ pub(crate) async fn serve(
     if write_frame(&mut send, &Reply::Migrating).await.is_err() {
         return;
     }
+    // Which start of the source this session talks to, and which session this is.
+    let source_boot = inner.peers.boot(&peer);
+    let session = app
+        .as_ref()
+        .map(|a| a.sessions.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1);
     let started = Instant::now();
     let now = || started.elapsed();
     let mut s = Session {
@@ -185,6 +190,18 @@ pub(crate) async fn serve(
             tracing::warn!(peer = %peer, region = %name, "migration abandoned: the partial copy in {} is not valid", region.path().display());
         }
     }
+    if let (Some(app), Some(session)) = (&app, session) {
+        if lock(&engine).phase() == DestPhase::Owner {
+            inner.tasks.spawn(watch_lost_source(
+                inner.clone(),
+                app.clone(),
+                engine.clone(),
+                peer.clone(),
+                source_boot,
+                session,
+            ));
+        }
+    }
     match r {
         Ok(()) => tracing::debug!(peer = %peer, region = %name, "migration stream ended"),
         Err((code, why)) => {
@@ -210,6 +227,75 @@ pub(crate) async fn serve(
         }
     }
 }
+
+/// Post-copy lost its stream to the source (`session` was the last one): the
+/// application's threads touching a stale page wait for the source to come back. If it
+/// comes back as a new start (it restarted: it no longer has the chunks), or not within
+/// `fault_timeout`, post-copy fails: the application is told, and from then on every
+/// thread touching a page that is not here gets SIGBUS rather than waiting forever —
+/// until a new session resumes (the source came back after all) or the application goes.
+async fn watch_lost_source(
+    inner: Arc<Inner>,
+    app: Arc<ReceivingApp>,
+    engine: Arc<Mutex<MigrateDest>>,
+    peer: String,
+    boot: Option<u64>,
+    session: u64,
+) {
+    use std::sync::atomic::Ordering;
+    let lost = Instant::now();
+    let timeout = inner.config.fault_timeout;
+    let resumed = || {
+        app.sessions.load(Ordering::Acquire) != session
+            || lock(&engine).phase() != DestPhase::Owner
+            || app.detached.load(Ordering::Acquire)
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LOST_SOURCE_POLL) => {}
+            _ = inner.shutdown.cancelled() => return,
+        }
+        if resumed() {
+            return;
+        }
+        let stale = lock(&engine).missing_count();
+        let why = match inner.peers.boot(&peer) {
+            Some(b) if boot.is_some_and(|old| old != b) => format!(
+                "the source agent {peer} restarted during post-copy: the {stale} chunks that were only there are lost"
+            ),
+            _ if lost.elapsed() >= timeout => format!(
+                "no contact with the source agent {peer} for {timeout:?} (fault_timeout) during post-copy; {stale} chunks are still there"
+            ),
+            _ => continue,
+        };
+        app.fail(&why);
+        break;
+    }
+    // Failed: answer every fault with SIGBUS (the fd is non-blocking; polled, so that a
+    // session that takes the fd over again is not raced by a second registration).
+    let fd = app.uffd.as_raw_fd();
+    while !resumed() && !inner.shutdown.is_cancelled() {
+        loop {
+            match uffd::read_event(fd) {
+                Ok(Some(uffd::Event::Fault { tid, .. })) => app.sigbus(tid),
+                Ok(Some(uffd::Event::Unmap { .. })) => {
+                    app.detached.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(region = %app.region.name(), "reading the userfaultfd after post-copy failed: {e}");
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(LOST_SOURCE_POLL).await;
+    }
+}
+
+/// How often a watch over a lost post-copy source looks.
+const LOST_SOURCE_POLL: Duration = Duration::from_millis(20);
 
 struct Session<'a> {
     peer: &'a str,

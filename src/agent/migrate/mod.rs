@@ -106,6 +106,11 @@ fn source_phase(p: SourcePhase) -> String {
 
 impl Migrations {
     pub(crate) fn status(&self) -> Vec<MigrationStatus> {
+        // Post-copy failures of receiving applications (taken before the map's lock).
+        let failed: BTreeMap<String, String> = lock(&self.receiving)
+            .iter()
+            .filter_map(|(r, a)| lock(&a.failed).clone().map(|w| (r.clone(), w)))
+            .collect();
         let map = lock(&self.map);
         // Targets of `pagewire receive` that no migration reached yet.
         let waiting: Vec<MigrationStatus> = lock(&self.expected)
@@ -143,11 +148,17 @@ impl Migrations {
                 }
                 Slot::Dest { peer, engine } => {
                     let e = lock(engine);
+                    let phase = match failed.get(region) {
+                        Some(why) if e.phase() == DestPhase::Owner => {
+                            format!("post-copy failed: {why}")
+                        }
+                        _ => e.phase().name().into(),
+                    };
                     MigrationStatus {
                         region: region.clone(),
                         role: "destination".into(),
                         peer: peer.clone(),
-                        phase: e.phase().name().into(),
+                        phase,
                         owner: e.owns(),
                         generation: 0,
                     }

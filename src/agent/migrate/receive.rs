@@ -10,7 +10,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -45,6 +45,13 @@ pub(crate) struct ReceivingApp {
     /// The application went away (or its mapping did): chunks go into the memfd, which
     /// the agent still holds, so a post-copy under way still completes here.
     pub(crate) detached: AtomicBool,
+    /// The application's process (from the control socket), for SIGBUS.
+    pub(crate) pid: Option<i32>,
+    /// Migration sessions that started on this mapping (a watch over a lost source
+    /// stands down when another starts).
+    pub(crate) sessions: AtomicU64,
+    /// Why post-copy failed (the source was lost): set once, with state `Failed`.
+    pub(crate) failed: std::sync::Mutex<Option<String>>,
 }
 
 impl ReceivingApp {
@@ -173,6 +180,30 @@ impl ReceivingApp {
         let _ = uffd::wake(self.uffd.as_raw_fd(), addr & !(page - 1), page);
     }
 
+    /// Post-copy failed: the chunks still at the source cannot be had. The application
+    /// is told (its `wait_received` fails with `why`); threads touching a missing page
+    /// get SIGBUS ([`ReceivingApp::sigbus`]).
+    pub(crate) fn fail(&self, why: &str) {
+        {
+            let mut f = lock(&self.failed);
+            if f.is_some() {
+                return;
+            }
+            *f = Some(why.to_string());
+        }
+        tracing::warn!(region = %self.region.name(), "post-copy failed: {why}; threads touching a page not here get SIGBUS");
+        self.state.send_replace(RecvState::Failed);
+    }
+
+    /// Delivers SIGBUS to the application's thread `tid` (it faulted on a page that will
+    /// not come), as a file mapping whose disk failed does.
+    pub(crate) fn sigbus(&self, tid: u32) {
+        if let (Some(pid), true) = (self.pid, tid != 0) {
+            // SAFETY: tgkill with plain integers, to the receiving application's thread.
+            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid as libc::pid_t, libc::SIGBUS) };
+        }
+    }
+
     /// Every chunk is here: the mapping no longer needs the agent.
     pub(crate) fn finish(&self) {
         if let Err(e) = uffd::unregister(self.uffd.as_raw_fd(), self.base, self.map_len) {
@@ -188,12 +219,13 @@ pub(crate) async fn run(
     inner: Arc<Inner>,
     args: ReceiveArgs,
     fds: Vec<OwnedFd>,
+    pid: Option<i32>,
     reader: &mut super::super::control_server::LineReader,
     r: &tokio::net::unix::OwnedReadHalf,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) {
     use super::super::control_server::send;
-    let app = match start(&inner, &args, fds) {
+    let app = match start(&inner, &args, fds, pid) {
         Ok(a) => a,
         Err(message) => {
             let _ = send(w, &ControlEvent::Error { message }).await;
@@ -217,7 +249,10 @@ pub(crate) async fn run(
                     RecvState::Owner { stale } => ControlEvent::Owner { stale_chunks: stale },
                     RecvState::Received => ControlEvent::Received,
                     RecvState::Failed => ControlEvent::Error {
-                        message: "the migration into this region was given up: the mapping is not valid".into(),
+                        message: match lock(&app.failed).clone() {
+                            Some(why) => format!("post-copy failed: {why}; touching a page not here raises SIGBUS"),
+                            None => "the migration into this region was given up: the mapping is not valid".into(),
+                        },
                     },
                 };
                 ok = send(w, &ev).await.is_ok();
@@ -236,6 +271,7 @@ fn start(
     inner: &Arc<Inner>,
     args: &ReceiveArgs,
     fds: Vec<OwnedFd>,
+    pid: Option<i32>,
 ) -> Result<Arc<ReceivingApp>, String> {
     if !crate::proto::valid_name(&args.region) {
         return Err(format!("invalid region name {:?}", args.region));
@@ -270,6 +306,9 @@ fn start(
         region: region.clone(),
         state: watch::channel(RecvState::Waiting).0,
         detached: AtomicBool::new(false),
+        pid,
+        sessions: AtomicU64::new(0),
+        failed: std::sync::Mutex::new(None),
     });
     {
         let mut regions = inner.regions.write().map_err(|_| "region table poisoned")?;
@@ -315,7 +354,9 @@ fn page_present(file: &std::fs::File, off: u64) -> bool {
 /// and receives the rest into it, so the source can finish and release the region.
 fn end(inner: &Inner, region: &str, app: &Arc<ReceivingApp>) {
     app.detached.store(true, Ordering::Release);
-    let postcopy = matches!(*app.state.borrow(), RecvState::Owner { .. });
+    // (Post-copy that failed too: the region is this agent's, if incomplete.)
+    let postcopy =
+        matches!(*app.state.borrow(), RecvState::Owner { .. }) || lock(&app.failed).is_some();
     if postcopy {
         tracing::warn!(region, "the receiving application detached during post-copy: the rest of the region is received into the agent's copy");
         return;
