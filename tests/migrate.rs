@@ -2200,27 +2200,20 @@ async fn a_region_is_not_replicated_during_or_against_a_migration() {
         .write_all_at(&[7u8; 4096], 0)
         .unwrap();
     let owned = std::fs::read(p.b_file()).unwrap();
-    // a restarts and forgets that it handed r over; its replication to b is refused.
+    // a restarts and forgets that it handed r over; b tells it when they connect, and
+    // a refuses to replicate its stale copy.
     a.shutdown().await;
     let a = start(p.config_a()).await;
     settled(&a, &b).await;
-    a.replicate_file("r", "hash-scan", None, &to_b).unwrap();
-    let refusal = within(async {
-        loop {
-            let st = a.status();
-            if let Some(l) = st
-                .replications
-                .iter()
-                .flat_map(|r| r.replicas.iter())
-                .find(|l| l.refused)
-            {
-                break l.last_error.clone().unwrap_or_default();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(refusal.contains("was migrated here from a"), "{refusal}");
+    told_it_was_handed_over(&a).await;
+    let refusal = a
+        .replicate_file("r", "hash-scan", None, &to_b)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refusal.contains("was migrated to b before this agent restarted"),
+        "{refusal}"
+    );
     assert!(
         std::fs::read(p.b_file()).unwrap() == owned,
         "b's copy was overwritten"
@@ -2335,9 +2328,26 @@ async fn a_replication_ends_when_its_region_is_migrated_away() {
     c.shutdown().await;
 }
 
-/// An old owner that restarted (it does not remember handing the region over) and tries
-/// to migrate its stale copy to the new owner is refused with the reason, not reported
-/// as a lost link; the new owner's copy is untouched.
+/// Waits until `ag` (an old owner that restarted) was told by the new owner that region
+/// r was handed over before the restart.
+async fn told_it_was_handed_over(ag: &Agent) {
+    within(async {
+        while !ag
+            .status()
+            .migrations
+            .iter()
+            .any(|m| m.region == "r" && !m.owner && m.phase.contains("before this agent restarted"))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// An old owner that restarted does not remember handing the region over: the new owner
+/// tells it when they connect, so a migration of its stale copy is refused at once with
+/// the reason (the new owner would refuse it too); the new owner's copy is untouched, and
+/// a migration back makes the old owner the owner again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_old_owner_cannot_migrate_its_stale_copy_over_the_new_owner() {
     logs();
@@ -2360,19 +2370,42 @@ async fn a_restarted_old_owner_cannot_migrate_its_stale_copy_over_the_new_owner(
     a.shutdown().await;
     let a = start(p.config_a()).await;
     settled(&a, &b).await;
+    told_it_was_handed_over(&a).await;
     let e = within(a.migrate("r", opts(50, 3, Freeze::Snapshot), |_| {}))
         .await
         .unwrap_err();
     match &e {
-        MigrateRunError::Aborted { outcome, why, .. } => {
-            assert_eq!(*outcome, "refused", "{e:?}");
-            assert!(why.contains("this agent owns it"), "{e:?}");
+        MigrateRunError::Busy { why, .. } => {
+            assert!(
+                why.contains("migrated to b before this agent restarted"),
+                "{e:?}"
+            )
         }
         other => panic!("{other:?}"),
     }
     assert!(
         std::fs::read(p.b_file()).unwrap() == owned,
         "b's copy was overwritten"
+    );
+    // b migrates it back: a owns it again, with b's bytes.
+    let back = MigrateOptions::new("a");
+    let r = within(b.migrate(
+        "r",
+        MigrateOptions {
+            freeze: Freeze::Snapshot,
+            ..back
+        },
+        |_| {},
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.outcome, "migrated");
+    assert!(std::fs::read(p.a_file()).unwrap() == owned);
+    let st = a.status();
+    let rows: Vec<_> = st.migrations.iter().filter(|m| m.region == "r").collect();
+    assert!(
+        rows.len() == 1 && rows[0].owner && rows[0].role == "destination",
+        "{rows:?}"
     );
     a.shutdown().await;
     b.shutdown().await;

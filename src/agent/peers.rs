@@ -507,6 +507,11 @@ async fn accept_hello(
 
 /// Serves a peer's requests on `conn` until it closes.
 async fn serve_connection(inner: Arc<Inner>, peer: String, conn: quinn::Connection) {
+    inner.tasks.spawn(super::migrate::announce_owned(
+        inner.clone(),
+        peer.clone(),
+        conn.clone(),
+    ));
     let why = loop {
         let stream = tokio::select! {
             _ = inner.shutdown.cancelled() => break "agent shutting down".to_string(),

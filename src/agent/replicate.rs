@@ -332,7 +332,10 @@ impl Publications {
     /// `region` was handed over to `peer` by a migration: its replicas get one last
     /// epoch (what was written up to the freeze), then are told the region moved; the
     /// publication stays (ended) so `status` and `flush` say so.
-    pub(crate) fn handed_over(&self, region: &str, peer: &str) {
+    ///
+    /// `last_epoch` false: the handover happened before this agent restarted (its new
+    /// owner just said so), so what this agent has is not worth sending: ended at once.
+    pub(crate) fn handed_over(&self, region: &str, peer: &str, last_epoch: bool) {
         let Some(p) = self.get(region) else { return };
         if p.links.is_empty() || lock(&p.ended).is_some() {
             return;
@@ -340,6 +343,9 @@ impl Publications {
         let reason = format!(
             "region {region} was migrated to {peer}, which owns it now (replicate it from {peer})"
         );
+        if !last_epoch {
+            return p.end_replication(&reason);
+        }
         tokio::spawn(async move {
             if let Err(e) = p.flush(HANDOVER_FLUSH).await {
                 tracing::warn!(region = %p.region.name(), "last epoch before ending the replication (the region was migrated away): {e}");
@@ -465,6 +471,11 @@ pub(crate) fn start_tracking(
     {
         return Err(ReplicateError::Conflict(format!(
             "region {region_name} {why}: replicate it from its owner once the migration is done"
+        )));
+    }
+    if let Some(owner) = inner.migrations.handed_over_before_restart(region_name) {
+        return Err(ReplicateError::Conflict(format!(
+            "region {region_name} was migrated to {owner} before this agent restarted ({owner} owns it and said so): replicate it from {owner}"
         )));
     }
     if !inner.migrations.owns(region_name) {
@@ -613,6 +624,11 @@ impl Publication {
         for l in &self.links {
             l.wake.notify_one();
         }
+    }
+
+    /// Published by an application (not a file region replicated by `pagewire replicate`).
+    pub(crate) fn is_by_app(&self) -> bool {
+        self.by_app
     }
 
     /// Whether the replication ended (see [`Publication::end_replication`]).

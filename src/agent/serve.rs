@@ -90,6 +90,7 @@ pub(crate) async fn handle_stream(
         Request::Replicate(r) => &r.region,
         Request::Migrate(m) => &m.region,
         Request::MigrateUrgent { region, .. } => region,
+        Request::Owns { region } => region,
     };
     if !valid_name(region_name) {
         return reply_error(
@@ -144,6 +145,11 @@ pub(crate) async fn handle_stream(
         Request::MigrateUrgent { generation, .. } => {
             super::migrate::dest::serve_urgent(inner.clone(), peer, region, generation, send, recv)
                 .await
+        }
+        Request::Owns { .. } => {
+            super::migrate::learn_owner(&inner, &peer, region.name());
+            let _ = write_frame(&mut send, &Reply::Done).await;
+            let _ = send.finish();
         }
         Request::Hello(_) => {}
     }

@@ -119,6 +119,10 @@ pub enum Request {
     /// receiver's application faulted on, so they do not queue behind background chunks
     /// on the migration stream. The receiver never answers on it.
     MigrateUrgent { region: String, generation: u64 },
+    /// The sender owns `region`: it was migrated to the sender from the receiver, whose
+    /// agent may have restarted since and forgotten the handover. Sent when a connection
+    /// is set up; the receiver answers [`Reply::Done`] (or an error).
+    Owns { region: String },
 }
 
 /// Opens a migration stream (a new migration, or a query after a reconnect).

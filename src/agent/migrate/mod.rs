@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::agent::Inner;
 use crate::control::MigrationStatus;
 use crate::engine::migrate::{DestPhase, MigrateDest, MigrateSource, SourcePhase};
 
@@ -89,6 +90,10 @@ pub(crate) struct Migrations {
     /// Regions received into a file (`pagewire receive`), by region: the one peer a
     /// migration into it is accepted from.
     pub(crate) expected: Mutex<BTreeMap<String, String>>,
+    /// Regions this agent handed over before it restarted, by region: their new owner,
+    /// which said so when it connected ([`crate::proto::Request::Owns`]). Only for
+    /// regions with no migration slot here (this agent's own state comes first).
+    pub(crate) learned: Mutex<BTreeMap<String, String>>,
 }
 
 fn source_phase(p: SourcePhase) -> String {
@@ -111,7 +116,20 @@ impl Migrations {
             .iter()
             .filter_map(|(r, a)| lock(&a.failed).clone().map(|w| (r.clone(), w)))
             .collect();
+        let learned = lock(&self.learned).clone();
         let map = lock(&self.map);
+        let before_restart: Vec<MigrationStatus> = learned
+            .into_iter()
+            .filter(|(region, _)| !map.contains_key(region))
+            .map(|(region, peer)| MigrationStatus {
+                phase: format!("released before this agent restarted ({peer} owns it and said so)"),
+                region,
+                role: "source".into(),
+                peer,
+                owner: false,
+                generation: 0,
+            })
+            .collect();
         // Targets of `pagewire receive` that no migration reached yet.
         let waiting: Vec<MigrationStatus> = lock(&self.expected)
             .iter()
@@ -165,6 +183,7 @@ impl Migrations {
                 }
             })
             .chain(waiting)
+            .chain(before_restart)
             .collect()
     }
 
@@ -173,6 +192,7 @@ impl Migrations {
     /// agent owns the new region; refused while such a migration still runs (B may still
     /// fault chunks in from here).
     pub(crate) fn forget_handed_over(&self, region: &str) -> Result<(), String> {
+        lock(&self.learned).remove(region);
         let mut map = lock(&self.map);
         if let Some(Slot::Source { engine, peer, .. }) = map.get(region) {
             let phase = lock(engine).phase();
@@ -219,14 +239,96 @@ impl Migrations {
         }
     }
 
+    /// The new owner of `region` if it was handed over before this agent restarted (and
+    /// nothing migrated it here since).
+    pub(crate) fn handed_over_before_restart(&self, region: &str) -> Option<String> {
+        if lock(&self.map).contains_key(region) {
+            return None;
+        }
+        lock(&self.learned).get(region).cloned()
+    }
+
+    /// Regions `peer` migrated here that this agent owns now.
+    fn owned_from(&self, peer: &str) -> Vec<String> {
+        lock(&self.map)
+            .iter()
+            .filter_map(|(region, slot)| match slot {
+                Slot::Dest { peer: p, engine } if p == peer && lock(engine).owns() => {
+                    Some(region.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// False when this agent handed `region` over (or holds a partial incoming copy).
     pub(crate) fn owns(&self, region: &str) -> bool {
-        match lock(&self.map).get(region) {
-            None => true,
-            Some(Slot::Source { engine, .. }) => lock(engine).owns(),
-            Some(Slot::Dest { engine, .. }) => lock(engine).owns(),
+        let slot = lock(&self.map).get(region).cloned();
+        match slot {
+            None => !lock(&self.learned).contains_key(region),
+            Some(Slot::Source { engine, .. }) => lock(&engine).owns(),
+            Some(Slot::Dest { engine, .. }) => lock(&engine).owns(),
         }
     }
+}
+
+/// On a new connection to `peer`: tells it which regions it migrated here that this
+/// agent owns, in case it restarted and forgot ([`learn_owner`] on its side).
+pub(crate) async fn announce_owned(inner: Arc<Inner>, peer: String, conn: quinn::Connection) {
+    use crate::proto::codec::{read_frame, write_frame};
+    use crate::proto::{Reply, Request};
+    for region in inner.migrations.owned_from(&peer) {
+        let tell = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(
+                &mut send,
+                &Request::Owns {
+                    region: region.clone(),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            read_frame::<_, Reply>(&mut recv, 4096)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, tell).await {
+            Ok(Ok(_)) => {
+                tracing::debug!(peer = %peer, region = %region, "told the peer this agent owns the region")
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, region = %region, "telling the peer this agent owns the region: {e}")
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, region = %region, "telling the peer this agent owns the region: no answer")
+            }
+        }
+    }
+}
+
+/// `peer` says it owns `region`, which it got by a migration from this agent: if this
+/// agent has no migration state for it (it restarted since), it no longer owns it — it
+/// refuses to migrate or replicate it, ends a replication of it, and `status` says so.
+/// A region an application published anew after the restart is a new region: kept.
+pub(crate) fn learn_owner(inner: &Inner, peer: &str, region: &str) {
+    if lock(&inner.migrations.map).contains_key(region)
+        || inner
+            .publications
+            .get(region)
+            .is_some_and(|p| p.is_by_app())
+        || lock(&inner.migrations.receiving).contains_key(region)
+    {
+        return;
+    }
+    let new = lock(&inner.migrations.learned)
+        .insert(region.into(), peer.into())
+        .as_deref()
+        != Some(peer);
+    if new {
+        tracing::warn!(peer, region, "{peer} owns region {region}: it was migrated there from this agent before this agent restarted; this agent no longer owns it (it will not migrate or replicate it)");
+    }
+    inner.publications.handed_over(region, peer, false);
 }
 
 /// How long to wait for the peer's connection before giving up a migration start.

@@ -715,6 +715,11 @@ async fn attempt(
         region: region_name.into(),
         why,
     };
+    if let Some(owner) = inner.migrations.handed_over_before_restart(region_name) {
+        return Err(busy(format!(
+            "it was migrated to {owner} before this agent restarted ({owner} owns it and said so); this agent no longer owns it"
+        )));
+    }
     // The dirty baseline is taken before the engine starts copying.
     let scanner = {
         let (r, i) = (region.clone(), inner.clone());
@@ -1410,7 +1415,7 @@ impl Driver {
                     // Replicas of the old copy would follow a region nobody writes here.
                     self.inner
                         .publications
-                        .handed_over(self.region.name(), &self.opts.to);
+                        .handed_over(self.region.name(), &self.opts.to, true);
                 }
                 SourceAction::Report(r) => {
                     self.pending = None;
