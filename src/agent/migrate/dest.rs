@@ -264,7 +264,7 @@ async fn watch_lost_source(
                 "the source agent {peer} restarted during post-copy: the {stale} chunks that were only there are lost"
             ),
             _ if lost.elapsed() >= timeout => format!(
-                "no contact with the source agent {peer} for {timeout:?} (fault_timeout) during post-copy; {stale} chunks are still there"
+                "no contact with the source agent {peer} for {timeout:?} (fault_timeout) after the connection was lost, during post-copy; {stale} chunks never arrived"
             ),
             _ => continue,
         };
@@ -273,7 +273,12 @@ async fn watch_lost_source(
     }
     // Failed: answer every fault with SIGBUS (the fd is non-blocking; polled, so that a
     // session that takes the fd over again is not raced by a second registration).
+    // Threads already waiting on faults the last session read are woken: they fault
+    // again, and those faults are answered here.
     let fd = app.uffd.as_raw_fd();
+    if let Err(e) = uffd::wake(fd, app.base, app.map_len) {
+        tracing::debug!(region = %app.region.name(), "waking the waiting threads: {e}");
+    }
     while !resumed() && !inner.shutdown.is_cancelled() {
         loop {
             match uffd::read_event(fd) {
