@@ -214,6 +214,11 @@ pub(crate) struct Publication {
     ended: Mutex<Option<String>>,
     /// Ends the link tasks (each tells its replica why, between epochs).
     links_ended: CancellationToken,
+    /// No epochs while set (a migration of the region is freezing it): see
+    /// [`Publications::hold`].
+    held: AtomicBool,
+    /// Held by the producer while it collects and reads an epoch.
+    collecting: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -329,6 +334,25 @@ impl Publications {
         Ok(p.status())
     }
 
+    /// A migration of `region` is about to take its final snapshot: no epoch is made
+    /// until [`Publications::release_hold`] (or the end of the replication), and one
+    /// being collected now is waited for, so replicas never get writes that the
+    /// migration's destination does not. Blocking.
+    pub(crate) fn hold(&self, region: &str) {
+        if let Some(p) = self.get(region) {
+            p.held.store(true, Ordering::Release);
+            drop(lock(&p.collecting));
+        }
+    }
+
+    /// Lets epochs go again (the migration was given up).
+    pub(crate) fn release_hold(&self, region: &str) {
+        if let Some(p) = self.get(region) {
+            // The producer goes on at its next tick.
+            p.held.store(false, Ordering::Release);
+        }
+    }
+
     /// `region` was handed over to `peer` by a migration: its replicas get one last
     /// epoch (what was written up to the freeze), then are told the region moved; the
     /// publication stays (ended) so `status` and `flush` say so.
@@ -338,14 +362,18 @@ impl Publications {
     pub(crate) fn handed_over(&self, region: &str, peer: &str, last_epoch: bool) {
         let Some(p) = self.get(region) else { return };
         if p.links.is_empty() || lock(&p.ended).is_some() {
+            p.held.store(false, Ordering::Release);
             return;
         }
-        let reason = format!(
-            "region {region} was migrated to {peer}, which owns it now (replicate it from {peer})"
-        );
         if !last_epoch {
-            return p.end_replication(&reason);
+            return p.end_replication(&format!(
+                "region {region} was migrated to {peer}, which owns it now; this replica may hold an earlier state than {peer} took over (replicate it from {peer})"
+            ));
         }
+        let reason = format!(
+            "region {region} was migrated to {peer}, which owns it now; this replica holds what {peer} took over (replicate it from {peer})"
+        );
+        p.held.store(false, Ordering::Release);
         tokio::spawn(async move {
             if let Err(e) = p.flush(HANDOVER_FLUSH).await {
                 tracing::warn!(region = %p.region.name(), "last epoch before ending the replication (the region was migrated away): {e}");
@@ -549,6 +577,8 @@ pub(crate) fn start_tracking(
         by_app,
         ended: Mutex::new(None),
         links_ended: CancellationToken::new(),
+        held: AtomicBool::new(false),
+        collecting: Mutex::new(()),
     });
     map.insert(region_name.into(), p.clone());
     drop(map);
@@ -655,7 +685,10 @@ impl Publication {
         let epoch = match rx.await {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => return Err(ReplicateError::Tracker(e)),
-            Err(_) => return Err(ReplicateError::Shutdown),
+            Err(_) => {
+                self.check_ended()?;
+                return Err(ReplicateError::Shutdown);
+            }
         };
         self.wait_acked(epoch, timeout).await?;
         Ok(epoch)
@@ -707,8 +740,9 @@ async fn produce(
 ) {
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Flushes waiting for the next epoch (kept while a migration holds epochs back).
+    let mut waiters = Vec::new();
     loop {
-        let mut waiters = Vec::new();
         tokio::select! {
             _ = p.cancel.cancelled() => return,
             _ = p.links_ended.cancelled(), if !p.by_app => return,
@@ -722,20 +756,28 @@ async fn produce(
         while let Ok(w) = flush_rx.try_recv() {
             waiters.push(w);
         }
+        if p.held.load(Ordering::Acquire) {
+            continue;
+        }
         let pc = p.clone();
         let collected = tokio::task::spawn_blocking(move || {
+            let _collecting = lock(&pc.collecting);
+            if pc.held.load(Ordering::Acquire) {
+                return Ok(None);
+            }
             pc.collect_into_taps()?;
             let ranges = crate::track::normalize(std::mem::take(&mut lock(&pc.taps).replication));
             if pc.links.is_empty() || pc.links_ended.is_cancelled() {
                 // Published for migration only: nobody to send epochs to.
-                return Ok((Vec::new(), 0));
+                return Ok(Some((Vec::new(), 0)));
             }
-            read_pieces(&pc.region, &ranges)
+            read_pieces(&pc.region, &ranges).map(Some)
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         let (pieces, bytes) = match collected {
-            Ok(x) => x,
+            Ok(Some(x)) => x,
+            Ok(None) => continue, // held since the check above
             Err(e) => {
                 let again = lock(&p.collect_error).replace(e.clone()).as_ref() == Some(&e);
                 if again {
@@ -743,7 +785,7 @@ async fn produce(
                 } else {
                     tracing::warn!(region = %p.region.name(), "collecting changes failed (replicas get no changes until this is fixed): {e}");
                 }
-                for w in waiters {
+                for w in std::mem::take(&mut waiters) {
                     let _ = w.send(Err(e.clone()));
                 }
                 continue;
@@ -776,7 +818,7 @@ async fn produce(
             }
             *e
         };
-        for w in waiters {
+        for w in std::mem::take(&mut waiters) {
             let _ = w.send(Ok(epoch));
         }
     }

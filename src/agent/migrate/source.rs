@@ -1371,7 +1371,11 @@ impl Driver {
                     let f = self.opts.freeze.clone();
                     let sc = self.scanner.clone();
                     tracing::info!(region = %self.region.name(), freeze = ?f, "freezing the writer");
+                    let (inner, name) = (self.inner.clone(), self.region.name().to_string());
                     self.pending = Some(Pending::Freeze(tokio::task::spawn_blocking(move || {
+                        // Replicas of the region get nothing newer than what B will
+                        // have: epochs stop before the final collection.
+                        inner.publications.hold(&name);
                         let began = Instant::now();
                         match f {
                             Freeze::Snapshot => Ok(()),
@@ -1383,6 +1387,7 @@ impl Driver {
                     })));
                 }
                 SourceAction::Resume => {
+                    self.inner.publications.release_hold(self.region.name());
                     // A freeze still running is waited for, then undone.
                     if let Some(Pending::Freeze(h)) = self.pending.take() {
                         let _ = h.await;
@@ -1413,12 +1418,18 @@ impl Driver {
                 SourceAction::Release => {
                     tracing::info!(region = %self.region.name(), to = %self.opts.to, "region handed over: this agent no longer owns it");
                     // Replicas of the old copy would follow a region nobody writes here.
+                    // With writers frozen, one last epoch gives them exactly what B took
+                    // over; a snapshot froze nothing, so they keep what they had.
+                    let frozen = !matches!(self.opts.freeze, Freeze::Snapshot);
                     self.inner
                         .publications
-                        .handed_over(self.region.name(), &self.opts.to, true);
+                        .handed_over(self.region.name(), &self.opts.to, frozen);
                 }
                 SourceAction::Report(r) => {
                     self.pending = None;
+                    if lock(&self.engine).owns() {
+                        self.inner.publications.release_hold(self.region.name());
+                    }
                     self.report = Some(r);
                 }
             }
