@@ -537,6 +537,13 @@ pub enum ControlEvent {
     ReceivedFile(ReceiveReport),
     /// The replication's last status, after [`ControlRequest::StopReplication`].
     ReplicationStopped(ReplicationStatus),
+    /// A migration ended without moving the region: `outcome` as in
+    /// [`MigrationReport`] (`refused`, `link-lost`, `cancelled`, ...; `failed` when it
+    /// could not start), and why.
+    MigrateFailed {
+        outcome: String,
+        message: String,
+    },
 }
 
 /// `pagewire status`.
@@ -660,6 +667,9 @@ pub enum ControlError {
     /// The agent reported an error.
     #[error("{0}")]
     Agent(String),
+    /// A migration ended without moving the region ([`ControlEvent::MigrateFailed`]).
+    #[error("{message}")]
+    Migration { outcome: String, message: String },
 }
 
 /// A connection to the local agent.
@@ -849,11 +859,14 @@ impl ControlClient {
             progress,
             |ev| match ev {
                 ControlEvent::MigrateProgress(p) => Streamed::Progress(p),
-                ControlEvent::Migrated(r) => Streamed::End(r),
+                ControlEvent::Migrated(r) => Streamed::End(Ok(r)),
+                ControlEvent::MigrateFailed { outcome, message } => {
+                    Streamed::End(Err(ControlError::Migration { outcome, message }))
+                }
                 other => Streamed::Other(Box::new(other)),
             },
         )
-        .await
+        .await?
     }
 
     /// `pagewire receive`: waits until the local agent owns `args.region`, migrated into

@@ -509,11 +509,17 @@ async fn run(cli: Cli) -> Result<()> {
             let r = migrate(m).await;
             if let (true, Err(e)) = (json, &r) {
                 // Scripts get one JSON object on stdout whatever happened.
-                let interrupted = e.is::<Interrupted>();
+                let outcome = match e.downcast_ref::<pagewire::control::ControlError>() {
+                    Some(pagewire::control::ControlError::Migration { outcome, .. }) => {
+                        outcome.as_str()
+                    }
+                    _ if e.is::<Interrupted>() => "interrupted",
+                    _ => "failed",
+                };
                 let failed = serde_json::json!({
                     "region": region,
                     "to": to,
-                    "outcome": if interrupted { "interrupted" } else { "failed" },
+                    "outcome": outcome,
                     "error": one_line(e),
                 });
                 println!("{failed}");

@@ -1910,6 +1910,7 @@ async fn a_received_region_accepts_its_named_source_only() {
     random_file(&dc.path().join("m"), size, 6);
     let mut ca = mesh.config("a", pa, &[("b", pb), ("c", pc)]);
     ca.regions.push(("m".into(), da.path().join("m")));
+    ca.control = Some(da.path().join("a.sock"));
     let mut cb = mesh.config("b", pb, &[("a", pa), ("c", pc)]);
     cb.control = Some(db.path().join("b.sock"));
     let mut cc = mesh.config("c", pc, &[("a", pa), ("b", pb)]);
@@ -1932,6 +1933,32 @@ async fn a_received_region_accepts_its_named_source_only() {
             .map(|m| m.phase)
     };
     assert_eq!(phase(&a).as_deref(), Some("aborted (refused)"));
+    // Through the control socket (what `pagewire migrate --json` reports): the outcome.
+    let args = MigrateArgs {
+        region: "m".into(),
+        to: "b".into(),
+        downtime_budget_ms: 50,
+        max_rounds: 4,
+        max_time_ms: 10_000,
+        freeze_pid: None,
+        freeze_writes: false,
+        max_bandwidth_bps: None,
+        postcopy: false,
+        no_mmap_writers: false,
+    };
+    let e = ControlClient::connect(&da.path().join("a.sock"))
+        .await
+        .unwrap()
+        .migrate(args, |_| {})
+        .await
+        .unwrap_err();
+    match &e {
+        pagewire::control::ControlError::Migration { outcome, message } => {
+            assert_eq!(outcome, "refused", "{message}");
+            assert!(message.contains("pagewire receive --from a"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     let target = db.path().join("m.received");
     let client = ControlClient::connect(&db.path().join("b.sock"))
         .await

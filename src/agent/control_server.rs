@@ -351,9 +351,17 @@ async fn migrate(inner: Arc<Inner>, args: crate::control::MigrateArgs, mut w: Ow
     };
     let ev = match result {
         Ok(r) => ControlEvent::Migrated(r),
-        Err(e) => ControlEvent::Error {
-            message: e.to_string(),
-        },
+        Err(e) => {
+            let outcome = match &e {
+                super::MigrateRunError::Aborted { outcome, .. } => *outcome,
+                super::MigrateRunError::Refused { .. } => "refused",
+                _ => "failed",
+            };
+            ControlEvent::MigrateFailed {
+                outcome: outcome.to_string(),
+                message: e.to_string(),
+            }
+        }
     };
     let _ = send(&mut w, &ev).await;
 }
