@@ -342,6 +342,9 @@ pub struct ReplicationStatus {
     /// Most bytes queued for one replica before it is cut loose and caught up by hash.
     #[serde(default)]
     pub window: u64,
+    /// The inotify tracker's periodic hash scan, ms (`None`: none).
+    #[serde(default)]
+    pub scan_interval_ms: Option<u64>,
     /// Why the replication ended (stopped by an operator, or the region was migrated
     /// away): the replicas were told and keep what they applied; `None` while it runs.
     #[serde(default)]

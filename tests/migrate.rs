@@ -2391,6 +2391,25 @@ async fn replication_ends_case(exact: bool) {
     let st = c.status();
     let x = st.replicas.iter().find(|x| x.region == "r").unwrap();
     assert_eq!((x.owner.as_str(), x.ended.as_deref()), ("b", None), "{x:?}");
+    if exact {
+        // Back to a: a's ended replication is history; a replicates it to c again.
+        let back = MigrateOptions {
+            freeze: Freeze::Snapshot,
+            ..MigrateOptions::new("a")
+        };
+        let r = within(b.migrate("r", back, |_| {})).await.unwrap();
+        assert_eq!(r.outcome, "migrated");
+        assert!(
+            a.status().replications.iter().all(|x| x.region != "r"),
+            "{:?}",
+            a.status().replications
+        );
+        let e = a.flush("r", Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.to_string().contains("does not replicate"), "{e}");
+        a.replicate_file("r", "hash-scan", None, &to_c).unwrap();
+        within(a.flush("r", Duration::from_secs(60))).await.unwrap();
+        assert_same(&fa, &fc);
+    }
     a.shutdown().await;
     b.shutdown().await;
     c.shutdown().await;

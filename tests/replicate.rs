@@ -647,6 +647,31 @@ async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
         .find(|x| x.region == "r")
         .unwrap();
     assert_eq!((x.connected, x.ended), (true, None));
+    // The inotify tracker's periodic scan is a setting too.
+    ctl().await.stop_replication("r").await.unwrap();
+    let inotify = |scan_ms: u64| ReplicateArgs {
+        tracker: Some("inotify".into()),
+        scan_interval_ms: Some(scan_ms),
+        ..args(128 * MIB)
+    };
+    let st = tokio::time::timeout(limit, ctl().await.replicate(inotify(0), |_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (st.tracker.as_str(), st.scan_interval_ms),
+        ("inotify", None)
+    );
+    let e = ctl()
+        .await
+        .replicate(inotify(1000), |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no periodic scan") && e.contains("--stop"),
+        "{e}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -422,15 +422,23 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
                 || args
                     .interval_ms
                     .is_some_and(|ms| ms.max(1) != st.interval_ms)
-                || args.window.is_some_and(|b| b != st.window);
+                || args.window.is_some_and(|b| b != st.window)
+                || (st.tracker == "inotify"
+                    && args.scan_interval_ms.is_some()
+                    && scan.map(|d| d.as_millis() as u64) != st.scan_interval_ms);
             if differs {
                 let message = format!(
-                    "{} is already replicating to {} with tracker {} every {} ms, window {} bytes; a running replication cannot change its replicas or settings: stop it first (pagewire replicate --region {} --stop), then start it anew",
+                    "{} is already replicating to {} with tracker {} every {} ms, window {} bytes{}; a running replication cannot change its replicas or settings: stop it first (pagewire replicate --region {} --stop), then start it anew",
                     args.region,
                     now.join(", "),
                     st.tracker,
                     st.interval_ms,
                     st.window,
+                    match st.scan_interval_ms {
+                        Some(ms) if st.tracker == "inotify" => format!(", full scan every {ms} ms"),
+                        None if st.tracker == "inotify" => ", no periodic scan".into(),
+                        _ => String::new(),
+                    },
                     args.region
                 );
                 return send_error(&mut w, message).await;

@@ -206,6 +206,8 @@ pub(crate) struct Publication {
     collect_error: Mutex<Option<String>>,
     /// Most bytes queued for one replica (the `window` it was started with).
     window: u64,
+    /// The tracker's periodic rescan, if any.
+    scan_interval: Option<Duration>,
     /// Published by an application (its tracker also serves a migration of the region):
     /// ending the replication keeps the publication.
     by_app: bool,
@@ -332,6 +334,20 @@ impl Publications {
             map.remove(region);
         }
         Ok(p.status())
+    }
+
+    /// Forgets a file region's replication that ended (the region is being migrated back
+    /// here: `status` and `flush` must not go on saying it was migrated away).
+    pub(crate) fn forget_ended(&self, region: &str) {
+        let mut map = lock(&self.map);
+        if map
+            .get(region)
+            .is_some_and(|p| !p.by_app && lock(&p.ended).is_some())
+        {
+            if let Some(p) = map.remove(region) {
+                p.cancel.cancel();
+            }
+        }
     }
 
     /// A migration of `region` is about to take its final snapshot: no epoch is made
@@ -564,6 +580,7 @@ pub(crate) fn start_tracking(
     let p = Arc::new(Publication {
         region,
         tracker_name: tracker.name(),
+        scan_interval: tracker.scan_interval(),
         tracker: Arc::new(Mutex::new(tracker)),
         interval: opts.interval,
         epoch: Mutex::new(0),
@@ -606,6 +623,7 @@ impl Publication {
             interval_ms: self.interval.as_millis() as u64,
             error: lock(&self.collect_error).clone(),
             window: self.window,
+            scan_interval_ms: self.scan_interval.map(|d| d.as_millis() as u64),
             ended: lock(&self.ended).clone(),
             replicas: self
                 .links

@@ -250,6 +250,10 @@ impl FileTracker {
 }
 
 impl DirtyTracker for FileTracker {
+    fn scan_interval(&self) -> Option<Duration> {
+        self.scan_every.filter(|_| self.inotify.is_some())
+    }
+
     fn name(&self) -> &'static str {
         if self.inotify.is_some() {
             "inotify"

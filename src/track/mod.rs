@@ -60,6 +60,12 @@ pub trait DirtyTracker: Send {
     /// The ranges written since the previous call (since creation for the first call).
     fn collect(&mut self) -> Result<Ranges, TrackError>;
 
+    /// How often the whole region is rescanned besides the tracker's events (the
+    /// inotify file tracker's periodic hash scan), if at all.
+    fn scan_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Whether [`freeze`](Self::freeze) works here.
     fn can_freeze(&self) -> bool {
         false

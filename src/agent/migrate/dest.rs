@@ -128,6 +128,9 @@ pub(crate) async fn serve(
         Ok(e) => e,
         Err(why) => return refuse(&mut send, ErrorKind::Busy, why).await,
     };
+    // A replication of the region that ended when it was migrated away is history now
+    // that it is coming back.
+    inner.publications.forget_ended(&name);
     let app = lock(&inner.migrations.receiving).get(&name).cloned();
     if open.postcopy && app.is_none() {
         return refuse(
