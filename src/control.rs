@@ -377,6 +377,10 @@ pub struct ReplicaLinkStatus {
     /// then); false while the catch-up is on its way.
     #[serde(default)]
     pub caught_up: bool,
+    /// After the replication ended: the replica confirmed it was told (a replica that was
+    /// down or did not answer in time keeps its copy but does not know it ended).
+    #[serde(default)]
+    pub told_end: bool,
     /// Time from an epoch's collection to the replica's acknowledgement (newest 4096
     /// epochs): what a write waits beyond the collection interval.
     pub apply_p50_ms: Option<f64>,

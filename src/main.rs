@@ -772,15 +772,20 @@ async fn replicate(r: ReplicateCmd) -> Result<()> {
             println!("{}", serde_json::to_string(&st)?);
         } else {
             println!(
-                "stopped replicating {} at epoch {}; replicas keep what they applied: {}",
-                st.region,
-                st.epoch,
-                st.replicas
-                    .iter()
-                    .map(|x| format!("{} (acked epoch {})", x.peer, x.acked_epoch))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "stopped replicating {} at epoch {}; replicas keep what they applied",
+                st.region, st.epoch
             );
+            for x in &st.replicas {
+                if x.told_end {
+                    println!("  {}: told (acked epoch {})", x.peer, x.acked_epoch);
+                } else {
+                    println!(
+                        "  {}: NOT told ({}); its status does not say the replication ended",
+                        x.peer,
+                        x.last_error.as_deref().unwrap_or("not connected")
+                    );
+                }
+            }
         }
         return Ok(());
     }

@@ -603,6 +603,7 @@ async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
         st.ended.as_deref().is_some_and(|w| w.contains("--stop")),
         "{st:?}"
     );
+    assert!(st.replicas[0].told_end, "{st:?}");
     let told = wait_for(limit, || {
         a.status()
             .replicas
@@ -672,6 +673,25 @@ async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
         e.contains("no periodic scan") && e.contains("--stop"),
         "{e}"
     );
+    // A replica that is down when the replication is stopped is not told, and the stop
+    // says so.
     a.shutdown().await;
+    let down = wait_for(limit, || {
+        b.status()
+            .replications
+            .iter()
+            .all(|x| x.replicas.iter().all(|l| !l.connected))
+    })
+    .await;
+    assert!(down.is_ok());
+    let st = ctl().await.stop_replication("r").await.unwrap();
+    let l = &st.replicas[0];
+    assert!(!l.told_end, "{st:?}");
+    assert!(
+        l.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not told")),
+        "{st:?}"
+    );
     b.shutdown().await;
 }

@@ -208,6 +208,7 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
             let ev = match inner
                 .publications
                 .stop_replication(&region, super::replicate::STOPPED_BY_OPERATOR)
+                .await
             {
                 Ok(st) => ControlEvent::ReplicationStopped(st),
                 Err(e) => ControlEvent::Error {

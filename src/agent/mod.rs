@@ -274,13 +274,14 @@ impl Agent {
 
     /// On the owner: stops replicating `region`; every replica is told and keeps what it
     /// applied. Returns the replication's last status.
-    pub fn stop_replication(
+    pub async fn stop_replication(
         &self,
         region: &str,
     ) -> Result<crate::control::ReplicationStatus, ReplicateError> {
         self.inner
             .publications
             .stop_replication(region, replicate::STOPPED_BY_OPERATOR)
+            .await
     }
 
     /// On the owner: makes an epoch of everything written so far and waits until every

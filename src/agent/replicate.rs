@@ -161,6 +161,10 @@ struct LinkHandle {
     refused: AtomicBool,
     /// The replica acknowledged this session's catch-up (see `ReplicaLinkStatus::caught_up`).
     caught_up: AtomicBool,
+    /// The replica confirmed the end of the replication (see `ReplicaLinkStatus::told_end`).
+    told_end: AtomicBool,
+    /// The link's task ended.
+    done: AtomicBool,
     /// Collect-to-applied latency of tracked epochs, µs (newest `LAG_SAMPLES`).
     lags: Mutex<std::collections::VecDeque<u32>>,
 }
@@ -314,12 +318,23 @@ impl Publications {
     /// Ends the replication of `region` (`pagewire replicate --stop`): every replica is
     /// told why and keeps what it applied. A file region's publication goes (it may be
     /// replicated anew, with other settings); an application's stays published, with no
-    /// replicas. Returns its last status.
-    pub(crate) fn stop_replication(
+    /// replicas. Returns its last status once every replica was told (or could not be:
+    /// `told_end` says which).
+    pub(crate) async fn stop_replication(
         &self,
         region: &str,
         reason: &str,
     ) -> Result<ReplicationStatus, ReplicateError> {
+        let p = self.end_replication_of(region, reason)?;
+        p.links_done(STOP_GRACE + Duration::from_secs(2)).await;
+        Ok(p.status())
+    }
+
+    fn end_replication_of(
+        &self,
+        region: &str,
+        reason: &str,
+    ) -> Result<Arc<Publication>, ReplicateError> {
         let mut map = lock(&self.map);
         let p = match map.get(region) {
             Some(p) if lock(&p.ended).is_none() => p.clone(),
@@ -333,7 +348,7 @@ impl Publications {
         if !p.by_app {
             map.remove(region);
         }
-        Ok(p.status())
+        Ok(p)
     }
 
     /// Forgets a file region's replication that ended (the region is being migrated back
@@ -573,6 +588,8 @@ pub(crate) fn start_tracking(
                 last_error: Mutex::new(None),
                 refused: AtomicBool::new(false),
                 caught_up: AtomicBool::new(false),
+                told_end: AtomicBool::new(false),
+                done: AtomicBool::new(false),
                 lags: Mutex::new(Default::default()),
             })
         })
@@ -649,6 +666,7 @@ impl Publication {
                         last_error: lock(&l.last_error).clone(),
                         refused: l.refused.load(Ordering::Relaxed),
                         caught_up: l.caught_up.load(Ordering::Relaxed),
+                        told_end: l.told_end.load(Ordering::Relaxed),
                         apply_p50_ms: p50,
                         apply_p99_ms: p99,
                     }
@@ -677,6 +695,17 @@ impl Publication {
     /// Published by an application (not a file region replicated by `pagewire replicate`).
     pub(crate) fn is_by_app(&self) -> bool {
         self.by_app
+    }
+
+    /// Waits (at most `limit`) until every link task has told its replica that the
+    /// replication ended, or given up.
+    pub(crate) async fn links_done(&self, limit: Duration) {
+        let end = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < end
+            && !self.links.iter().all(|l| l.done.load(Ordering::Acquire))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether the replication ended (see [`Publication::end_replication`]).
@@ -844,11 +873,19 @@ async fn produce(
 
 /// One replica: sessions until the publication ends.
 async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
+    link(inner, &p, &l).await;
+    l.done.store(true, Ordering::Release);
+}
+
+async fn link(inner: Arc<Inner>, p: &Arc<Publication>, l: &Arc<LinkHandle>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let conn = tokio::select! {
             _ = p.cancel.cancelled() => return,
-            _ = p.links_ended.cancelled() => return,
+            _ = p.links_ended.cancelled() => {
+                *lock(&l.last_error) = Some("not connected when the replication ended: it was not told".into());
+                return;
+            }
             c = inner.peers.wait(&l.peer, &inner.shutdown) => match c {
                 Some(c) => c,
                 None => return,
@@ -856,13 +893,13 @@ async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
         };
         let r = tokio::select! {
             _ = p.cancel.cancelled() => return,
-            r = session(&p, &l, &conn) => r,
+            r = session(p, l, &conn) => r,
             // The session tells the replica between epochs; one stuck in an epoch (the
             // replica stopped reading) is cut after a grace period.
             _ = async {
                 p.links_ended.cancelled().await;
-                tokio::time::sleep(STOP_GRACE).await;
-            } => Err("the replica did not take the end of the replication in time".into()),
+                tokio::time::sleep(STOP_GRACE + Duration::from_secs(1)).await;
+            } => Err("the replica did not take the end of the replication in time: it was not told".into()),
         };
         l.connected.store(false, Ordering::Relaxed);
         if p.links_ended.is_cancelled() {
@@ -1094,10 +1131,21 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
         r = acks => r,
         r = sender => r,
     };
-    if r.is_ok() {
-        // Stop was sent and the stream finished: let it drain to the replica.
-        let _ = tokio::time::timeout(STOP_GRACE, send.stopped()).await;
-    }
+    let r = match r {
+        // Stop was sent and the stream finished: the replica read it once the stream
+        // drained (or it stopped reading after it).
+        Ok(()) => match tokio::time::timeout(STOP_GRACE, send.stopped()).await {
+            Ok(Ok(_)) => {
+                l.told_end.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(
+                "the replica did not take the end of the replication in time: it was not told"
+                    .into(),
+            ),
+        },
+        e => e,
+    };
     let _ = send.reset(WireCode::Cancelled.varint());
     let _ = recv.stop(WireCode::Cancelled.varint());
     r
