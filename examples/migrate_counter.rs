@@ -1420,8 +1420,13 @@ pub mod two_hosts {
                     last = line;
                 })
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                // Known: the agent said how the migration ended. Otherwise (the agent
+                // went away mid-way) nobody here knows whether it handed the region over.
+                .map_err(|e| {
+                    let known = matches!(e, pagewire::control::ControlError::Migration { .. });
+                    (known, e.to_string())
+                }),
+            Err(e) => Err((true, e.to_string())),
         };
         match result {
             Ok(report) => {
@@ -1456,7 +1461,7 @@ pub mod two_hosts {
                     Some(HeldApp { thread, published }),
                 ))
             }
-            Err(e) => {
+            Err((known, e)) => {
                 // Aborted: the writers were released and the region is still a's. (If
                 // the outcome is in doubt the writer may still be held, inside an
                 // increment and its lock: stop it from another thread, wait a while.)
@@ -1477,9 +1482,15 @@ pub mod two_hosts {
                     (0, Some(HeldApp { thread, published }))
                 };
                 let a = counter.image()?;
-                say(args, format!(
-                    "migration to {to} FAILED: {e}; the app ran on here (its region is intact) and made {increments} increments",
-                ));
+                if known {
+                    say(args, format!(
+                        "migration to {to} FAILED: {e}; the app ran on here (its region is intact) and made {increments} increments",
+                    ));
+                } else {
+                    say(args, format!(
+                        "migration to {to}: OUTCOME UNKNOWN ({e}): the local agent went away mid-migration, so {to} may own the region now; the app here was stopped after {increments} increments: check `pagewire status` on {to} before running it here again",
+                    ));
+                }
                 Ok((
                     SourceSummary {
                         ok: false,
