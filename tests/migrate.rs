@@ -2219,20 +2219,9 @@ async fn a_region_is_not_replicated_during_or_against_a_migration() {
     let (r, ()) = within(async { tokio::join!(migration, check) }).await;
     assert_eq!(r.unwrap().outcome, "migrated");
     assert_same(&p.a_file(), &p.b_file());
-    // b owns r now; b's application writes to it.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(p.b_file())
-        .unwrap()
-        .write_all_at(&[7u8; 4096], 0)
-        .unwrap();
-    let owned = std::fs::read(p.b_file()).unwrap();
     // a restarts and forgets that it handed r over; b tells it when they connect, and
     // a refuses to replicate its stale copy.
-    a.shutdown().await;
-    let a = start(p.config_a()).await;
-    settled(&a, &b).await;
-    told_it_was_handed_over(&a).await;
+    let (a, owned) = restart_old_owner(&p, a, &b).await;
     let refusal = a
         .replicate_file("r", "hash-scan", None, &to_b)
         .unwrap_err()
@@ -2425,6 +2414,23 @@ async fn a_replica_never_gets_writes_a_snapshot_migration_left_behind() {
     replication_ends_case(false).await;
 }
 
+/// After r was migrated from a to b: b's application writes r, then a restarts (it
+/// forgets the handover) and waits until b told it. Returns the new a and b's bytes.
+async fn restart_old_owner(p: &Pair, a: Agent, b: &Agent) -> (Agent, Vec<u8>) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.b_file())
+        .unwrap()
+        .write_all_at(&[7u8; 4096], 0)
+        .unwrap();
+    let owned = std::fs::read(p.b_file()).unwrap();
+    a.shutdown().await;
+    let a = start(p.config_a()).await;
+    settled(&a, b).await;
+    told_it_was_handed_over(&a).await;
+    (a, owned)
+}
+
 /// Waits until `ag` (an old owner that restarted) was told by the new owner that region
 /// r was handed over before the restart.
 async fn told_it_was_handed_over(ag: &Agent) {
@@ -2457,17 +2463,7 @@ async fn a_restarted_old_owner_cannot_migrate_its_stale_copy_over_the_new_owner(
         .await
         .unwrap();
     assert_eq!(r.outcome, "migrated");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(p.b_file())
-        .unwrap()
-        .write_all_at(&[7u8; 4096], 0)
-        .unwrap();
-    let owned = std::fs::read(p.b_file()).unwrap();
-    a.shutdown().await;
-    let a = start(p.config_a()).await;
-    settled(&a, &b).await;
-    told_it_was_handed_over(&a).await;
+    let (a, owned) = restart_old_owner(&p, a, &b).await;
     let e = within(a.migrate("r", opts(50, 3, Freeze::Snapshot), |_| {}))
         .await
         .unwrap_err();
