@@ -312,13 +312,14 @@ pub(crate) async fn announce_owned(inner: Arc<Inner>, peer: String, conn: quinn:
 /// refuses to migrate or replicate it, ends a replication of it, and `status` says so.
 /// A region an application published anew after the restart is a new region: kept.
 pub(crate) fn learn_owner(inner: &Inner, peer: &str, region: &str) {
-    if lock(&inner.migrations.map).contains_key(region)
-        || inner
-            .publications
-            .get(region)
-            .is_some_and(|p| p.is_by_app())
-        || lock(&inner.migrations.receiving).contains_key(region)
-    {
+    // One lock at a time.
+    let has_slot = lock(&inner.migrations.map).contains_key(region);
+    let receiving = lock(&inner.migrations.receiving).contains_key(region);
+    let by_app = inner
+        .publications
+        .get(region)
+        .is_some_and(|p| p.is_by_app());
+    if has_slot || receiving || by_app {
         return;
     }
     let new = lock(&inner.migrations.learned)
