@@ -365,6 +365,19 @@ impl Publications {
         }
     }
 
+    /// `region` was handed over to `peer` before this agent restarted (its new owner just
+    /// said so): a replication of it started since sent this agent's stale copy, which
+    /// may differ from `peer`'s; it ends at once.
+    pub(crate) fn handed_over_before_restart(&self, region: &str, peer: &str) {
+        let Some(p) = self.get(region) else { return };
+        if p.links.is_empty() || lock(&p.ended).is_some() {
+            return;
+        }
+        p.end_replication(&format!(
+            "region {region} was migrated to {peer} before this agent restarted, and {peer} owns it; this replica got this agent's stale copy, which may differ from {peer}'s (replicate it from {peer})"
+        ));
+    }
+
     /// A migration of `region` is about to take its final snapshot: no epoch is made
     /// until [`Publications::release_hold`] (or the end of the replication), and one
     /// being collected now is waited for, so replicas never get writes that the
@@ -388,8 +401,8 @@ impl Publications {
     /// epoch (what was written up to the freeze), then are told the region moved; the
     /// publication stays (ended) so `status` and `flush` say so.
     ///
-    /// `last_epoch` false: the handover happened before this agent restarted (its new
-    /// owner just said so), so what this agent has is not worth sending: ended at once.
+    /// `last_epoch` false: the writers were not frozen (a snapshot), so replicas keep an
+    /// earlier state: ended at once.
     pub(crate) fn handed_over(&self, region: &str, peer: &str, last_epoch: bool) {
         let Some(p) = self.get(region) else { return };
         if p.links.is_empty() || lock(&p.ended).is_some() {

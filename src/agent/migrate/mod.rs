@@ -329,7 +329,7 @@ pub(crate) fn learn_owner(inner: &Inner, peer: &str, region: &str) {
     if new {
         tracing::warn!(peer, region, "{peer} owns region {region}: it was migrated there from this agent before this agent restarted; this agent no longer owns it (it will not migrate or replicate it)");
     }
-    inner.publications.handed_over(region, peer, false);
+    inner.publications.handed_over_before_restart(region, peer);
 }
 
 /// How long to wait for the peer's connection before giving up a migration start.
