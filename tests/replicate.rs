@@ -330,7 +330,8 @@ async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<(), ()
     Ok(())
 }
 
-/// Agents `b` (owner of region r at `src`) and `a` (replica at `dst`), connected.
+/// Agents `b` (owner of region r at `src`, control socket `b.sock` in its directory)
+/// and `a` (replica at `dst`), connected.
 async fn pair(
     size: u64,
     seed: u64,
@@ -351,6 +352,7 @@ async fn pair(
     sparse_file(&dst, size, &[]);
     let mut cb = mesh.config("b", pb, &[("a", pa)]);
     cb.regions.push(("r".into(), src.clone()));
+    cb.control = Some(db.path().join("b.sock"));
     let mut ca = mesh.config("a", pa, &[("b", pb)]);
     ca.regions.push(("r".into(), dst.clone()));
     let b = start(cb).await;
@@ -432,24 +434,8 @@ async fn inotify_and_the_periodic_scan_see_other_processes_writes() {
 /// inotify, the first failure used to be the only one: flushes after it "succeeded").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_cannot_be_tracked_fails_flush_and_shows_in_status() {
-    logs();
     let size = 4 * MIB;
-    let Files {
-        mesh,
-        pa,
-        pb,
-        da: _da,
-        db,
-        src,
-        dst,
-    } = files(size, 1);
-    let mut cb = mesh.config("b", pb, &[("a", pa)]);
-    cb.regions.push(("r".into(), src.clone()));
-    let mut ca = mesh.config("a", pa, &[("b", pb)]);
-    ca.regions.push(("r".into(), dst.clone()));
-    let b = start(cb).await;
-    let a = start(ca).await;
-    connected(&b, "a").await;
+    let (_mesh, a, b, (_da, db), src, dst) = pair(size, 1).await;
     b.replicate_file("r", "inotify", None, &opts(&["a"]))
         .unwrap();
     b.flush("r", Duration::from_secs(60)).await.unwrap();
@@ -544,26 +530,9 @@ async fn replicate_returns_once_the_replica_applied_the_catch_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
     use pagewire::control::{ControlClient, ReplicateArgs};
-    logs();
     let size = 4 * MIB;
-    let Files {
-        mesh,
-        pa,
-        pb,
-        da: _da,
-        db,
-        src,
-        dst,
-    } = files(size, 9);
+    let (_mesh, a, b, (_da, db), src, dst) = pair(size, 9).await;
     let sb = db.path().join("b.sock");
-    let mut cb = mesh.config("b", pb, &[("a", pa)]);
-    cb.regions.push(("r".into(), src.clone()));
-    cb.control = Some(sb.clone());
-    let mut ca = mesh.config("a", pa, &[("b", pb)]);
-    ca.regions.push(("r".into(), dst.clone()));
-    let b = start(cb).await;
-    let a = start(ca).await;
-    connected(&b, "a").await;
     // Nothing was received yet: epoch 0 is not "applied".
     assert!(
         tokio::time::timeout(Duration::from_millis(300), a.wait_epoch("r", 0))

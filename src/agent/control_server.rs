@@ -400,7 +400,7 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
     let running = inner
         .publications
         .get(&args.region)
-        .filter(|p| !p.is_ended() || inner.publications.is_published(&args.region));
+        .filter(|p| !p.is_ended() || p.is_by_app());
     let p = match running {
         Some(p) => {
             // Running already: the same request reports on it; a different one cannot

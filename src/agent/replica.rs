@@ -39,7 +39,6 @@ pub(crate) struct ReplicaEntry {
     owner: Mutex<String>,
     /// The last epoch applied in full, and whether the owner ended the replication.
     applied: watch::Sender<Applied>,
-    updated: Mutex<Option<Instant>>,
     bytes_applied: Mutex<u64>,
     connected: Mutex<bool>,
     /// One replication stream applies at a time (a new session waits for the old one to
@@ -52,11 +51,19 @@ pub(crate) struct ReplicaEntry {
 struct Applied {
     /// The last epoch applied in full (0 before anything was).
     epoch: u64,
-    /// Any epoch was applied (a catch-up is numbered 0 while the owner produced none).
-    any: bool,
+    /// When the last epoch was applied; `None` before any was (a catch-up is numbered 0
+    /// while the owner produced none, so the number alone cannot say).
+    updated: Option<Instant>,
     /// The owner ended the replication ([`Push::Stop`]), and why; cleared when an owner
     /// starts again.
     ended: Option<String>,
+}
+
+impl Applied {
+    /// Epoch `n` (or later) is applied.
+    fn holds(&self, n: u64) -> bool {
+        self.updated.is_some() && self.epoch >= n
+    }
 }
 
 impl Replicas {
@@ -68,7 +75,6 @@ impl Replicas {
                     region: region.into(),
                     owner: Mutex::new(String::new()),
                     applied: watch::channel(Applied::default()).0,
-                    updated: Mutex::new(None),
                     bytes_applied: Mutex::new(0),
                     connected: Mutex::new(false),
                     apply: tokio::sync::Mutex::new(()),
@@ -90,7 +96,11 @@ impl Replicas {
                 connected: *lock(&e.connected),
                 epoch: e.epoch(),
                 bytes_applied: *lock(&e.bytes_applied),
-                last_update_s_ago: lock(&e.updated).map(|t| t.elapsed().as_secs_f64()),
+                last_update_s_ago: e
+                    .applied
+                    .borrow()
+                    .updated
+                    .map(|t| t.elapsed().as_secs_f64()),
                 ended: e.applied.borrow().ended.clone(),
             })
             .collect()
@@ -110,7 +120,7 @@ impl ReplicaEntry {
     /// The last epoch applied, if any was.
     pub(crate) fn applied_epoch(&self) -> Option<u64> {
         let a = self.applied.borrow();
-        a.any.then_some(a.epoch)
+        a.updated.map(|_| a.epoch)
     }
 
     /// Waits until epoch `n` (or later) is applied — at least the owner's first catch-up,
@@ -118,11 +128,9 @@ impl ReplicaEntry {
     /// replication before that.
     pub(crate) async fn wait_epoch(&self, n: u64) -> Result<u64, String> {
         let mut rx = self.applied.subscribe();
-        let r = rx
-            .wait_for(|a| (a.any && a.epoch >= n) || a.ended.is_some())
-            .await;
+        let r = rx.wait_for(|a| a.holds(n) || a.ended.is_some()).await;
         match r {
-            Ok(a) if a.any && a.epoch >= n => Ok(a.epoch),
+            Ok(a) if a.holds(n) => Ok(a.epoch),
             Ok(a) => Err(a.ended.clone().unwrap_or_default()),
             Err(_) => Err("the agent is shutting down".into()),
         }
@@ -344,9 +352,8 @@ async fn apply_loop(
                 current = None;
                 entry.applied.send_modify(|a| {
                     a.epoch = epoch;
-                    a.any = true;
+                    a.updated = Some(Instant::now());
                 });
-                *lock(&entry.updated) = Some(Instant::now());
                 tracing::debug!(peer, region = %region.name(), epoch, "replica: epoch applied");
                 write_frame(send, &ReplicaAck { epoch })
                     .await

@@ -296,6 +296,18 @@ impl Publication {
     }
 }
 
+/// How a replicated region was handed over ([`Publications::handed_over`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handover {
+    /// By a migration that froze the writers: the replicas can get all of it.
+    Frozen,
+    /// By a migration's snapshot (nothing frozen): the replicas keep an earlier state.
+    Snapshot,
+    /// Before this agent restarted (its new owner just said so): what a replication
+    /// started since sent is this agent's stale copy.
+    BeforeRestart,
+}
+
 /// The publications of an agent, by region.
 #[derive(Default)]
 pub(crate) struct Publications {
@@ -308,7 +320,7 @@ impl Publications {
     pub(crate) fn is_published(&self, region: &str) -> bool {
         lock(&self.map)
             .get(region)
-            .is_some_and(|p| p.by_app || lock(&p.ended).is_none())
+            .is_some_and(|p| p.by_app || !p.is_ended())
     }
 
     pub(crate) fn get(&self, region: &str) -> Option<Arc<Publication>> {
@@ -337,7 +349,7 @@ impl Publications {
     ) -> Result<Arc<Publication>, ReplicateError> {
         let mut map = lock(&self.map);
         let p = match map.get(region) {
-            Some(p) if lock(&p.ended).is_none() => p.clone(),
+            Some(p) if !p.is_ended() => p.clone(),
             _ => {
                 return Err(ReplicateError::Conflict(format!(
                     "this agent does not replicate region {region:?}"
@@ -355,27 +367,11 @@ impl Publications {
     /// here: `status` and `flush` must not go on saying it was migrated away).
     pub(crate) fn forget_ended(&self, region: &str) {
         let mut map = lock(&self.map);
-        if map
-            .get(region)
-            .is_some_and(|p| !p.by_app && lock(&p.ended).is_some())
-        {
+        if map.get(region).is_some_and(|p| !p.by_app && p.is_ended()) {
             if let Some(p) = map.remove(region) {
                 p.cancel.cancel();
             }
         }
-    }
-
-    /// `region` was handed over to `peer` before this agent restarted (its new owner just
-    /// said so): a replication of it started since sent this agent's stale copy, which
-    /// may differ from `peer`'s; it ends at once.
-    pub(crate) fn handed_over_before_restart(&self, region: &str, peer: &str) {
-        let Some(p) = self.get(region) else { return };
-        if p.links.is_empty() || lock(&p.ended).is_some() {
-            return;
-        }
-        p.end_replication(&format!(
-            "region {region} was migrated to {peer} before this agent restarted, and {peer} owns it; this replica got this agent's stale copy, which may differ from {peer}'s (replicate it from {peer})"
-        ));
     }
 
     /// A migration of `region` is about to take its final snapshot: no epoch is made
@@ -397,27 +393,35 @@ impl Publications {
         }
     }
 
-    /// `region` was handed over to `peer` by a migration: its replicas get one last
-    /// epoch (what was written up to the freeze), then are told the region moved; the
-    /// publication stays (ended) so `status` and `flush` say so.
-    ///
-    /// `last_epoch` false: the writers were not frozen (a snapshot), so replicas keep an
-    /// earlier state: ended at once.
-    pub(crate) fn handed_over(&self, region: &str, peer: &str, last_epoch: bool) {
+    /// `region` was handed over to `peer`: the replication of it ends, its replicas are
+    /// told why, and the publication stays (ended) so `status` and `flush` say so. With
+    /// the writers frozen the replicas first get one last epoch (what was written up to
+    /// the freeze), so they hold exactly what `peer` took over.
+    pub(crate) fn handed_over(&self, region: &str, peer: &str, how: Handover) {
         let Some(p) = self.get(region) else { return };
-        if p.links.is_empty() || lock(&p.ended).is_some() {
+        if p.links.is_empty() || p.is_ended() {
             p.held.store(false, Ordering::Release);
             return;
         }
-        if !last_epoch {
-            return p.end_replication(&format!(
-                "region {region} was migrated to {peer}, which owns it now; this replica may hold an earlier state than {peer} took over (replicate it from {peer})"
-            ));
+        if how == Handover::Frozen {
+            // The last epoch is made now.
+            p.held.store(false, Ordering::Release);
         }
-        let reason = format!(
-            "region {region} was migrated to {peer}, which owns it now; this replica holds what {peer} took over (replicate it from {peer})"
-        );
-        p.held.store(false, Ordering::Release);
+        let moved = format!("region {region} was migrated to {peer}");
+        let reason = match how {
+            Handover::Frozen => format!(
+                "{moved}, which owns it now; this replica holds what {peer} took over (replicate it from {peer})"
+            ),
+            Handover::Snapshot => format!(
+                "{moved}, which owns it now; this replica may hold an earlier state than {peer} took over (replicate it from {peer})"
+            ),
+            Handover::BeforeRestart => format!(
+                "{moved} before this agent restarted, and {peer} owns it; this replica got this agent's stale copy, which may differ from {peer}'s (replicate it from {peer})"
+            ),
+        };
+        if how != Handover::Frozen {
+            return p.end_replication(&reason);
+        }
         tokio::spawn(async move {
             if let Err(e) = p.flush(HANDOVER_FLUSH).await {
                 tracing::warn!(region = %p.region.name(), "last epoch before ending the replication (the region was migrated away): {e}");
@@ -556,18 +560,12 @@ pub(crate) fn start_tracking(
         )));
     }
     let mut map = lock(&inner.publications.map);
-    if let Some(p) = map
-        .get(region_name)
-        .filter(|p| !p.by_app && lock(&p.ended).is_some())
-    {
+    if let Some(p) = map.get(region_name).filter(|p| !p.by_app && p.is_ended()) {
         // A replication that ended (the region was migrated away, and is back): gone.
         p.cancel.cancel();
         map.remove(region_name);
     }
-    if map
-        .get(region_name)
-        .is_some_and(|p| lock(&p.ended).is_some())
-    {
+    if map.get(region_name).is_some_and(|p| p.is_ended()) {
         return Err(ReplicateError::Conflict(format!(
             "the replication of region {region_name} was stopped; an application's region takes its replicas when it is published: publish it again to replicate it"
         )));

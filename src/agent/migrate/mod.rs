@@ -329,7 +329,9 @@ pub(crate) fn learn_owner(inner: &Inner, peer: &str, region: &str) {
     if new {
         tracing::warn!(peer, region, "{peer} owns region {region}: it was migrated there from this agent before this agent restarted; this agent no longer owns it (it will not migrate or replicate it)");
     }
-    inner.publications.handed_over_before_restart(region, peer);
+    inner
+        .publications
+        .handed_over(region, peer, super::replicate::Handover::BeforeRestart);
 }
 
 /// How long to wait for the peer's connection before giving up a migration start.

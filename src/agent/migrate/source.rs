@@ -1420,10 +1420,13 @@ impl Driver {
                     // Replicas of the old copy would follow a region nobody writes here.
                     // With writers frozen, one last epoch gives them exactly what B took
                     // over; a snapshot froze nothing, so they keep what they had.
-                    let frozen = !matches!(self.opts.freeze, Freeze::Snapshot);
+                    let how = match self.opts.freeze {
+                        Freeze::Snapshot => crate::agent::replicate::Handover::Snapshot,
+                        _ => crate::agent::replicate::Handover::Frozen,
+                    };
                     self.inner
                         .publications
-                        .handed_over(self.region.name(), &self.opts.to, frozen);
+                        .handed_over(self.region.name(), &self.opts.to, how);
                 }
                 SourceAction::Report(r) => {
                     self.pending = None;
