@@ -13,7 +13,8 @@
 //! 1024), PAGEWIRE_BENCH_WAN_MB (region for WAN first-touch sampling, default 256),
 //! PAGEWIRE_BENCH_REPS (throughput runs, raw and lazy alternating, default 3),
 //! PAGEWIRE_BENCH_WORKERS (worker threads per side, default 1), PAGEWIRE_BENCH_ONLY=touch
-//! (benchmark 1 only) or =seq (benchmark 2 on loopback only). Regions live in /dev/shm
+//! (benchmark 1 only) or =seq (benchmark 2 on loopback only), PAGEWIRE_BENCH_PAUSE (the
+//! agents' `urgent_pause`, e.g. `0s` to measure without it). Regions live in /dev/shm
 //! and are removed at the end (and on Ctrl-C/SIGTERM). Prints a table and one
 //! `BENCH_JSON {...}` line.
 //!
@@ -92,7 +93,17 @@ impl Env {
             name: peer.into(),
             addr: peer_addr.to_string(),
         }];
+        c.urgent_pause = urgent_pause();
         c
+    }
+}
+
+/// The agents' `urgent_pause`: PAGEWIRE_BENCH_PAUSE, else the default.
+fn urgent_pause() -> Duration {
+    match std::env::var("PAGEWIRE_BENCH_PAUSE") {
+        Ok(p) => pagewire::agent::config::parse_duration(&p)
+            .unwrap_or_else(|e| panic!("PAGEWIRE_BENCH_PAUSE={p}: {e}")),
+        Err(_) => pagewire::agent::config::DEFAULT_URGENT_PAUSE,
     }
 }
 
@@ -1094,8 +1105,9 @@ async fn run() {
         "pagewire step-2 (post-copy) benchmarks: region {mb} MiB (WAN first-touch region {wan_mb} MiB), chunk 64 KiB, mechanism userfaultfd unless said;"
     );
     println!(
-        "serving and receiving sides each on its own {}-worker runtime, WAN relay on a third (1 worker); the application is a plain thread",
-        workers()
+        "serving and receiving sides each on its own {}-worker runtime, WAN relay on a third (1 worker); the application is a plain thread; urgent pause {:?}",
+        workers(),
+        urgent_pause()
     );
     let random = env.data.path().join("random");
     let wan_random = env.data.path().join("wan-random");

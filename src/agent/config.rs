@@ -10,6 +10,7 @@
 //! idle_timeout = "10s"
 //! fault_mechanism = "auto"      # lazy mounts: auto | userfaultfd | mprotect
 //! fault_timeout = "60s"         # a fault waits this long for an unreachable peer
+//! urgent_pause = "2ms"          # local links: a bulk copy waits this long at most for an urgent fetch ("0s": never)
 //! congestion = "cubic"          # QUIC congestion controller: cubic | newreno | bbr
 //! link_bandwidth = "1gbit"      # with link_rtt: size QUIC windows to 2 x bandwidth x RTT
 //! link_rtt = "50ms"
@@ -179,6 +180,7 @@ struct FileConfig {
     idle_timeout: Option<String>,
     fault_mechanism: Option<String>,
     fault_timeout: Option<String>,
+    urgent_pause: Option<String>,
     congestion: Option<String>,
     link_bandwidth: Option<RateValue>,
     link_rtt: Option<String>,
@@ -277,12 +279,21 @@ pub struct AgentConfig {
     /// Lazy mounts: how long a fault waits for an unreachable peer before the faulting
     /// thread gets SIGBUS.
     pub fault_timeout: Duration,
+    /// On a local link (min RTT up to 1 ms), a pull's bulk copy stops taking chunks while
+    /// an urgent fetch of it is in flight, for at most this long (zero: never). See
+    /// `agent::pull::urgent_pause`.
+    pub urgent_pause: Duration,
     /// Replications to start with the agent.
     pub replications: Vec<ReplicationConfig>,
 }
 
 /// Default bulk credit window: adaptive (see [`crate::engine::pull::Window`]).
 pub const DEFAULT_BULK_WINDOW: crate::engine::pull::Window = crate::engine::pull::AUTO_WINDOW;
+
+/// Default for [`AgentConfig::urgent_pause`]: a loopback urgent fetch takes well under it.
+pub const DEFAULT_URGENT_PAUSE: Duration = Duration::from_millis(2);
+/// Longest `urgent_pause` accepted: longer would only starve the bulk copy.
+const MAX_URGENT_PAUSE: Duration = Duration::from_millis(100);
 
 impl AgentConfig {
     /// A configuration with defaults for everything but identity and address.
@@ -304,6 +315,7 @@ impl AgentConfig {
             peer_wait: Duration::from_secs(30),
             fault_mechanism: crate::fault::Mechanism::Auto,
             fault_timeout: Duration::from_secs(60),
+            urgent_pause: DEFAULT_URGENT_PAUSE,
             replications: Vec::new(),
         }
     }
@@ -410,6 +422,17 @@ impl AgentConfig {
             cfg.fault_timeout = d;
         } else if let Some(s) = &fc.fault_timeout {
             cfg.fault_timeout = parse_duration(s).map_err(|e| invalid("fault_timeout", s, e))?;
+        }
+        if let Some(s) = &fc.urgent_pause {
+            let d = parse_duration(s).map_err(|e| invalid("urgent_pause", s, e))?;
+            if d > MAX_URGENT_PAUSE {
+                return Err(invalid(
+                    "urgent_pause",
+                    s,
+                    format!("at most {MAX_URGENT_PAUSE:?}"),
+                ));
+            }
+            cfg.urgent_pause = d;
         }
         if let Some(c) = o.congestion {
             cfg.tuning.congestion = c;
@@ -630,6 +653,18 @@ mod tests {
         bad("", &o, "link_rtt");
         assert_eq!(parse_rate("200mbit"), Ok(200_000_000));
         assert!(parse_rate("200 parsecs").is_err());
+
+        // The urgent pause: default, set, off, capped.
+        assert_eq!(load("", &none).unwrap().urgent_pause, DEFAULT_URGENT_PAUSE);
+        let c = load("urgent_pause = \"5ms\"\n", &none).unwrap();
+        assert_eq!(c.urgent_pause, Duration::from_millis(5));
+        assert!(load("urgent_pause = \"0s\"\n", &none)
+            .unwrap()
+            .urgent_pause
+            .is_zero());
+        let why = bad("urgent_pause = \"1s\"\n", &none, "urgent_pause");
+        assert!(why.contains("at most"), "{why}");
+        bad("urgent_pause = \"often\"\n", &none, "urgent_pause");
     }
 
     #[test]

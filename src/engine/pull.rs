@@ -354,6 +354,11 @@ impl PullState {
         })
     }
 
+    /// Urgent fetches in flight.
+    pub fn urgent_in_flight(&self) -> usize {
+        self.urgent.len()
+    }
+
     /// The bulk stream ended (done, or the connection went away).
     pub fn bulk_stopped(&mut self) {
         self.bulk_active = false;
@@ -632,9 +637,12 @@ mod tests {
     #[test]
     fn urgent_states() {
         let mut rx = PullState::new(g(10 * 4096), Window::Fixed(4096));
+        assert_eq!(rx.urgent_in_flight(), 0);
         assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::Fetch));
         assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::InFlight));
+        assert_eq!(rx.urgent_in_flight(), 1);
         assert!(rx.urgent_end(3, None).is_empty());
+        assert_eq!(rx.urgent_in_flight(), 0);
         assert_eq!(rx.urgent_begin(3, true), Ok(UrgentStart::Fetch));
         assert_eq!(rx.urgent_seek(3), vec![BulkControl::Seek(4)]);
         assert_eq!(rx.urgent_end(3, Some(4096)), vec![BulkControl::Have(3)]);
