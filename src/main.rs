@@ -24,7 +24,8 @@ Run one agent per host (`pagewire agent`), each started with its peers' names an
 and certificates from a shared CA (`pagewire certs`). Other commands talk to the local agent \
 over its Unix control socket (--control, default $PAGEWIRE_CONTROL, else \
 $XDG_RUNTIME_DIR/pagewire.sock, else /tmp/pagewire-UID.sock).\n\n\
-Logs go to stderr (RUST_LOG=debug for more); --json output goes to stdout."
+Logs go to stderr (RUST_LOG=debug for more); --json output goes to stdout: one JSON object, \
+also on failure ({\"error\": ...}, exit code 1)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -422,8 +423,26 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+impl Command {
+    /// Whether a failure must print `{"error": ...}` on stdout: `--json` was given and the
+    /// command prints no JSON report of its own on failure (`migrate` does).
+    fn json_error(&self) -> bool {
+        match self {
+            Command::Pull(c) => c.json,
+            Command::Status(c) => c.json,
+            Command::Mount(c) => c.json,
+            Command::Replicate(c) => c.json,
+            Command::Flush(c) => c.json,
+            Command::Epoch(c) => c.json,
+            Command::Receive(c) => c.json,
+            Command::Migrate(_) | Command::Certs(_) | Command::Agent(_) => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json_error = cli.cmd.json_error();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -437,7 +456,12 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            let line = one_line(&e);
+            eprintln!("error: {line}");
+            if json_error {
+                // Scripts get one JSON object on stdout whatever happened.
+                println!("{}", serde_json::json!({ "error": line }));
+            }
             ExitCode::FAILURE
         }
     }

@@ -286,6 +286,38 @@ fn a_migration_cap_too_low_to_progress_is_refused() {
     assert!(err.contains("is `pagewire agent` running"), "{err}");
 }
 
+/// Every command's `--json` prints one JSON object on stdout even when it fails.
+#[test]
+fn a_failed_command_still_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let sock = sock.to_str().unwrap();
+    let to = dir.path().join("out").to_str().unwrap().to_string();
+    for args in [
+        vec!["status"],
+        vec!["pull", "--from", "b", "--region", "r", "--to", &to],
+        vec!["mount", "--from", "b", "--region", "r", "--to", &to],
+        vec!["replicate", "--region", "r", "--to", "b"],
+        vec!["replicate", "--region", "r", "--stop"],
+        vec!["flush", "--region", "r"],
+        vec!["epoch", "--region", "r"],
+        vec!["receive", "--from", "b", "--region", "r", "--to", &to],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--json", "--control", sock]);
+        let o = run(&args);
+        assert!(!o.status.success(), "{args:?}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(out.lines().count(), 1, "{args:?}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"));
+        assert!(
+            v["error"].as_str().unwrap().contains("pagewire agent"),
+            "{args:?}: {v}"
+        );
+    }
+}
+
 /// `pagewire migrate --json` prints one JSON object on stdout even when it fails.
 #[test]
 fn a_failed_migration_still_prints_json() {
