@@ -804,7 +804,7 @@ async fn replicate(r: ReplicateCmd) -> Result<()> {
                     println!("  {}: told (acked epoch {})", x.peer, x.acked_epoch);
                 } else {
                     println!(
-                        "  {}: NOT told ({}); its status does not say the replication ended",
+                        "  {}: not told yet ({}); until then its status does not say the replication ended",
                         x.peer,
                         x.last_error.as_deref().unwrap_or("not connected")
                     );

@@ -659,8 +659,91 @@ async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
     assert!(
         l.last_error
             .as_deref()
-            .is_some_and(|e| e.contains("not told")),
+            .is_some_and(|e| e.contains("told when it is connected again")),
         "{st:?}"
     );
     b.shutdown().await;
+}
+
+/// A replica cut off from its owner when the replication is stopped is not told then,
+/// but once the two are connected again: its status says the replication ended, and a
+/// wait for a later epoch fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_at_the_stop_is_told_when_it_is_back() {
+    logs();
+    let size = 4 * MIB;
+    let Files {
+        mesh,
+        pa,
+        pb,
+        da: _da,
+        db: _db,
+        src,
+        dst,
+    } = files(size, 11);
+    // b reaches a only through a relay, which the test cuts and heals; a's address for b
+    // leads nowhere.
+    let to_a = Relay::start(RelayConfig::symmetric(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{pa}").parse().unwrap(),
+        LinkParams::default(),
+    ))
+    .await
+    .unwrap();
+    let mut cb = mesh.config("b", pb, &[("a", to_a.local_addr().port())]);
+    cb.regions.push(("r".into(), src.clone()));
+    let mut ca = mesh.config("a", pa, &[("b", free_port())]);
+    ca.regions.push(("r".into(), dst.clone()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&b, "a").await;
+    let limit = Duration::from_secs(60);
+    b.replicate_file("r", "hash-scan", None, &opts(&["a"]))
+        .unwrap();
+    tokio::time::timeout(limit, b.flush("r", limit))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_same(&src, &dst);
+    // Cut the path until both ends see the connection gone (idle timeout).
+    let cut = LinkParams {
+        loss: 1.0,
+        ..Default::default()
+    };
+    to_a.set_params(cut.clone(), cut);
+    let gone = wait_for(limit, || {
+        let b_sees = b.status().peers.iter().all(|p| !p.connected);
+        let a_sees = a.status().replicas.iter().all(|x| !x.connected);
+        b_sees && a_sees
+    })
+    .await;
+    assert!(gone.is_ok(), "{:?}", b.status().peers);
+    let st = b.stop_replication("r").await.unwrap();
+    assert!(!st.replicas[0].told_end, "{st:?}");
+    let ended = |a: &pagewire::agent::Agent| {
+        a.status()
+            .replicas
+            .into_iter()
+            .find(|x| x.region == "r")
+            .and_then(|x| x.ended)
+    };
+    assert_eq!(ended(&a), None);
+    // Heal: b connects again and tells a.
+    to_a.set_params(LinkParams::default(), LinkParams::default());
+    let told = wait_for(limit, || ended(&a).is_some()).await;
+    assert!(told.is_ok(), "a was not told: {:?}", a.status().replicas);
+    let why = ended(&a).unwrap();
+    assert!(
+        why.contains("b ended the replication while this replica was not connected")
+            && why.contains("--stop"),
+        "{why}"
+    );
+    let e = tokio::time::timeout(limit, a.wait_epoch("r", a.replica_epoch("r") + 1))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.contains("not connected"), "{e}");
+    a.shutdown().await;
+    b.shutdown().await;
+    to_a.shutdown().await;
 }

@@ -512,6 +512,11 @@ async fn serve_connection(inner: Arc<Inner>, peer: String, conn: quinn::Connecti
         peer.clone(),
         conn.clone(),
     ));
+    inner.tasks.spawn(super::replicate::tell_untold(
+        inner.clone(),
+        peer.clone(),
+        conn.clone(),
+    ));
     let why = loop {
         let stream = tokio::select! {
             _ = inner.shutdown.cancelled() => break "agent shutting down".to_string(),

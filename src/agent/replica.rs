@@ -372,6 +372,29 @@ async fn apply_loop(
     }
 }
 
+/// `peer` says it ended its replication of `region` to us while we were not connected: a
+/// replica of it from that owner, with no session now, ends with its reason.
+pub(crate) fn learn_ended(inner: &Inner, peer: &str, region: &str, reason: &str) {
+    let Some(entry) = inner.replicas.get(region) else {
+        return;
+    };
+    if *lock(&entry.owner) != peer || entry.is_connected() {
+        return;
+    }
+    let why =
+        format!("{peer} ended the replication while this replica was not connected: {reason}");
+    let set = entry.applied.send_if_modified(|a| {
+        if a.ended.is_some() {
+            return false;
+        }
+        a.ended = Some(why.clone());
+        true
+    });
+    if set {
+        tracing::info!(peer, region, epoch = entry.epoch(), "replica: {why}");
+    }
+}
+
 /// Makes `[offset, offset+len)` read as zeros: punches a hole where the filesystem can,
 /// else writes zeros.
 fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {

@@ -312,6 +312,9 @@ pub(crate) enum Handover {
 #[derive(Default)]
 pub(crate) struct Publications {
     map: Mutex<BTreeMap<String, Arc<Publication>>>,
+    /// Replications that ended while their replica was not connected, by (peer,
+    /// region): the reason, told when the peer is connected again ([`tell_untold`]).
+    untold: Mutex<BTreeMap<(String, String), String>>,
 }
 
 impl Publications {
@@ -325,6 +328,21 @@ impl Publications {
 
     pub(crate) fn get(&self, region: &str) -> Option<Arc<Publication>> {
         lock(&self.map).get(region).cloned()
+    }
+
+    /// Ends of replications `peer` was not told of yet: (region, reason).
+    fn untold_for(&self, peer: &str) -> Vec<(String, String)> {
+        lock(&self.untold)
+            .iter()
+            .filter(|((p, _), _)| p == peer)
+            .map(|((_, r), why)| (r.clone(), why.clone()))
+            .collect()
+    }
+
+    /// Forgets the untold end of `region`'s replication to `peer` (it was told, or a new
+    /// replication to it starts).
+    fn told(&self, peer: &str, region: &str) {
+        lock(&self.untold).remove(&(peer.to_string(), region.to_string()));
     }
 
     /// Ends the replication of `region` (`pagewire replicate --stop`): every replica is
@@ -627,6 +645,9 @@ pub(crate) fn start_tracking(
     });
     map.insert(region_name.into(), p.clone());
     drop(map);
+    for peer in &opts.to {
+        inner.publications.told(peer, region_name);
+    }
     tracing::info!(region = region_name, tracker = p.tracker_name, replicas = ?opts.to, "replication started");
     inner.tasks.spawn(produce(p.clone(), flush_rx));
     for l in &p.links {
@@ -884,8 +905,62 @@ async fn produce(
 
 /// One replica: sessions until the publication ends.
 async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
-    link(inner, &p, &l).await;
+    link(inner.clone(), &p, &l).await;
+    let ended = lock(&p.ended).clone();
+    if let (Some(why), false) = (ended, l.told_end.load(Ordering::Relaxed)) {
+        // Told when the replica is connected again.
+        lock(&inner.publications.untold).insert((l.peer.clone(), p.region.name().into()), why);
+    }
     l.done.store(true, Ordering::Release);
+}
+
+/// Tells `peer`, just connected, of the replications that ended while it was not
+/// connected ([`Request::ReplicationEnded`]); each one it answers is forgotten.
+pub(crate) async fn tell_untold(inner: Arc<Inner>, peer: String, conn: quinn::Connection) {
+    for (region, mut reason) in inner.publications.untold_for(&peer) {
+        truncate_reason(&mut reason);
+        let tell = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(
+                &mut send,
+                &Request::ReplicationEnded {
+                    region: region.clone(),
+                    reason,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            match read_frame::<_, Reply>(&mut recv, 4096).await {
+                Ok(Some(Reply::Done)) => Ok(()),
+                Ok(other) => Err(format!("answered {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match tokio::time::timeout(STOP_GRACE, tell).await {
+            Ok(Ok(())) => {
+                inner.publications.told(&peer, &region);
+                tracing::info!(peer = %peer, region = %region, "replica told, now that it is connected again, that the replication ended");
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, region = %region, "telling the replica that the replication ended: {e}")
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, region = %region, "telling the replica that the replication ended: no answer")
+            }
+        }
+    }
+}
+
+/// Cuts a replication's end reason to what the protocol carries.
+fn truncate_reason(reason: &mut String) {
+    if reason.len() > MAX_STOP_REASON {
+        let mut cut = MAX_STOP_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
 }
 
 async fn link(inner: Arc<Inner>, p: &Arc<Publication>, l: &Arc<LinkHandle>) {
@@ -894,7 +969,7 @@ async fn link(inner: Arc<Inner>, p: &Arc<Publication>, l: &Arc<LinkHandle>) {
         let conn = tokio::select! {
             _ = p.cancel.cancelled() => return,
             _ = p.links_ended.cancelled() => {
-                *lock(&l.last_error) = Some("not connected when the replication ended: it was not told".into());
+                *lock(&l.last_error) = Some("not connected when the replication ended: it is told when it is connected again".into());
                 return;
             }
             c = inner.peers.wait(&l.peer, &inner.shutdown) => match c {
@@ -910,7 +985,7 @@ async fn link(inner: Arc<Inner>, p: &Arc<Publication>, l: &Arc<LinkHandle>) {
             _ = async {
                 p.links_ended.cancelled().await;
                 tokio::time::sleep(STOP_GRACE + Duration::from_secs(1)).await;
-            } => Err("the replica did not take the end of the replication in time: it was not told".into()),
+            } => Err("the replica did not take the end of the replication in time: it is told when it is connected again".into()),
         };
         l.connected.store(false, Ordering::Relaxed);
         if p.links_ended.is_cancelled() {
@@ -1113,13 +1188,7 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
             }
             let ended = lock(&p.ended).clone();
             if let Some(mut reason) = ended {
-                if reason.len() > MAX_STOP_REASON {
-                    let mut cut = MAX_STOP_REASON;
-                    while !reason.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    reason.truncate(cut);
-                }
+                truncate_reason(&mut reason);
                 write_frame(&mut send, &Push::Stop { reason })
                     .await
                     .map_err(|e| lost(conn, &e))?;
@@ -1151,7 +1220,7 @@ async fn session(p: &Publication, l: &LinkHandle, conn: &quinn::Connection) -> R
                 Ok(())
             }
             _ => Err(
-                "the replica did not take the end of the replication in time: it was not told"
+                "the replica did not take the end of the replication in time: it is told when it is connected again"
                     .into(),
             ),
         },

@@ -91,6 +91,7 @@ pub(crate) async fn handle_stream(
         Request::Migrate(m) => &m.region,
         Request::MigrateUrgent { region, .. } => region,
         Request::Owns { region } => region,
+        Request::ReplicationEnded { region, .. } => region,
     };
     if !valid_name(region_name) {
         return reply_error(
@@ -148,6 +149,20 @@ pub(crate) async fn handle_stream(
         }
         Request::Owns { .. } => {
             super::migrate::learn_owner(&inner, &peer, region.name());
+            let _ = write_frame(&mut send, &Reply::Done).await;
+            let _ = send.finish();
+        }
+        Request::ReplicationEnded { reason, .. } => {
+            if reason.len() > crate::proto::MAX_STOP_REASON {
+                return refuse(
+                    &peer,
+                    &mut send,
+                    &mut recv,
+                    WireCode::ProtocolViolation,
+                    &"replication end reason too long",
+                );
+            }
+            super::replica::learn_ended(&inner, &peer, region.name(), &reason);
             let _ = write_frame(&mut send, &Reply::Done).await;
             let _ = send.finish();
         }

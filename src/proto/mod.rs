@@ -123,6 +123,11 @@ pub enum Request {
     /// agent may have restarted since and forgotten the handover. Sent when a connection
     /// is set up; the receiver answers [`Reply::Done`] (or an error).
     Owns { region: String },
+    /// The sender, `region`'s owner, ended its replication to the receiver while the two
+    /// were not connected (see [`Push::Stop`], which it could not send). Sent when a
+    /// connection is set up; the receiver answers [`Reply::Done`]. `reason` is at most
+    /// [`MAX_STOP_REASON`] bytes.
+    ReplicationEnded { region: String, reason: String },
 }
 
 /// Opens a migration stream (a new migration, or a query after a reconnect).
