@@ -599,6 +599,14 @@ pub struct PeerStatus {
     pub congestion_events: Option<u64>,
     /// Seconds since the current connection was made.
     pub connected_for_s: Option<f64>,
+    /// Seconds since anything was received on the current connection (sampled every
+    /// 250 ms; keep-alives make it small on a healthy link). A peer that vanished without
+    /// closing stays `connected` until the idle timeout, with this growing.
+    #[serde(default)]
+    pub silent_s: Option<f64>,
+    /// The agent's idle timeout: a connection silent this long is dropped.
+    #[serde(default)]
+    pub idle_timeout_s: Option<f64>,
     /// Why the last connection attempt or connection ended.
     pub last_error: Option<String>,
 }

@@ -1043,6 +1043,15 @@ fn print_status(r: &StatusReport) {
                 p.sent_packets.unwrap_or(0),
                 p.congestion_events.unwrap_or(0)
             );
+            if let (Some(silent), Some(idle)) = (p.silent_s, p.idle_timeout_s) {
+                // Keep-alives come every quarter of the idle timeout.
+                if silent > idle / 3.0 {
+                    println!(
+                        "  {:<16} SILENT for {silent:.1}s: nothing received (the peer may be gone; the connection is dropped after {idle:.0}s)",
+                        ""
+                    );
+                }
+            }
         } else {
             println!(
                 "  {:<16} {:<24} DOWN       {}",

@@ -392,6 +392,8 @@ impl Inner {
                     sent_packets: path.map(|p| p.sent_packets),
                     congestion_events: path.map(|p| p.congestion_events),
                     connected_for_s: s.since.map(|t| t.elapsed().as_secs_f64()),
+                    silent_s: s.silent.map(|d| d.as_secs_f64()),
+                    idle_timeout_s: Some(self.config.tuning.idle_timeout.as_secs_f64()),
                     last_error: s.last_error,
                 }
             })

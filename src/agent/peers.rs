@@ -26,7 +26,14 @@ struct Link {
     conn: quinn::Connection,
     dialer: String,
     peer_boot: u64,
+    /// UDP datagrams received on `conn` when last sampled, and when that count last grew
+    /// ([`PeerTable::sample_heard`]).
+    heard: (u64, Instant),
 }
+
+/// How often a connection's received datagrams are sampled, to tell how long the peer
+/// has been silent (a peer that vanished shows as connected until the idle timeout).
+const HEARD_SAMPLE: Duration = Duration::from_millis(250);
 
 struct SlotState {
     link: Option<Link>,
@@ -51,6 +58,8 @@ pub(crate) struct Snapshot {
     pub conn: Option<quinn::Connection>,
     pub since: Option<Instant>,
     pub last_error: Option<String>,
+    /// How long nothing was received on the live connection.
+    pub silent: Option<Duration>,
 }
 
 /// Every expected peer and its current connection.
@@ -159,6 +168,7 @@ impl PeerTable {
             conn,
             dialer: dialer.into(),
             peer_boot,
+            heard: (0, Instant::now()),
         };
         if st.replaced.contains(&peer_boot) {
             let why = format!(
@@ -233,12 +243,35 @@ impl PeerTable {
                 conn: None,
                 since: None,
                 last_error: None,
+                silent: None,
             },
-            Some(st) => Snapshot {
-                conn: st.link.as_ref().map(|l| l.conn.clone()).filter(alive),
-                since: st.since,
-                last_error: st.last_error.clone(),
-            },
+            Some(st) => {
+                let live = st.link.as_ref().filter(|l| alive(&l.conn));
+                Snapshot {
+                    conn: live.map(|l| l.conn.clone()),
+                    since: st.since,
+                    last_error: st.last_error.clone(),
+                    silent: live.map(|l| l.heard.1.elapsed()),
+                }
+            }
+        }
+    }
+
+    /// Notes whether `conn`, if it is `name`'s current connection, received anything
+    /// since the last sample.
+    fn sample_heard(&self, name: &str, conn: &quinn::Connection) {
+        let Some(mut st) = self.lock(name) else {
+            return;
+        };
+        if let Some(l) = st
+            .link
+            .as_mut()
+            .filter(|l| l.conn.stable_id() == conn.stable_id())
+        {
+            let n = conn.stats().udp_rx.datagrams;
+            if n != l.heard.0 {
+                l.heard = (n, Instant::now());
+            }
         }
     }
 }
@@ -517,6 +550,18 @@ async fn serve_connection(inner: Arc<Inner>, peer: String, conn: quinn::Connecti
         peer.clone(),
         conn.clone(),
     ));
+    inner.tasks.spawn({
+        let (inner, peer, conn) = (inner.clone(), peer.clone(), conn.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = conn.closed() => return,
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(HEARD_SAMPLE) => inner.peers.sample_heard(&peer, &conn),
+                }
+            }
+        }
+    });
     let why = loop {
         let stream = tokio::select! {
             _ = inner.shutdown.cancelled() => break "agent shutting down".to_string(),
