@@ -538,6 +538,32 @@ async fn accept_hello(
     Ok(h.boot)
 }
 
+/// Sends `req` on a new stream of `conn` and reads the one reply, within `limit`.
+pub(crate) async fn ask(
+    conn: &quinn::Connection,
+    req: &Request,
+    limit: Duration,
+) -> Result<Reply, String> {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match read_frame::<_, Reply>(&mut recv, ASK_REPLY_CAP).await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err("the stream ended without an answer".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(limit, ask)
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".into()))
+}
+
+/// Cap on the reply to [`ask`] (an error reply at most).
+const ASK_REPLY_CAP: usize = 4096;
+
 /// Serves a peer's requests on `conn` until it closes.
 async fn serve_connection(inner: Arc<Inner>, peer: String, conn: quinn::Connection) {
     inner.tasks.spawn(super::migrate::announce_owned(

@@ -919,34 +919,20 @@ async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
 pub(crate) async fn tell_untold(inner: Arc<Inner>, peer: String, conn: quinn::Connection) {
     for (region, mut reason) in inner.publications.untold_for(&peer) {
         truncate_reason(&mut reason);
-        let tell = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_frame(
-                &mut send,
-                &Request::ReplicationEnded {
-                    region: region.clone(),
-                    reason,
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            match read_frame::<_, Reply>(&mut recv, 4096).await {
-                Ok(Some(Reply::Done)) => Ok(()),
-                Ok(other) => Err(format!("answered {other:?}")),
-                Err(e) => Err(e.to_string()),
-            }
+        let ended = Request::ReplicationEnded {
+            region: region.clone(),
+            reason,
         };
-        match tokio::time::timeout(STOP_GRACE, tell).await {
-            Ok(Ok(())) => {
+        match super::peers::ask(&conn, &ended, STOP_GRACE).await {
+            Ok(Reply::Done) => {
                 inner.publications.told(&peer, &region);
                 tracing::info!(peer = %peer, region = %region, "replica told, now that it is connected again, that the replication ended");
             }
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %peer, region = %region, "telling the replica that the replication ended: {e}")
+            Ok(other) => {
+                tracing::debug!(peer = %peer, region = %region, "telling the replica that the replication ended: answered {other:?}")
             }
-            Err(_) => {
-                tracing::debug!(peer = %peer, region = %region, "telling the replica that the replication ended: no answer")
+            Err(e) => {
+                tracing::debug!(peer = %peer, region = %region, "telling the replica that the replication ended: {e}")
             }
         }
     }

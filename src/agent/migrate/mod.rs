@@ -275,33 +275,16 @@ impl Migrations {
 /// On a new connection to `peer`: tells it which regions it migrated here that this
 /// agent owns, in case it restarted and forgot ([`learn_owner`] on its side).
 pub(crate) async fn announce_owned(inner: Arc<Inner>, peer: String, conn: quinn::Connection) {
-    use crate::proto::codec::{read_frame, write_frame};
-    use crate::proto::{Reply, Request};
     for region in inner.migrations.owned_from(&peer) {
-        let tell = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_frame(
-                &mut send,
-                &Request::Owns {
-                    region: region.clone(),
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            read_frame::<_, Reply>(&mut recv, 4096)
-                .await
-                .map_err(|e| e.to_string())
+        let owns = crate::proto::Request::Owns {
+            region: region.clone(),
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, tell).await {
-            Ok(Ok(_)) => {
+        match super::peers::ask(&conn, &owns, CONNECT_TIMEOUT).await {
+            Ok(_) => {
                 tracing::debug!(peer = %peer, region = %region, "told the peer this agent owns the region")
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::debug!(peer = %peer, region = %region, "telling the peer this agent owns the region: {e}")
-            }
-            Err(_) => {
-                tracing::debug!(peer = %peer, region = %region, "telling the peer this agent owns the region: no answer")
             }
         }
     }
