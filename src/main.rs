@@ -56,7 +56,7 @@ enum Command {
     /// applied it; prints the epoch.
     Flush(FlushCmd),
     /// On a replica: print the last epoch of a region applied in full (--wait N: wait for
-    /// epoch N first).
+    /// epoch N first); fails while nothing was applied. On the owner: its current epoch.
     Epoch(EpochCmd),
     /// Live-migrate a region this agent serves (a file, or memory an application
     /// published with the client library) to a peer that serves a region of the same name

@@ -597,6 +597,14 @@ async fn a_replication_can_be_stopped_and_started_anew_with_other_settings() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("does not replicate region"), "{e}");
+    // The owner's epoch, once it no longer replicates, is no number.
+    let e = ctl()
+        .await
+        .epoch("r", None, limit)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nothing applied here"), "{e}");
     assert!(b.status().replications.is_empty());
     // Anew, with the other window; a follows b again.
     let st = tokio::time::timeout(limit, ctl().await.replicate(args(128 * MIB), |_| {}))

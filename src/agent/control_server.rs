@@ -256,8 +256,13 @@ async fn serve(inner: Arc<Inner>, stream: UnixStream) {
                         "this agent owns {region:?} and replicates it: --wait is for a replica (use `pagewire flush` here)"
                     ),
                 },
-                (None, None) => ControlEvent::Epoch {
-                    epoch: inner.replicas.get(&region).map_or(0, |e| e.epoch()),
+                (None, None) => match inner.replicas.get(&region).and_then(|e| e.applied_epoch()) {
+                    Some(epoch) => ControlEvent::Epoch { epoch },
+                    None => ControlEvent::Error {
+                        message: format!(
+                            "region {region}: nothing applied here: this agent does not replicate it and no owner has replicated it to this agent yet (--wait 0 waits for the first catch-up)"
+                        ),
+                    },
                 },
                 (Some(n), None) => {
                     let entry = inner.replicas.entry(&region);
