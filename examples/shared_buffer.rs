@@ -124,6 +124,9 @@ fn reader(args: &Args, control: PathBuf) -> Result<u64> {
     let mut seen = 0u64;
     let mut torn = 0u64;
     let mut checked = 0u64;
+    // The owner's first catch-up, before anything can be checked.
+    r.wait_epoch(0, Duration::from_secs(60))
+        .context("waiting for the first catch-up")?;
     loop {
         let e = r.epoch()?;
         // Trailer, counters, trailer again: equal trailers and a matching checksum mean

@@ -100,7 +100,8 @@ impl Replica {
         }
     }
 
-    /// The last epoch applied in full.
+    /// The last epoch applied in full; an error while nothing was applied
+    /// ([`Replica::wait_epoch`] with 0 waits for the owner's first catch-up).
     pub fn epoch(&self) -> Result<u64, AttachError> {
         self.wait(None, Duration::ZERO)
     }
