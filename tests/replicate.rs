@@ -685,7 +685,7 @@ async fn a_replica_cut_off_at_the_stop_is_told_when_it_is_back() {
         pa,
         pb,
         da: _da,
-        db: _db,
+        db,
         src,
         dst,
     } = files(size, 11);
@@ -698,8 +698,10 @@ async fn a_replica_cut_off_at_the_stop_is_told_when_it_is_back() {
     ))
     .await
     .unwrap();
+    let sb = db.path().join("b.sock");
     let mut cb = mesh.config("b", pb, &[("a", to_a.local_addr().port())]);
     cb.regions.push(("r".into(), src.clone()));
+    cb.control = Some(sb.clone());
     let mut ca = mesh.config("a", pa, &[("b", free_port())]);
     ca.regions.push(("r".into(), dst.clone()));
     let b = start(cb).await;
@@ -728,6 +730,36 @@ async fn a_replica_cut_off_at_the_stop_is_told_when_it_is_back() {
     assert!(gone.is_ok(), "{:?}", b.status().peers);
     let st = b.stop_replication("r").await.unwrap();
     assert!(!st.replicas[0].told_end, "{st:?}");
+    // `pagewire replicate` waiting for the cut-off replica's catch-up ends with the
+    // reason when the replication is stopped meanwhile (it waited forever).
+    let waiting = tokio::spawn(async move {
+        let args = pagewire::control::ReplicateArgs {
+            region: "r".into(),
+            to: vec!["a".into()],
+            tracker: Some("hash-scan".into()),
+            interval_ms: Some(20),
+            scan_interval_ms: None,
+            window: None,
+        };
+        pagewire::control::ControlClient::connect(&sb)
+            .await
+            .unwrap()
+            .replicate(args, |_| {})
+            .await
+    });
+    let started = wait_for(limit, || {
+        b.status().replications.iter().any(|r| r.ended.is_none())
+    })
+    .await;
+    assert!(started.is_ok());
+    b.stop_replication("r").await.unwrap();
+    let e = tokio::time::timeout(limit, waiting)
+        .await
+        .expect("replicate returns")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ended") && e.contains("--stop"), "{e}");
     let ended = |a: &pagewire::agent::Agent| {
         a.status()
             .replicas

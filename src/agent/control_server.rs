@@ -486,6 +486,11 @@ async fn replicate(inner: Arc<Inner>, args: crate::control::ReplicateArgs, mut w
             );
             return send_error(&mut w, message).await;
         }
+        // Stopped (`--stop`) or migrated away while waiting: no catch-up will come.
+        if let Some(why) = &st.ended {
+            let message = format!("the replication of region {} ended: {why}", args.region);
+            return send_error(&mut w, message).await;
+        }
         if send(&mut w, &ControlEvent::ReplicateProgress(st))
             .await
             .is_err()

@@ -926,6 +926,17 @@ pub(crate) async fn tell_untold(inner: Arc<Inner>, peer: String, conn: quinn::Co
         match super::peers::ask(&conn, &ended, STOP_GRACE).await {
             Ok(Reply::Done) => {
                 inner.publications.told(&peer, &region);
+                // An ended replication the owner still shows (a handover): its link to
+                // this replica is told now.
+                if let Some(l) = inner
+                    .publications
+                    .get(&region)
+                    .filter(|p| p.is_ended())
+                    .and_then(|p| p.links.iter().find(|l| l.peer == peer).cloned())
+                {
+                    l.told_end.store(true, Ordering::Relaxed);
+                    *lock(&l.last_error) = None;
+                }
                 tracing::info!(peer = %peer, region = %region, "replica told, now that it is connected again, that the replication ended");
             }
             Ok(other) => {
