@@ -604,9 +604,13 @@ pub struct PeerStatus {
     /// closing stays `connected` until the idle timeout, with this growing.
     #[serde(default)]
     pub silent_s: Option<f64>,
-    /// The agent's idle timeout: a connection silent this long is dropped.
+    /// This agent's idle timeout: a connection silent this long is dropped (or sooner,
+    /// if the peer's is shorter: QUIC takes the smaller of the two).
     #[serde(default)]
     pub idle_timeout_s: Option<f64>,
+    /// This agent's keep-alive interval: a live peer is heard from about this often.
+    #[serde(default)]
+    pub keep_alive_s: Option<f64>,
     /// Why the last connection attempt or connection ended.
     pub last_error: Option<String>,
 }
@@ -687,6 +691,17 @@ pub enum ControlError {
     Migration { outcome: String, message: String },
 }
 
+/// The error for an answer that is not the `expected` event: the agent may have gone
+/// away (closed the connection) rather than said something wrong.
+fn unexpected(expected: &str, got: Option<ControlEvent>) -> ControlError {
+    match got {
+        None => ControlError::Agent(
+            "the agent closed the control connection before answering (did it stop?)".into(),
+        ),
+        Some(other) => ControlError::Protocol(format!("expected {expected}, got {other:?}")),
+    }
+}
+
 /// A connection to the local agent.
 pub struct ControlClient {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -733,9 +748,7 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::Status(s)) => Ok(s),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!(
-                "expected status, got {other:?}"
-            ))),
+            other => Err(unexpected("status", other)),
         }
     }
 
@@ -814,9 +827,7 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::Flushed { epoch }) => Ok(epoch),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!(
-                "expected flushed, got {other:?}"
-            ))),
+            other => Err(unexpected("flushed", other)),
         }
     }
 
@@ -832,9 +843,7 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::ReplicationStopped(st)) => Ok(st),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!(
-                "expected replication_stopped, got {other:?}"
-            ))),
+            other => Err(unexpected("replication_stopped", other)),
         }
     }
 
@@ -854,9 +863,7 @@ impl ControlClient {
         match self.next_event().await? {
             Some(ControlEvent::Epoch { epoch }) => Ok(epoch),
             Some(ControlEvent::Error { message }) => Err(ControlError::Agent(message)),
-            other => Err(ControlError::Protocol(format!(
-                "expected epoch, got {other:?}"
-            ))),
+            other => Err(unexpected("epoch", other)),
         }
     }
 }

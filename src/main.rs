@@ -602,7 +602,26 @@ fn mount(m: MountCmd) -> Result<()> {
     opts.mechanism = m.mechanism;
     opts.backing = Some(std::path::absolute(&m.to).context("resolving --to")?);
     let started = std::time::Instant::now();
-    let map = attach(&opts)?;
+    // Attaching waits for the agent, which may wait for its peer: stay interruptible.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let o = opts.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(attach(&o));
+    });
+    let map = loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => break r?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("attaching ended without an answer")
+            }
+        }
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            // Nothing was created yet; leaving closes our control connection, which
+            // ends the attach on the agent's side.
+            anyhow::bail!("interrupted before the region was attached (the agent was still waiting for peer {})", m.from);
+        }
+    };
     let bar = (!m.json).then(|| TransferBar::new(&format!("{}:{}", m.from, m.region)));
     let done = loop {
         if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1043,11 +1062,13 @@ fn print_status(r: &StatusReport) {
                 p.sent_packets.unwrap_or(0),
                 p.congestion_events.unwrap_or(0)
             );
-            if let (Some(silent), Some(idle)) = (p.silent_s, p.idle_timeout_s) {
-                // Keep-alives come every quarter of the idle timeout.
-                if silent > idle / 3.0 {
+            if let (Some(silent), Some(idle), Some(keep_alive)) =
+                (p.silent_s, p.idle_timeout_s, p.keep_alive_s)
+            {
+                // A live peer answers our keep-alives: two missed, and more, is news.
+                if silent > 2.0 * keep_alive + 0.5 {
                     println!(
-                        "  {:<16} SILENT for {silent:.1}s: nothing received (the peer may be gone; the connection is dropped after {idle:.0}s)",
+                        "  {:<16} SILENT for {silent:.1}s: nothing received (the peer may be gone; the connection is dropped once silent for the smaller of both agents' idle timeouts, at most about {idle:.0}s here)",
                         ""
                     );
                 }

@@ -223,7 +223,11 @@ async fn a_silent_peer_shows_how_long_it_has_been_silent() {
         p.connected && p.silent_s.is_some_and(|s| s > 2.0)
     })
     .await;
-    assert_eq!(p.idle_timeout_s, Some(5.0), "{p:?}");
+    assert_eq!(
+        (p.idle_timeout_s, p.keep_alive_s),
+        (Some(5.0), Some(0.5)),
+        "{p:?}"
+    );
     until(&b, "dropped after the idle timeout", |p| !p.connected).await;
     assert_eq!(peer().silent_s, None);
     a.shutdown().await;

@@ -394,6 +394,7 @@ impl Inner {
                     connected_for_s: s.since.map(|t| t.elapsed().as_secs_f64()),
                     silent_s: s.silent.map(|d| d.as_secs_f64()),
                     idle_timeout_s: Some(self.config.tuning.idle_timeout.as_secs_f64()),
+                    keep_alive_s: Some(self.config.tuning.keep_alive.as_secs_f64()),
                     last_error: s.last_error,
                 }
             })
