@@ -342,3 +342,83 @@ fn a_failed_migration_still_prints_json() {
         "{v}"
     );
 }
+
+/// `pagewire mount` waiting for a peer that is not connected ends on SIGTERM (it used to
+/// go on until the agent gave up on the peer, 30 s later), and leaves no file. A command
+/// whose agent stops while it waits says so.
+#[test]
+fn a_mount_waiting_for_its_peer_can_be_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = d.join("certs");
+    let cs = certs.to_str().unwrap();
+    ok(&["certs", "init", "--dir", cs]);
+    ok(&["certs", "issue", "a", "--dir", cs]);
+    ok(&["certs", "issue", "b", "--dir", cs]);
+    let sa = d.join("a.sock");
+    let region = d.join("r.bin");
+    random_file(&region, 1 << 20, 3);
+    // b never runs.
+    let a = Command::new(BIN)
+        .args(["agent", "--name", "a"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "--certs",
+            cs,
+            "--peer",
+            &format!("b=127.0.0.1:{}", free_port()),
+        ])
+        .args(["--control", sa.to_str().unwrap()])
+        .args(["--region", &format!("r={}", region.display())])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut procs = Procs(vec![a]);
+    let t0 = Instant::now();
+    while !run(&["status", "--control", sa.to_str().unwrap()])
+        .status
+        .success()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "agent a did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to = d.join("out.bin");
+    let mut mount = Command::new(BIN)
+        .args(["mount", "--from", "b", "--region", "r"])
+        .args(["--to", to.to_str().unwrap()])
+        .args(["--control", sa.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = sigterm(&mut mount);
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(mount.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("interrupted before the region was attached"),
+        "{err}"
+    );
+    assert!(!to.exists());
+    // An epoch that will not come, and the agent stops meanwhile.
+    let epoch = Command::new(BIN)
+        .args(["epoch", "--region", "r", "--wait", "1", "--timeout", "60s"])
+        .args(["--control", sa.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sigterm(&mut procs.0[0]).success());
+    let out = epoch.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the agent closed the control connection"),
+        "{err}"
+    );
+}

@@ -423,14 +423,17 @@ pub fn mount_status(control: &Path, id: u64) -> Result<Option<MountStatus>, Atta
     }
 }
 
+/// Creates (or truncates) the backing file; errors name it.
 fn create_backing(p: &Path, size: u64) -> std::io::Result<File> {
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(p)?;
-    f.set_len(size)?;
+        .open(p)
+        .map_err(named)?;
+    f.set_len(size).map_err(named)?;
     Ok(f)
 }
 
