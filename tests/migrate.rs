@@ -328,21 +328,7 @@ async fn a_file_region_migrates_under_a_writer_and_b_owns_it() {
         let r = ControlClient::connect(&socket)
             .await
             .unwrap()
-            .migrate(
-                MigrateArgs {
-                    region: "r".into(),
-                    to: "b".into(),
-                    downtime_budget_ms: 50,
-                    max_rounds: 5,
-                    max_time_ms: 10_000,
-                    freeze_pid: None,
-                    freeze_writes: false,
-                    max_bandwidth_bps: None,
-                    postcopy: false,
-                    no_mmap_writers: false,
-                },
-                |_| {},
-            )
+            .migrate(control_args("r", 5), |_| {})
             .await;
         go_tx.send(()).unwrap();
         r
@@ -1934,18 +1920,7 @@ async fn a_received_region_accepts_its_named_source_only() {
     };
     assert_eq!(phase(&a).as_deref(), Some("aborted (refused)"));
     // Through the control socket (what `pagewire migrate --json` reports): the outcome.
-    let args = MigrateArgs {
-        region: "m".into(),
-        to: "b".into(),
-        downtime_budget_ms: 50,
-        max_rounds: 4,
-        max_time_ms: 10_000,
-        freeze_pid: None,
-        freeze_writes: false,
-        max_bandwidth_bps: None,
-        postcopy: false,
-        no_mmap_writers: false,
-    };
+    let args = control_args("m", 4);
     let e = ControlClient::connect(&da.path().join("a.sock"))
         .await
         .unwrap()
@@ -2600,16 +2575,10 @@ async fn lost_source_case(restart: bool) {
     until("receiving", &mut said).await;
     // Paced: 32 MiB at 2 MB/s, so post-copy is far from done when A goes.
     let args = MigrateArgs {
-        region: "pc".into(),
-        to: "b".into(),
-        downtime_budget_ms: 50,
-        max_rounds: 0,
         max_time_ms: 20_000,
-        freeze_pid: None,
-        freeze_writes: false,
         postcopy: true,
         max_bandwidth_bps: Some(16_000_000),
-        no_mmap_writers: false,
+        ..control_args("pc", 0)
     };
     let sock = a_sock.clone();
     let migration = tokio::spawn(async move {
@@ -2666,4 +2635,21 @@ async fn postcopy_fails_with_sigbus_when_the_source_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_fails_with_sigbus_after_the_fault_timeout_without_the_source() {
     lost_source_case(false).await;
+}
+
+/// A migration of `region` to b through the control socket (`pagewire migrate`): 50 ms
+/// budget, `max_rounds`, 10 s, nothing frozen, pre-copy only.
+fn control_args(region: &str, max_rounds: u32) -> MigrateArgs {
+    MigrateArgs {
+        region: region.into(),
+        to: "b".into(),
+        downtime_budget_ms: 50,
+        max_rounds,
+        max_time_ms: 10_000,
+        freeze_pid: None,
+        freeze_writes: false,
+        max_bandwidth_bps: None,
+        postcopy: false,
+        no_mmap_writers: false,
+    }
 }

@@ -20,10 +20,22 @@ struct Setup {
     _dir: tempfile::TempDir,
     dst: std::path::PathBuf,
     sock: std::path::PathBuf,
+    /// With [`setup_relayed`]: the relay in front of b, the only path between them.
+    relay: Option<pagewire::wan::Relay>,
 }
 
 /// Agent `a` (the writer's host) and `b` (serving the replica file), connected.
 fn setup() -> Setup {
+    setup_with(false)
+}
+
+/// As [`setup`], but a reaches b only through a relay (`Setup::relay`, which a test can
+/// cut and heal); b's address for a leads nowhere.
+fn setup_relayed() -> Setup {
+    setup_with(true)
+}
+
+fn setup_with(relayed: bool) -> Setup {
     logs();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -36,9 +48,14 @@ fn setup() -> Setup {
     sparse_file(&dst, SIZE, &[]);
     let (pa, pb) = (free_port(), free_port());
     let sock = mesh.path().join("a.sock");
-    let mut ca = mesh.config("a", pa, &[("b", pb)]);
+    let relay = relayed.then(|| rt.block_on(relay_to(pb, Default::default())));
+    let (a_to_b, b_to_a) = match &relay {
+        Some(r) => (r.local_addr().port(), free_port()),
+        None => (pb, pa),
+    };
+    let mut ca = mesh.config("a", pa, &[("b", a_to_b)]);
     ca.control = Some(sock.clone());
-    let mut cb = mesh.config("b", pb, &[("a", pa)]);
+    let mut cb = mesh.config("b", pb, &[("a", b_to_a)]);
     cb.regions.push(("p".into(), dst.clone()));
     let (a, b) = rt.block_on(async {
         let b = start(cb).await;
@@ -54,18 +71,22 @@ fn setup() -> Setup {
         _dir: dir,
         dst,
         sock,
+        relay,
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        let (a, b) = (self.a.take(), self.b.take());
+        let (a, b, relay) = (self.a.take(), self.b.take(), self.relay.take());
         self.rt.block_on(async {
             if let Some(a) = a {
                 a.shutdown().await;
             }
             if let Some(b) = b {
                 b.shutdown().await;
+            }
+            if let Some(r) = relay {
+                r.shutdown().await;
             }
         });
     }
@@ -200,59 +221,28 @@ fn writes_racing_collects_are_not_lost() {
 /// replica is told, and the owner's status says so (the publication stays, ended).
 #[test]
 fn a_cut_off_replica_of_a_published_region_is_told_later_and_the_owner_says_so() {
-    use pagewire::wan::{LinkParams, Relay, RelayConfig};
-    logs();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = Mesh::new(&["a", "b"]);
-    let dir = region_dir();
-    let dst = dir.path().join("p");
-    sparse_file(&dst, SIZE, &[]);
-    let (pa, pb) = (free_port(), free_port());
-    let sock = mesh.path().join("a.sock");
-    // a reaches b only through a relay the test cuts and heals; b's address for a leads
-    // nowhere.
-    let relay = rt
-        .block_on(Relay::start(RelayConfig::symmetric(
-            "127.0.0.1:0".parse().unwrap(),
-            format!("127.0.0.1:{pb}").parse().unwrap(),
-            LinkParams::default(),
-        )))
-        .unwrap();
-    let mut ca = mesh.config("a", pa, &[("b", relay.local_addr().port())]);
-    ca.control = Some(sock.clone());
-    let mut cb = mesh.config("b", pb, &[("a", free_port())]);
-    cb.regions.push(("p".into(), dst.clone()));
-    let (a, b) = rt.block_on(async {
-        let b = start(cb).await;
-        let a = start(ca).await;
-        connected(&a, "b").await;
-        (a, b)
-    });
-    let p = publish(&PublishOptions::new(&sock, "p", SIZE, &["b"])).unwrap();
+    let s = setup_relayed();
+    let (a, b, relay, rt, sock) = (
+        s.a.as_ref().unwrap(),
+        s.b.as_ref().unwrap(),
+        s.relay.as_ref().unwrap(),
+        &s.rt,
+        &s.sock,
+    );
+    let p = publish(&PublishOptions::new(sock, "p", SIZE, &["b"])).unwrap();
     p.write_at(0, b"published");
     p.flush(Duration::from_secs(30)).unwrap();
     let until = |what: &str, f: &dyn Fn() -> bool| {
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while !f() {
-            assert!(std::time::Instant::now() < end, "{what}: {:?}", a.status());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let r = rt.block_on(wait_for(Duration::from_secs(30), f));
+        assert!(r.is_ok(), "{what}: {:?}", a.status());
     };
-    let cut = LinkParams {
-        loss: 1.0,
-        ..Default::default()
-    };
-    relay.set_params(cut.clone(), cut);
+    relay.set_params(cut(), cut());
     until("b seen gone", &|| {
         a.status().peers.iter().all(|x| !x.connected)
     });
     let st = rt.block_on(a.stop_replication("p")).unwrap();
     assert!(!st.replicas[0].told_end, "{st:?}");
-    relay.set_params(LinkParams::default(), LinkParams::default());
+    relay.set_params(Default::default(), Default::default());
     until("b told", &|| {
         b.status()
             .replicas
@@ -268,9 +258,4 @@ fn a_cut_off_replica_of_a_published_region_is_told_later_and_the_owner_says_so()
         })
     });
     drop(p);
-    rt.block_on(async {
-        a.shutdown().await;
-        b.shutdown().await;
-        relay.shutdown().await;
-    });
 }

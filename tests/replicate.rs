@@ -317,17 +317,28 @@ async fn a_slow_replica_does_not_hold_back_a_fast_one() {
     to_b.shutdown().await;
 }
 
-/// Polls `f` every 10 ms until it holds; Err after `limit` (a hang guard, not a timing
-/// check).
-async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<(), ()> {
-    let end = tokio::time::Instant::now() + limit;
-    while !f() {
-        if tokio::time::Instant::now() > end {
-            return Err(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
+/// Agents `a` (replica of region r at `dst`) and `b` (its owner, at `src`, control
+/// socket `b.sock` in `db`), connected only through `relay` (in front of a): a's
+/// address for b leads nowhere. Returns a, b and b's control socket.
+async fn through_relay(
+    mesh: &Mesh,
+    pa: u16,
+    pb: u16,
+    db: &tempfile::TempDir,
+    src: &Path,
+    dst: &Path,
+    relay: &Relay,
+) -> (pagewire::agent::Agent, pagewire::agent::Agent, PathBuf) {
+    let sb = db.path().join("b.sock");
+    let mut cb = mesh.config("b", pb, &[("a", relay.local_addr().port())]);
+    cb.regions.push(("r".into(), src.into()));
+    cb.control = Some(sb.clone());
+    let mut ca = mesh.config("a", pa, &[("b", free_port())]);
+    ca.regions.push(("r".into(), dst.into()));
+    let b = start(cb).await;
+    let a = start(ca).await;
+    connected(&b, "a").await;
+    (a, b, sb)
 }
 
 /// Agents `b` (owner of region r at `src`, control socket `b.sock` in its directory)
@@ -480,27 +491,16 @@ async fn replicate_returns_once_the_replica_applied_the_catch_up() {
         dst,
     } = files(size, 5);
     // b reaches a only through a relay at 40 Mbit/s: the catch-up takes ~1.7 s.
-    let to_a = Relay::start(RelayConfig::symmetric(
-        "127.0.0.1:0".parse().unwrap(),
-        format!("127.0.0.1:{pa}").parse().unwrap(),
+    let to_a = relay_to(
+        pa,
         LinkParams {
             delay: Duration::from_millis(2),
             rate_bps: Some(40_000_000),
             ..Default::default()
         },
-    ))
-    .await
-    .unwrap();
-    let sb = db.path().join("b.sock");
-    let mut cb = mesh.config("b", pb, &[("a", to_a.local_addr().port())]);
-    cb.regions.push(("r".into(), src.clone()));
-    cb.control = Some(sb.clone());
-    // a's address for b leads nowhere: the only connection is b's, through the relay.
-    let mut ca = mesh.config("a", pa, &[("b", free_port())]);
-    ca.regions.push(("r".into(), dst.clone()));
-    let b = start(cb).await;
-    let a = start(ca).await;
-    connected(&b, "a").await;
+    )
+    .await;
+    let (a, b, sb) = through_relay(&mesh, pa, pb, &db, &src, &dst, &to_a).await;
     let c = pagewire::control::ControlClient::connect(&sb)
         .await
         .unwrap();
@@ -691,22 +691,8 @@ async fn a_replica_cut_off_at_the_stop_is_told_when_it_is_back() {
     } = files(size, 11);
     // b reaches a only through a relay, which the test cuts and heals; a's address for b
     // leads nowhere.
-    let to_a = Relay::start(RelayConfig::symmetric(
-        "127.0.0.1:0".parse().unwrap(),
-        format!("127.0.0.1:{pa}").parse().unwrap(),
-        LinkParams::default(),
-    ))
-    .await
-    .unwrap();
-    let sb = db.path().join("b.sock");
-    let mut cb = mesh.config("b", pb, &[("a", to_a.local_addr().port())]);
-    cb.regions.push(("r".into(), src.clone()));
-    cb.control = Some(sb.clone());
-    let mut ca = mesh.config("a", pa, &[("b", free_port())]);
-    ca.regions.push(("r".into(), dst.clone()));
-    let b = start(cb).await;
-    let a = start(ca).await;
-    connected(&b, "a").await;
+    let to_a = relay_to(pa, LinkParams::default()).await;
+    let (a, b, sb) = through_relay(&mesh, pa, pb, &db, &src, &dst, &to_a).await;
     let limit = Duration::from_secs(60);
     b.replicate_file("r", "hash-scan", None, &opts(&["a"]))
         .unwrap();
@@ -716,11 +702,7 @@ async fn a_replica_cut_off_at_the_stop_is_told_when_it_is_back() {
         .unwrap();
     assert_same(&src, &dst);
     // Cut the path until both ends see the connection gone (idle timeout).
-    let cut = LinkParams {
-        loss: 1.0,
-        ..Default::default()
-    };
-    to_a.set_params(cut.clone(), cut);
+    to_a.set_params(cut(), cut());
     let gone = wait_for(limit, || {
         let b_sees = b.status().peers.iter().all(|p| !p.connected);
         let a_sees = a.status().replicas.iter().all(|x| !x.connected);

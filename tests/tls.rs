@@ -159,44 +159,40 @@ async fn a_control_path_that_is_not_a_socket_is_refused_and_kept() {
     assert_eq!(std::fs::read(&precious).unwrap(), b"important data");
 }
 
-/// Waits (at most 30 s) until `f` holds for `x`'s status of peer `a`.
+/// Waits (at most 30 s) until `f` holds for `x`'s status of peer `a`; that status.
 async fn until(
     x: &pagewire::agent::Agent,
     what: &str,
     f: impl Fn(&pagewire::control::PeerStatus) -> bool,
 ) -> pagewire::control::PeerStatus {
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = x
-            .status()
+    let peer = || {
+        x.status()
             .peers
             .into_iter()
             .find(|p| p.name == "a")
-            .unwrap();
-        if f(&p) {
-            return p;
-        }
-        assert!(tokio::time::Instant::now() < end, "{what}: {p:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .unwrap()
+    };
+    let mut held = None;
+    let r = wait_for(Duration::from_secs(30), || {
+        let p = peer();
+        let ok = f(&p);
+        held = ok.then_some(p);
+        ok
+    })
+    .await;
+    assert!(r.is_ok(), "{what}: {:?}", peer());
+    held.unwrap()
 }
 
 /// A peer whose path drops everything stays `connected` until the idle timeout, and
 /// `status` shows how long it has been silent; healthy, keep-alives keep that small.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_shows_how_long_it_has_been_silent() {
-    use pagewire::wan::{LinkParams, Relay, RelayConfig};
     logs();
     let mesh = Mesh::new(&["a", "b"]);
     let pa = free_port();
     // b reaches a only through a relay; a's address for b leads nowhere.
-    let relay = Relay::start(RelayConfig::symmetric(
-        "127.0.0.1:0".parse().unwrap(),
-        format!("127.0.0.1:{pa}").parse().unwrap(),
-        LinkParams::default(),
-    ))
-    .await
-    .unwrap();
+    let relay = relay_to(pa, Default::default()).await;
     let b = start(mesh.config("b", free_port(), &[("a", relay.local_addr().port())])).await;
     let a = start(mesh.config("a", pa, &[("b", free_port())])).await;
     connected(&b, "a").await;
@@ -214,11 +210,7 @@ async fn a_silent_peer_shows_how_long_it_has_been_silent() {
     })
     .await;
     // Cut: still connected, silent for longer and longer (idle timeout 5 s).
-    let cut = LinkParams {
-        loss: 1.0,
-        ..Default::default()
-    };
-    relay.set_params(cut.clone(), cut);
+    relay.set_params(cut(), cut());
     let p = until(&b, "silent while connected", |p| {
         p.connected && p.silent_s.is_some_and(|s| s > 2.0)
     })

@@ -808,7 +808,8 @@ fn lost(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> Step {
 /// lazy read and bulk rate unchanged. On a longer path the link is what they share, and a
 /// pause would only cost bulk throughput.
 async fn urgent_pause(p: &PullInner, conn: &quinn::Connection, pause: Duration) {
-    if pause.is_zero() || conn.min_rtt() > LOCAL_RTT {
+    // Cheapest first: this runs before every bulk frame.
+    if pause.is_zero() || lock(&p.state).urgent_in_flight() == 0 || conn.min_rtt() > LOCAL_RTT {
         return;
     }
     let deadline = tokio::time::Instant::now() + pause;

@@ -339,6 +339,12 @@ impl Publications {
             .collect()
     }
 
+    /// The end of `region`'s replication could not be told to `peer`: told when it is
+    /// connected again ([`tell_untold`]).
+    fn untold(&self, peer: &str, region: &str, why: String) {
+        lock(&self.untold).insert((peer.into(), region.into()), why);
+    }
+
     /// Forgets the untold end of `region`'s replication to `peer` (it was told, or a new
     /// replication to it starts).
     fn told(&self, peer: &str, region: &str) {
@@ -908,8 +914,7 @@ async fn run_link(inner: Arc<Inner>, p: Arc<Publication>, l: Arc<LinkHandle>) {
     link(inner.clone(), &p, &l).await;
     let ended = lock(&p.ended).clone();
     if let (Some(why), false) = (ended, l.told_end.load(Ordering::Relaxed)) {
-        // Told when the replica is connected again.
-        lock(&inner.publications.untold).insert((l.peer.clone(), p.region.name().into()), why);
+        inner.publications.untold(&l.peer, p.region.name(), why);
     }
     l.done.store(true, Ordering::Release);
 }

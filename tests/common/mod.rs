@@ -7,7 +7,41 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pagewire::agent::{Agent, AgentConfig, PeerSpec};
+use pagewire::wan::{LinkParams, Relay, RelayConfig};
 use rand::{RngCore, SeedableRng};
+
+/// Polls `f` every 10 ms until it holds; Err after `limit` (a hang guard, not a timing
+/// check).
+pub async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<(), ()> {
+    let end = tokio::time::Instant::now() + limit;
+    while !f() {
+        if tokio::time::Instant::now() > end {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// A WAN relay in front of the agent listening on 127.0.0.1:`port` (both directions
+/// `link`); `set_params` cuts and heals it.
+pub async fn relay_to(port: u16, link: LinkParams) -> Relay {
+    Relay::start(RelayConfig::symmetric(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        link,
+    ))
+    .await
+    .unwrap()
+}
+
+/// Link parameters that drop everything (a cut path).
+pub fn cut() -> LinkParams {
+    LinkParams {
+        loss: 1.0,
+        ..Default::default()
+    }
+}
 
 pub fn logs() {
     let _ = tracing_subscriber::fmt()
